@@ -1,0 +1,91 @@
+"""Run NexLM: ``python app.py [--config nexlm.toml] [--host H] [--port P]``.
+
+Parses arguments, loads settings, and hands ``create_app`` to ``web.run_app``.
+Everything else lives in the ``nexlm`` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import os
+import sys
+from dataclasses import replace
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from nexlm.config import ConfigError, load_settings
+from nexlm.server import create_app
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Method, path, status, time: never the query string, which can carry message text."""
+
+    def log(self, request, response, time):
+        self.logger.info("%s %s %s %s %.1fms", request.remote, request.method, request.path, response.status, time * 1000)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="app.py", description="NexLM: a streaming chat server for LLMs.")
+    p.add_argument("--config", default=os.environ.get("NEXLM_CONFIG"), help="TOML settings file (or NEXLM_CONFIG)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    p.add_argument("--debug", action="store_true", help="debug logging (may include message text)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"nexlm: configuration error: {exc}", file=sys.stderr)
+        return 2
+    server = settings.server
+    if args.host:
+        server = replace(server, host=args.host)
+    if args.port is not None:
+        server = replace(server, port=args.port)
+    settings = replace(settings, server=server)
+
+    if server.uvloop:
+        try:
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            print("nexlm: [server] uvloop = true but uvloop is not installed; using asyncio", file=sys.stderr)
+
+    shown_host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+    url = f"http://{shown_host}:{server.port}{server.base_path}/"
+    try:
+        web.run_app(
+            create_app(settings),
+            host=server.host,
+            port=server.port,
+            handler_cancellation=True,  # as in tests: a handler whose client left is cancelled
+            shutdown_timeout=server.shutdown_grace_seconds + 5,
+            access_log_class=AccessLogger,
+            print=lambda _: print(f"NexLM is running: open {url}", flush=True),
+        )
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"nexlm: port {server.port} on {server.host} is already in use; pick another with --port",
+                  file=sys.stderr)
+            return 1
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
+            print(f"nexlm: cannot listen on {server.host}:{server.port}: {exc.strerror}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Settings: built-in defaults, then a TOML file, then the environment, frozen.
+
+Everything configurable lives here, validated once at start so a typo is a
+one-line message naming the file and the key instead of a traceback later.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A bad setting; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    kind: str = "openai"  # "openai" (any OpenAI-compatible API) or "llamacpp" (embedded)
+    enabled: bool = True
+    label: str = ""
+    models: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    # kind = "openai"
+    base_url: str = ""
+    api_key_env: str = ""
+    api_key: str = field(default="", repr=False)
+    headers: dict = field(default_factory=dict, repr=False)  # fixed extra headers, config only
+    connect_timeout: float = 10.0
+    first_token_timeout: float = 120.0  # keep-alive comments do not count as progress
+    idle_timeout: float = 60.0  # longest silence between two chunks once streaming
+    max_retries: int = 2  # before the first token only: connect errors, 429, 5xx
+    retry_max_seconds: float = 20.0  # total time budget for those retries
+    fallback: str = ""  # a model id to try when retries are exhausted
+    # kind = "llamacpp"
+    model_path: str = ""
+    n_ctx: int = 2048
+    n_threads: int = 0  # 0: one per core
+    chat_format: str = ""  # "" : the GGUF's own template
+
+    def resolved_key(self) -> str:
+        """The API key from ``api_key`` or the ``api_key_env`` variable; never logged."""
+        if self.api_key:
+            return self.api_key
+        return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    base_path: str = ""  # e.g. "/web" behind a reverse proxy that does not strip it
+    allowed_origins: tuple[str, ...] = ()  # cross-origin pages allowed on /ws and /sse
+    frame_ancestors: tuple[str, ...] = ()  # who may embed the page in an iframe
+    shutdown_grace_seconds: float = 5.0  # how long running replies get on SIGTERM
+    heartbeat_seconds: float = 30.0  # WebSocket ping interval; a peer that misses one is dropped
+    uvloop: bool = False  # use uvloop's event loop if it is installed
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    default_model: str = ""  # "": the first available of deepseek, openai, local
+    system_prompt: str = ""
+    max_history_turns: int = 20  # a turn is one user message and its reply
+    resume_grace_seconds: float = 30.0  # 0: a reply whose client leaves is cancelled at once
+    session_ttl_seconds: float = 3600.0  # idle sessions are forgotten after this
+    max_sessions: int = 1000  # least recently used sessions are evicted past this
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_frame_bytes: int = 65536  # WebSocket frame / HTTP body
+    max_message_chars: int = 32000
+    max_history_messages: int = 200  # per session; the oldest turns are dropped past this
+    max_tokens_cap: int = 8192
+    messages_per_minute: int = 30  # per client
+    max_replies_per_client: int = 2  # concurrent
+    max_replies_total: int = 256  # concurrent, whole server
+    max_sessions_per_client: int = 50
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    trusted_user_header: str = ""  # e.g. "X-Forwarded-User", set by an intranet proxy
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerConfig = ServerConfig()
+    chat: ChatConfig = ChatConfig()
+    limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
+    providers: dict[str, ProviderConfig] = field(default_factory=dict)
+    source: str = "<built-in defaults>"
+
+
+EMBEDDED_MODEL = "gemma-3-270m"
+EMBEDDED_LABEL = "Gemma 3 270M, offline demo"
+
+
+def builtin_providers(env: dict[str, str] | None = None) -> dict[str, ProviderConfig]:
+    """The providers that exist with no config file at all."""
+    env = os.environ if env is None else env
+    local_base = env.get("LOCAL_LLM_BASE_URL", "")
+    if local_base:
+        local = ProviderConfig(
+            name="local", kind="openai", label="Local server", base_url=local_base,
+            models=(env.get("LOCAL_LLM_MODEL", "") or "local-model",), aliases=("local",),
+            first_token_timeout=300.0,
+        )
+    else:
+        own = env.get("LOCAL_MODEL_PATH", "")
+        local = ProviderConfig(
+            name="local", kind="llamacpp",
+            label=Path(own).stem if own else EMBEDDED_LABEL,
+            models=(Path(own).stem if own else EMBEDDED_MODEL,), aliases=("local",),
+            model_path=own, chat_format="" if own else "gemma",
+        )
+    return {
+        "deepseek": ProviderConfig(
+            name="deepseek", label="DeepSeek", base_url="https://api.deepseek.com",
+            api_key_env="DEEPSEEK_API_KEY", models=("deepseek-chat", "deepseek-reasoner"),
+            aliases=("deepseek",),
+        ),
+        "openai": ProviderConfig(
+            name="openai", label="OpenAI", base_url="https://api.openai.com/v1",
+            api_key_env="OPENAI_API_KEY", models=("gpt-4o-mini", "gpt-4o"), aliases=("chatgpt",),
+        ),
+        "local": local,
+    }
+
+
+# ---------------------------------------------------------------- validation
+
+def _fail(source: str, key: str, why: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {why}")
+
+
+def _coerce(source: str, key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of ``default`` (the field's default)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise _fail(source, key, f"expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(source, key, f"expected an integer, got {value!r}")
+        if value < 0:
+            raise _fail(source, key, f"must not be negative, got {value}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _fail(source, key, f"expected a number, got {value!r}")
+        if value < 0:
+            raise _fail(source, key, f"must not be negative, got {value}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise _fail(source, key, f"expected a string, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _fail(source, key, f"expected a list of strings, got {value!r}")
+        return tuple(value)
+    if isinstance(default, dict):
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise _fail(source, key, f"expected a table of strings, got {value!r}")
+        return dict(value)
+    raise _fail(source, key, "unsupported setting")  # pragma: no cover
+
+
+def _apply(obj: Any, table: Any, source: str, prefix: str) -> Any:
+    if not isinstance(table, dict):
+        raise _fail(source, prefix, "expected a table")
+    known = {f.name: f for f in fields(obj) if f.name != "name"}
+    changes = {}
+    for key, value in table.items():
+        if key not in known:
+            raise _fail(source, f"{prefix}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+        changes[key] = _coerce(source, f"{prefix}.{key}", value, getattr(obj, key))
+    return replace(obj, **changes)
+
+
+def _check_provider(p: ProviderConfig, source: str) -> None:
+    where = f"[providers.{p.name}]"
+    if p.kind not in ("openai", "llamacpp"):
+        raise _fail(source, f"{where} kind", f"must be \"openai\" or \"llamacpp\", got {p.kind!r}")
+    if p.kind == "openai" and p.enabled:
+        if not p.base_url.startswith(("http://", "https://")):
+            raise _fail(source, f"{where} base_url", f"must be an http(s) URL, got {p.base_url!r}")
+    if p.enabled and not p.models:
+        raise _fail(source, f"{where} models", "needs at least one model")
+    for m in p.models:
+        if not m or "/" in m and p.kind == "llamacpp":
+            raise _fail(source, f"{where} models", f"bad model name {m!r}")
+
+
+def load_settings(path: str | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Built-ins, overridden by the TOML file at ``path`` (if any), then by the environment."""
+    env = os.environ if env is None else env
+    providers = builtin_providers(env)
+    settings = Settings(providers=providers)
+    data: dict[str, Any] = {}
+    source = "<built-in defaults>"
+    if path:
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+
+    sections = {"server": "server", "chat": "chat", "limits": "limits", "auth": "auth"}
+    unknown = set(data) - set(sections) - {"providers"}
+    if unknown:
+        raise _fail(source, f"[{sorted(unknown)[0]}]", "unknown section (known: server, chat, limits, auth, providers)")
+    changes = {}
+    for key, attr in sections.items():
+        if key in data:
+            changes[attr] = _apply(getattr(settings, attr), data[key], source, f"[{key}]")
+    settings = replace(settings, **changes)
+
+    table = data.get("providers", {})
+    if not isinstance(table, dict):
+        raise _fail(source, "[providers]", "expected a table of providers")
+    merged = dict(providers)
+    for name, ptable in table.items():
+        if not name or "/" in name:
+            raise _fail(source, f"[providers.{name}]", "a provider name must be non-empty and contain no '/'")
+        base = merged.get(name, ProviderConfig(name=name, label=name))
+        merged[name] = _apply(base, ptable, source, f"[providers.{name}]")
+    for p in merged.values():
+        _check_provider(p, source)
+    settings = replace(settings, providers={n: p for n, p in merged.items() if p.enabled}, source=source)
+
+    if env.get("NEXLM_TOKENS"):
+        tokens = tuple(t.strip() for t in env["NEXLM_TOKENS"].split(",") if t.strip())
+        settings = replace(settings, auth=replace(settings.auth, tokens=tokens))
+    base_path = settings.server.base_path.rstrip("/")
+    if base_path and not base_path.startswith("/"):
+        raise _fail(source, "[server] base_path", f"must start with '/', got {settings.server.base_path!r}")
+    settings = replace(settings, server=replace(settings.server, base_path=base_path))
+    if not 1 <= settings.server.port <= 65535:
+        raise _fail(source, "[server] port", f"must be 1-65535, got {settings.server.port}")
+    return settings

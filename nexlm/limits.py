@@ -1,0 +1,69 @@
+"""Per-client message rate and concurrent-reply limits.
+
+A token bucket per client (refilled continuously, so a burst after a quiet
+minute is allowed but a sustained flood is not) and counters of running
+replies per client and in total. Buckets of clients that have gone quiet are
+dropped, so the table stays as small as the set of active clients.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .config import LimitsConfig
+
+
+class LimitError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Limiter:
+    def __init__(self, config: LimitsConfig) -> None:
+        self.config = config
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill)
+        self._running: dict[str, int] = {}
+        self.running_total = 0
+
+    def take_message(self, client: str, now: float | None = None) -> None:
+        """Count one message against the client's rate; raise ``rate_limited`` when over."""
+        rate = self.config.messages_per_minute
+        if rate <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(client, (float(rate), now))
+        tokens = min(float(rate), tokens + (now - last) * rate / 60.0)
+        if tokens < 1.0:
+            wait = (1.0 - tokens) * 60.0 / rate
+            self._buckets[client] = (tokens, now)
+            raise LimitError("rate_limited", f"Too many messages: the limit is {rate} per minute. Try again in {wait:.0f} s.")
+        self._buckets[client] = (tokens - 1.0, now)
+        if len(self._buckets) > 10000:
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        rate = self.config.messages_per_minute
+        full = [c for c, (t, last) in self._buckets.items() if t + (now - last) * rate / 60.0 >= rate]
+        for c in full:
+            del self._buckets[c]
+
+    def acquire_reply(self, client: str) -> None:
+        """Reserve a running-reply slot; ``release_reply`` must follow, once."""
+        per_client = self.config.max_replies_per_client
+        if self._running.get(client, 0) >= per_client > 0:
+            raise LimitError("busy", f"You already have {per_client} replies running; wait for one to finish or stop it.")
+        total = self.config.max_replies_total
+        if self.running_total >= total > 0:
+            raise LimitError("overloaded", "The server is answering too many requests right now. Try again shortly.")
+        self._running[client] = self._running.get(client, 0) + 1
+        self.running_total += 1
+
+    def release_reply(self, client: str) -> None:
+        n = self._running.get(client, 0) - 1
+        if n > 0:
+            self._running[client] = n
+        else:
+            self._running.pop(client, None)
+        self.running_total = max(0, self.running_total - 1)

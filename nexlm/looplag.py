@@ -1,0 +1,32 @@
+"""Event-loop lag, sampled: how late a 10 ms sleep wakes up, over the last minute or so.
+
+A loop that is blocked (CPU-bound work, a blocking call) shows up here first; the
+benchmark reads it from ``/api/metrics`` (B7) and operators can alert on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+
+class LoopLag:
+    def __init__(self, interval: float = 0.01, keep: int = 6000) -> None:
+        self.interval = interval
+        self.samples: deque[float] = deque(maxlen=keep)  # lag in ms
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(self.interval)
+            self.samples.append(max(0.0, (loop.time() - t0 - self.interval) * 1000))
+
+    def snapshot(self, reset: bool = False) -> dict:
+        data = sorted(self.samples)
+        if reset:
+            self.samples.clear()
+        if not data:
+            return {"n": 0, "p50": None, "p99": None, "max": None}
+        pick = lambda q: round(data[min(len(data) - 1, int(q * len(data)))], 3)  # noqa: E731
+        return {"n": len(data), "p50": pick(0.5), "p99": pick(0.99), "max": round(data[-1], 3)}

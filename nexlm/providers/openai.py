@@ -1,0 +1,317 @@
+"""One client for every OpenAI-compatible ``/chat/completions`` API.
+
+OpenAI, DeepSeek, Ollama, vLLM and llama.cpp's server differ only in data
+(base URL, key, model names), so a provider is a ``ProviderConfig`` plus the
+app's one shared ``aiohttp.ClientSession``. Each quirk of the wire format is
+handled here once: keep-alive comments, ``reasoning_content`` / ``reasoning``,
+usage in its own ``choices: []`` chunk or on the last choice, errors as HTTP
+status + JSON or in-band after a 200, and streams that are cut short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from typing import AsyncIterator
+
+import aiohttp
+from yarl import URL
+
+from ..config import ProviderConfig
+from .base import ChatRequest, Finish, ProviderEvent, ReasoningDelta, StreamError, TextDelta, Usage
+from .sse import SSEDecoder
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+MAX_ERROR_BODY = 16384
+MAX_MESSAGE_CHARS = 400
+
+
+class OpenAIProvider:
+    """A provider for any OpenAI-compatible streaming chat API."""
+
+    def __init__(self, config: ProviderConfig, http: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.name = config.name
+        self.models = config.models
+        self.label = config.label or config.name
+        self._http = http
+        self._url = config.base_url.rstrip("/") + "/chat/completions"
+        self._where = URL(config.base_url).with_user(None).with_password(None).with_query(None)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout or None, sock_read=config.idle_timeout or None
+        )
+
+    def unavailable_reason(self) -> str | None:
+        if self.config.api_key_env and not self.config.resolved_key():
+            return f"set {self.config.api_key_env}"
+        return None
+
+    async def close(self) -> None:  # the shared ClientSession is the app's to close
+        return None
+
+    # ------------------------------------------------------------------ request
+
+    def _body(self, request: ChatRequest) -> bytes:
+        body = {
+            "model": request.model,
+            "messages": request.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **request.params.as_dict(),
+        }
+        return json.dumps(body, ensure_ascii=False).encode()
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **self.config.headers}
+        key = self.config.resolved_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _redact(self, text: str) -> str:
+        """Upstream messages are shown to users: make sure no key survives in them."""
+        key = self.config.resolved_key()
+        if key and key in text:
+            text = text.replace(key, "***")
+        if len(text) > MAX_MESSAGE_CHARS:
+            text = text[: MAX_MESSAGE_CHARS - 1] + "…"
+        return text
+
+    async def _http_error(self, resp: aiohttp.ClientResponse) -> StreamError:
+        try:
+            raw = await resp.content.read(MAX_ERROR_BODY)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            raw = b""
+        detail = _error_detail(raw) or resp.reason or "no details"
+        status = resp.status
+        if status == 401 or status == 403:
+            hint = f" Check {self.config.api_key_env}." if self.config.api_key_env else ""
+            msg = f"{self.label} refused the request (HTTP {status}): {detail}.{hint}"
+        elif status == 429:
+            msg = f"{self.label} is rate limiting requests (HTTP 429): {detail}"
+        else:
+            msg = f"{self.label} returned HTTP {status}: {detail}"
+        retry_after = _retry_after(resp.headers.get("Retry-After"))
+        return StreamError(
+            code="rate_limited" if status == 429 else "upstream_error",
+            message=self._redact(msg),
+            status=status,
+            retryable=status in RETRYABLE_STATUS,
+            retry_after=retry_after,
+        )
+
+    async def _open(self, request: ChatRequest) -> aiohttp.ClientResponse | StreamError:
+        """POST the request; retry connect errors, 429 and 5xx within the configured budget."""
+        body, headers = self._body(request), self._headers()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.retry_max_seconds
+        attempt = 0
+        while True:
+            failure: StreamError
+            try:
+                resp = await self._http.post(self._url, data=body, headers=headers, timeout=self._timeout)
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
+                failure = StreamError(
+                    "upstream_error",
+                    self._redact(f"Cannot reach {self.label} at {self._where}: {_reason(exc)}"),
+                    retryable=True,
+                )
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                failure = StreamError(
+                    "upstream_timeout",
+                    f"{self.label} at {self._where} did not respond in time",
+                    retryable=True,
+                )
+            except aiohttp.ClientError as exc:
+                failure = StreamError("upstream_error", self._redact(f"Request to {self.label} failed: {_reason(exc)}"))
+            else:
+                if resp.status < 400:
+                    return resp
+                try:
+                    failure = await self._http_error(resp)
+                finally:
+                    resp.close()
+            attempt += 1
+            if not failure.retryable or attempt > self.config.max_retries:
+                return failure
+            delay = failure.retry_after if failure.retry_after is not None else 0.5 * 2 ** (attempt - 1)
+            delay = delay * (1 + 0.25 * random.random())  # jitter, so clients don't retry in lockstep
+            if loop.time() + delay > deadline:
+                return failure
+            log.info("%s: retrying after %s (attempt %d)", self.name, failure.code, attempt)
+            await asyncio.sleep(delay)
+
+    # ------------------------------------------------------------------ stream
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderEvent]:
+        first_token = self.config.first_token_timeout or None
+        deadline = asyncio.get_running_loop().time() + first_token if first_token else None
+        timer = asyncio.timeout_at(deadline)
+        resp: aiohttp.ClientResponse | None = None
+        clean = False
+        try:
+            try:
+                async with timer:
+                    opened = await self._open(request)
+                    # Disarm before every yield: the consumer runs in this task, and the
+                    # timer must never fire while it is busy outside this generator.
+                    timer.reschedule(None)
+                    if isinstance(opened, StreamError):
+                        yield opened
+                        return
+                    resp = opened
+                    timer.reschedule(deadline)
+                    async for event in self.parse(resp.content.iter_any()):
+                        timer.reschedule(None)  # any event is progress: the first-token bound is met
+                        if isinstance(event, (Finish, StreamError)):
+                            clean = isinstance(event, Finish)
+                            yield event
+                            return
+                        yield event
+            except TimeoutError:
+                if timer.expired():
+                    yield StreamError(
+                        "upstream_timeout",
+                        f"{self.label} did not start answering within {first_token:g} s",
+                    )
+                else:
+                    yield StreamError(
+                        "upstream_timeout",
+                        f"{self.label} sent nothing for {self.config.idle_timeout:g} s",
+                    )
+        finally:
+            if resp is not None:
+                if clean:
+                    resp.release()
+                else:
+                    resp.close()  # a stop or a failure: close the connection, freeing the upstream slot
+
+    async def parse(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[ProviderEvent]:
+        """Turn the body of a streaming response, in reads of any size, into events."""
+        decoder = SSEDecoder()
+        finish: str | None = None
+        usage: dict | None = None
+        try:
+            async for chunk in chunks:
+                text: list[str] = []
+                reasoning: list[str] = []
+                for sse in decoder.feed(chunk):
+                    data = sse.data
+                    if data == "[DONE]":
+                        break
+                    try:
+                        obj = json.loads(data)
+                    except ValueError:
+                        yield StreamError("upstream_error", f"{self.label} sent a malformed chunk")
+                        return
+                    if not isinstance(obj, dict):
+                        yield StreamError("upstream_error", f"{self.label} sent a malformed chunk")
+                        return
+                    if obj.get("error") is not None:
+                        yield StreamError("upstream_error", self._redact(
+                            f"{self.label} reported an error mid-reply: {_error_text(obj['error'])}"))
+                        return
+                    if obj.get("usage"):
+                        usage = obj["usage"]
+                    choices = obj.get("choices")
+                    if not choices:
+                        continue
+                    choice = choices[0]
+                    delta = choice.get("delta") or {}
+                    r = delta.get("reasoning_content") or delta.get("reasoning")
+                    if r:
+                        if text:  # keep the order of the two kinds
+                            yield TextDelta("".join(text))
+                            text = []
+                        reasoning.append(r)
+                    c = delta.get("content")
+                    if c:
+                        if reasoning:
+                            yield ReasoningDelta("".join(reasoning))
+                            reasoning = []
+                        text.append(c)
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
+                else:
+                    # One TCP read often carries several chunks: hand them on as one delta.
+                    if reasoning:
+                        yield ReasoningDelta("".join(reasoning))
+                    if text:
+                        yield TextDelta("".join(text))
+                    continue
+                # [DONE]
+                if reasoning:
+                    yield ReasoningDelta("".join(reasoning))
+                if text:
+                    yield TextDelta("".join(text))
+                break
+            else:
+                # EOF without [DONE]: fine if the upstream said it finished, a cut otherwise.
+                if finish is None:
+                    yield StreamError("upstream_error", f"The reply from {self.label} ended before it was complete")
+                    return
+        except TimeoutError:  # aiohttp's sock_read: the first-token bound arrives as a cancellation
+            yield StreamError("upstream_timeout", f"{self.label} sent nothing for {self.config.idle_timeout:g} s")
+            return
+        except aiohttp.ClientPayloadError as exc:
+            if isinstance(exc.__cause__, TimeoutError):
+                yield StreamError("upstream_timeout", f"{self.label} sent nothing for {self.config.idle_timeout:g} s")
+                return
+            yield StreamError("upstream_error", f"The connection to {self.label} was cut mid-reply")
+            return
+        except (aiohttp.ClientConnectionError, ConnectionError):
+            yield StreamError("upstream_error", f"The connection to {self.label} was lost mid-reply")
+            return
+        if finish is None:
+            yield StreamError("upstream_error", f"The reply from {self.label} ended without a finish reason")
+            return
+        if usage is not None:
+            yield Usage(usage)
+        yield Finish(finish)
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _error_text(err) -> str:
+    if isinstance(err, dict):
+        return str(err.get("message") or err.get("type") or err.get("code") or "unknown error")
+    return str(err)
+
+
+def _error_detail(raw: bytes) -> str:
+    text = raw.decode("utf-8", errors="replace").strip()
+    if not text:
+        return ""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text.splitlines()[0][:200]
+    if isinstance(obj, dict):
+        if "error" in obj:
+            return _error_text(obj["error"])
+        if "message" in obj:
+            return str(obj["message"])
+        if "detail" in obj:
+            return str(obj["detail"])
+    return text[:200]
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # an HTTP date: rare from these APIs; fall back to our own backoff
+    return seconds if 0 <= seconds < 3600 else None
+
+
+def _reason(exc: BaseException) -> str:
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return os_error.strerror.lower()
+    return str(exc) or type(exc).__name__

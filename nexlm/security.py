@@ -1,0 +1,144 @@
+"""Who may talk to the server: security headers, the Origin check, and optional tokens.
+
+All three are one middleware so every route gets them in the same order, and a
+refusal (403 cross-origin, 401 no token) happens before any WebSocket upgrade.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from typing import Awaitable, Callable
+
+import aiohttp_jinja2
+from aiohttp import web
+from yarl import URL
+
+from .config import Settings
+from .events import error_event
+from .transports.common import PRINCIPAL
+
+log = logging.getLogger(__name__)
+
+COOKIE = "nexlm_token"
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def principal_of(token: str) -> str:
+    """A stable, non-secret name for a token: sessions are filed under it, logs may show it."""
+    return "t:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def content_security_policy(settings: Settings) -> str:
+    ancestors = " ".join(("'self'", *settings.server.frame_ancestors))
+    return "; ".join((
+        "default-src 'self'",
+        "img-src 'self' data:",
+        "style-src 'self'",
+        "style-src-attr 'unsafe-inline'",  # KaTeX and highlight sizes set style attributes
+        "script-src 'self'",
+        "font-src 'self' data:",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "base-uri 'self'",
+        "form-action 'self'",
+        f"frame-ancestors {ancestors}",
+    ))
+
+
+def same_origin(origin: str, request: web.Request) -> bool:
+    try:
+        o = URL(origin)
+        h = URL("//" + request.host)
+    except ValueError:
+        return False
+    if not o.scheme or not o.host or not h.host:
+        return False
+    o_port = o.explicit_port or DEFAULT_PORTS.get(o.scheme)
+    h_port = h.explicit_port or DEFAULT_PORTS.get(o.scheme)
+    return o.host.lower() == h.host.lower() and o_port == h_port
+
+
+def origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
+    """No Origin (a program, not a browser) is allowed; a browser must be same-origin or listed."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    if origin in allowed:
+        return True
+    return same_origin(origin, request)
+
+
+class Guard:
+    """The middleware. Paths are relative to ``base_path``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.base = settings.server.base_path
+        self.csp = content_security_policy(settings)
+        self.allowed = frozenset(o.rstrip("/") for o in settings.server.allowed_origins)
+        self.tokens = tuple(settings.auth.tokens)
+        self.user_header = settings.auth.trusted_user_header
+
+    def _authenticate(self, request: web.Request) -> str | None | bool:
+        """The principal, ``None`` when auth is off, ``False`` when refused."""
+        if self.user_header:
+            user = request.headers.get(self.user_header, "").strip()
+            if user:
+                return "u:" + user[:200]
+        if not self.tokens:
+            return None
+        supplied = ""
+        auth = request.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            supplied = auth[7:].strip()
+        elif COOKIE in request.cookies:
+            supplied = request.cookies[COOKIE]
+        if supplied:
+            for token in self.tokens:
+                if hmac.compare_digest(supplied.encode(), token.encode()):
+                    return principal_of(token)
+        return False
+
+    def public(self, path: str) -> bool:
+        return path in ("/healthz", "/login") or path.startswith("/static/")
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        path = request.path[len(self.base):] if self.base and request.path.startswith(self.base) else request.path
+        streaming = path in ("/ws", "/sse", "/api/ai/chat/websocket")
+        if (streaming or request.method not in ("GET", "HEAD", "OPTIONS")) and not origin_allowed(request, self.allowed):
+            return web.json_response(
+                error_event("forbidden_origin", "Cross-origin requests are not allowed from this origin."), status=403)
+        if not self.public(path):
+            who = self._authenticate(request)
+            if who is False:
+                if path in ("", "/") and request.method == "GET":
+                    raise web.HTTPFound(self.base + "/login")
+                return web.json_response(error_event("unauthorized", "A valid access token is required."), status=401,
+                                         headers={"WWW-Authenticate": 'Bearer realm="nexlm"'})
+            request[PRINCIPAL] = who
+        return await handler(request)
+
+    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Security headers on every response, streamed ones and errors included."""
+        h = response.headers
+        h.setdefault("Content-Security-Policy", self.csp)
+        h.setdefault("X-Content-Type-Options", "nosniff")
+        h.setdefault("Referrer-Policy", "no-referrer")
+
+    async def login_page(self, request: web.Request) -> web.Response:
+        return aiohttp_jinja2.render_template("login.html", request, {"error": False})
+
+    async def login(self, request: web.Request) -> web.Response:
+        """The page's way in: a form posts the token, a cookie carries it from then on."""
+        form = await request.post()
+        token = str(form.get("token", "")).strip()
+        if token and any(hmac.compare_digest(token.encode(), t.encode()) for t in self.tokens):
+            resp = web.HTTPFound((self.base or "") + "/")
+            resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path=(self.base or "") + "/",
+                            secure=request.secure, max_age=30 * 24 * 3600)
+            raise resp
+        resp = aiohttp_jinja2.render_template("login.html", request, {"error": True}, status=401)
+        return resp

@@ -1,0 +1,119 @@
+"""``create_app(settings)``: routes, templates, static files, and the lifetime of shared resources.
+
+Long-lived things (the one ``ClientSession``, the providers, the chat layer and
+its background tasks) are opened and closed in ``cleanup_ctx``, stored on the app
+under typed keys; nothing is a module-level singleton. Shutdown lets running
+replies finish for a bounded time, records them, then closes WebSockets with
+1001 so clients reconnect to the next process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from pathlib import Path
+
+import aiohttp
+import aiohttp_jinja2
+import jinja2
+from aiohttp import WSCloseCode, web
+
+from . import __version__
+from .chat import Chat
+from .config import Settings
+from .looplag import LoopLag
+from .providers.registry import Registry
+from .security import Guard
+from .transports import http, sse, ws
+from .transports.common import CHAT, REGISTRY, SETTINGS, WEBSOCKETS
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+
+
+def create_app(settings: Settings) -> web.Application:
+    guard = Guard(settings)
+    app = web.Application(
+        middlewares=[guard.middleware],
+        client_max_size=settings.limits.max_frame_bytes,
+    )
+    app[SETTINGS] = settings
+    app[WEBSOCKETS] = weakref.WeakSet()
+    app[http.LOOP_LAG] = LoopLag()
+    app.on_response_prepare.append(guard.on_prepare)
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(ROOT / "templates"), autoescape=True)
+
+    app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_shutdown)
+
+    base = settings.server.base_path
+    r = app.router
+    r.add_get(base + "/", index)
+    if base:
+        r.add_get(base, lambda request: _redirect(base + "/"))
+    r.add_get(base + "/ws", ws.websocket)
+    r.add_get(base + "/api/ai/chat/websocket", ws.websocket)  # the seed's route
+    r.add_route("GET", base + "/sse", sse.sse)
+    r.add_route("POST", base + "/sse", sse.sse)
+    r.add_get(base + "/api/models", http.models)
+    r.add_get(base + "/api/sessions/{sid}", http.get_session)
+    r.add_delete(base + "/api/sessions/{sid}", http.delete_session)
+    r.add_post(base + "/api/sessions/{sid}/stop", http.stop)
+    r.add_get(base + "/api/metrics", http.metrics)
+    r.add_get(base + "/healthz", http.healthz)
+    r.add_get(base + "/login", guard.login_page)
+    r.add_post(base + "/login", guard.login)
+    r.add_static(base + "/static", ROOT / "static", append_version=False)
+    return app
+
+
+def _redirect(location: str):
+    raise web.HTTPFound(location)
+
+
+@aiohttp_jinja2.template("index.html")
+async def index(request: web.Request) -> dict:
+    return {"embed": request.query.get("embed") == "1", "version": __version__}
+
+
+async def _resources(app: web.Application):
+    settings = app[SETTINGS]
+    # No pool cap: aiohttp's default of 100 would silently queue the 101st concurrent stream.
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    async with aiohttp.ClientSession(connector=connector, trust_env=True) as session:
+        app[HTTP] = session
+        registry = Registry(settings, session)
+        app[REGISTRY] = registry
+        chat = Chat(settings, registry)
+        app[CHAT] = chat
+        sweeper = asyncio.create_task(chat.sessions.sweep_forever(), name="session sweeper")
+        lag = asyncio.create_task(app[http.LOOP_LAG].run(), name="loop lag")
+        try:
+            yield
+        finally:
+            for task in (sweeper, lag):
+                task.cancel()
+            await asyncio.wait([sweeper, lag])
+            await chat.close(0)  # normally done in _shutdown already; this catches test teardown
+            await registry.close()
+
+
+async def _shutdown(app: web.Application) -> None:
+    """SIGTERM/SIGINT: running replies finish or stop within the grace, then clients are told to reconnect."""
+    chat = app[CHAT]
+    await chat.close(app[SETTINGS].server.shutdown_grace_seconds)
+    # Closing each outbox lets its writer flush the final events, then close with 1001.
+    for s in chat.sessions:
+        for outbox in list(s.listeners):
+            outbox.close()
+    socks = list(app[WEBSOCKETS])
+    if socks:
+        await asyncio.gather(*(_close(s) for s in socks), return_exceptions=True)
+
+
+async def _close(sock: web.WebSocketResponse) -> None:
+    async with asyncio.timeout(2):
+        await sock.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")

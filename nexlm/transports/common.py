@@ -1,0 +1,36 @@
+"""What the transports share: the app keys they read and who a request comes from."""
+
+from __future__ import annotations
+
+import weakref
+
+from aiohttp import web
+
+from ..chat import Chat
+from ..config import Settings
+from ..providers.registry import Registry
+
+SETTINGS = web.AppKey("settings", Settings)
+CHAT = web.AppKey("chat", Chat)
+REGISTRY = web.AppKey("registry", Registry)
+WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
+
+# Set by the auth middleware: the principal (token id or trusted user) or None when auth is off.
+PRINCIPAL = "nexlm.principal"
+
+
+def identity(request: web.Request) -> tuple[str | None, str]:
+    """(owner, client): sessions belong to the owner; limits count per client."""
+    owner = request.get(PRINCIPAL)
+    client = owner or request.remote or "unknown"
+    return owner, client
+
+
+def parse_after(value: str | None) -> int | None:
+    """A resume position (``after`` or ``Last-Event-ID``): a non-negative integer."""
+    if value is None or value == "":
+        return None
+    value = value.strip()
+    if not value.isdigit() or len(value) > 18:
+        raise ValueError(f"not a valid event id: {value[:20]!r}")
+    return int(value)

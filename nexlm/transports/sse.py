@@ -1,0 +1,120 @@
+"""``/sse``: one turn as a Server-Sent Events stream (GET for EventSource, POST for fetch).
+
+Everything that can be refused is checked before the response starts, so a
+refusal is a real HTTP status with a JSON error body. A request carrying
+``Last-Event-ID`` (EventSource's automatic reconnect) never starts a new
+generation: it resumes the session's reply after that id, or gets 204, which
+tells the browser to stop reconnecting.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from aiohttp_sse import sse_response
+
+from ..chat import Chat, ChatError
+from ..events import Outbox, error_event, sse_frame
+from .common import CHAT, identity, parse_after
+
+PARAM_QUERY_KEYS = ("temperature", "top_p", "max_tokens", "system")
+
+
+def json_error(code: str, message: str, status: int) -> web.Response:
+    return web.json_response(error_event(code, message), status=status)
+
+
+async def _fields(request: web.Request) -> dict:
+    if request.method == "POST":
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ChatError("bad_request", "The request body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise ChatError("bad_request", "The request body must be a JSON object.")
+        return body
+    q = request.query
+    fields: dict = {k: q[k] for k in ("message", "model", "session", "after") if k in q}
+    if "params" in q:
+        try:
+            fields["params"] = json.loads(q["params"])
+        except ValueError:
+            raise ChatError("bad_request", "params is not valid JSON.") from None
+    else:
+        params = {}
+        for key in PARAM_QUERY_KEYS:
+            if key in q:
+                params[key] = _number(key, q[key]) if key != "system" else q[key]
+        if params:
+            fields["params"] = params
+    return fields
+
+
+def _number(key: str, raw: str):
+    try:
+        return int(raw) if key == "max_tokens" else float(raw)
+    except ValueError:
+        raise ChatError("bad_request", f"{key} must be a number") from None
+
+
+async def sse(request: web.Request) -> web.StreamResponse:
+    chat: Chat = request.app[CHAT]
+    owner, client = identity(request)
+    try:
+        fields = await _fields(request)
+        after_raw = request.headers.get("Last-Event-ID")
+        if after_raw is None and fields.get("after") is not None:
+            after_raw = str(fields["after"])
+        try:
+            after = parse_after(after_raw)
+        except ValueError as exc:
+            raise ChatError("bad_request", str(exc)) from None
+        sid = fields.get("session")
+        if sid is not None and not isinstance(sid, str):
+            raise ChatError("bad_request", "session must be a string")
+        session = chat.find(sid, owner) if sid else None
+
+        if after is not None:
+            # A reconnect: resume, never generate.
+            if session is None or not chat.has_events_after(session, after):
+                return web.Response(status=204)
+            return await _stream(request, chat, session, after, session.last_reply.id)
+
+        message = fields.get("message")
+        if message is None or message == "":
+            if session is not None and session.reply is not None:  # watch the running reply
+                start = session.reply.log[0]["seq"] - 1
+                return await _stream(request, chat, session, start, session.reply.id)
+            raise ChatError("bad_request", "message is required")
+        if session is None:
+            session, _ = chat.open_session(None, owner, client)
+        reply = chat.send(session, message, fields.get("model"), fields.get("params"))
+    except ChatError as exc:
+        return json_error(exc.code, exc.message, exc.status)
+    return await _stream(request, chat, session, reply.log[0]["seq"] - 1, reply.id)
+
+
+async def _stream(request: web.Request, chat: Chat, session, after: int, reply_id: str) -> web.StreamResponse:
+    """``session`` first (its id is what the client has so far), then the reply until its ``done``."""
+    outbox = Outbox()
+    frame = session.frame()
+    outbox.put(frame)
+    chat.attach(session, outbox, after)
+    try:
+        async with sse_response(request, allow_all_methods=True, sep="\n") as resp:
+            while batch := await outbox.get():
+                parts = []
+                finished = False
+                for ev in batch:
+                    parts.append(sse_frame(ev, after) if ev is frame else sse_frame(ev))
+                    if ev["type"] == "done" and ev.get("reply") == reply_id:
+                        finished = True
+                        break
+                await resp.write("".join(parts).encode())
+                if finished:
+                    break  # an empty batch instead means the session was closed under us
+    finally:
+        chat.detach(session, outbox)
+        outbox.close()
+    return resp

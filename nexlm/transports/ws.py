@@ -1,0 +1,114 @@
+"""``GET /ws``: the two-way transport. One reader loop turns frames into chat commands;
+one writer task drains the connection's outbox, so a reply never waits for this client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..chat import Chat, ChatError
+from ..events import Outbox, dumps, error_event
+from .common import CHAT, SETTINGS, WEBSOCKETS, identity, parse_after
+
+log = logging.getLogger(__name__)
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    chat: Chat = request.app[CHAT]
+    settings = request.app[SETTINGS]
+    try:
+        after = parse_after(request.query.get("after"))
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=json.dumps(error_event("bad_request", str(exc))),
+                                 content_type="application/json") from None
+    ws = web.WebSocketResponse(
+        compress=False,  # token frames are tiny: deflate costs more CPU than it saves bytes
+        max_msg_size=settings.limits.max_frame_bytes,
+        heartbeat=settings.server.heartbeat_seconds or None,
+    )
+    await ws.prepare(request)
+    owner, client = identity(request)
+    session, existed = chat.open_session(request.query.get("session"), owner, client)
+    outbox = Outbox()
+    outbox.put(session.frame())
+    chat.attach(session, outbox, after if existed else None)
+    request.app[WEBSOCKETS].add(ws)
+    writer = asyncio.create_task(_write(ws, outbox), name=f"ws writer {session.id[:6]}")
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                session = await _command(chat, session, outbox, msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary frames are not supported")
+                break
+            # CLOSE / ERROR end the loop by themselves (aiohttp closes with 1009 on an oversized frame)
+    finally:
+        request.app[WEBSOCKETS].discard(ws)
+        chat.detach(session, outbox)
+        outbox.close()
+        writer.cancel()
+        await asyncio.wait([writer])
+    return ws
+
+
+async def _write(ws: web.WebSocketResponse, outbox: Outbox) -> None:
+    try:
+        while batch := await outbox.get():
+            for event in batch:
+                await ws.send_str(dumps(event))
+        # The outbox was closed under us (session evicted, server stopping): let the client reconnect.
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"session closed")
+    except ConnectionResetError:
+        pass  # the reader loop sees the close and cleans up
+
+
+def _parse(data: str) -> dict:
+    """A frame as a command. Plain text is a chat message; ``{...}`` must be a valid command."""
+    if not data.lstrip().startswith("{"):
+        return {"type": "chat", "message": data}
+    try:
+        frame = json.loads(data)
+    except ValueError:
+        raise ChatError("bad_request", "The frame starts with '{' but is not valid JSON.") from None
+    if not isinstance(frame, dict):
+        raise ChatError("bad_request", "A command must be a JSON object.")
+    if "type" not in frame:
+        if "message" in frame:  # the seed's frame: {"modelType": "deepseek", "message": "..."}
+            return {"type": "chat", "message": frame["message"], "model": frame.get("modelType", frame.get("model"))}
+        raise ChatError("bad_request", "A command needs a \"type\".")
+    return frame
+
+
+async def _command(chat: Chat, session, outbox: Outbox, data: str):
+    """Run one command; refusals become an error frame and the socket stays open."""
+    try:
+        frame = _parse(data)
+        kind = frame.get("type")
+        if kind == "chat":
+            chat.send(session, frame.get("message"), frame.get("model"), frame.get("params"))
+        elif kind == "stop":
+            await chat.stop(session)
+        elif kind == "set":
+            chat.configure(session, frame.get("model"), frame.get("params"))
+            session.broadcast(session.frame())
+        elif kind == "reset":
+            await chat.reset(session)
+            session.broadcast(session.frame())
+        elif kind == "regenerate":
+            chat.regenerate(session, frame.get("model"), frame.get("params"))
+        elif kind == "edit":
+            chat.edit(session, frame.get("index"), frame.get("message"), frame.get("model"), frame.get("params"))
+        elif kind == "restore":
+            chat.restore(session, frame.get("history"))
+            outbox.put(session.frame())
+        elif kind == "ping":
+            outbox.put({"type": "pong"})
+        else:
+            raise ChatError("bad_request", f"Unknown command type {str(kind)[:40]!r}.")
+    except ChatError as exc:
+        outbox.put(error_event(exc.code, exc.message))
+    return session
