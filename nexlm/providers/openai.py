@@ -191,69 +191,66 @@ class OpenAIProvider:
                     resp.close()  # a stop or a failure: close the connection, freeing the upstream slot
 
     async def parse(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[ProviderEvent]:
-        """Turn the body of a streaming response, in reads of any size, into events."""
+        """Turn the body of a streaming response, in reads of any size, into events.
+
+        One TCP read often carries several chunks: their text is handed on as one
+        delta. Text that arrived before a failure is always yielded before it.
+        """
         decoder = SSEDecoder()
         finish: str | None = None
         usage: dict | None = None
+        done = False
         try:
-            async for chunk in chunks:
+            async for raw in chunks:
                 text: list[str] = []
                 reasoning: list[str] = []
-                for sse in decoder.feed(chunk):
+                failure: StreamError | None = None
+                for sse in decoder.feed(raw):
                     data = sse.data
                     if data == "[DONE]":
+                        done = True
                         break
                     try:
                         obj = json.loads(data)
                     except ValueError:
-                        yield StreamError("upstream_error", f"{self.label} sent a malformed chunk")
-                        return
+                        obj = None
                     if not isinstance(obj, dict):
-                        yield StreamError("upstream_error", f"{self.label} sent a malformed chunk")
-                        return
+                        failure = StreamError("upstream_error", f"{self.label} sent a malformed chunk")
+                        break
                     if obj.get("error") is not None:
-                        yield StreamError("upstream_error", self._redact(
+                        failure = StreamError("upstream_error", self._redact(
                             f"{self.label} reported an error mid-reply: {_error_text(obj['error'])}"))
-                        return
+                        break
                     if obj.get("usage"):
                         usage = obj["usage"]
                     choices = obj.get("choices")
-                    if not choices:
+                    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
                         continue
                     choice = choices[0]
                     delta = choice.get("delta") or {}
                     r = delta.get("reasoning_content") or delta.get("reasoning")
-                    if r:
+                    if r and isinstance(r, str):
                         if text:  # keep the order of the two kinds
                             yield TextDelta("".join(text))
                             text = []
                         reasoning.append(r)
                     c = delta.get("content")
-                    if c:
+                    if c and isinstance(c, str):
                         if reasoning:
                             yield ReasoningDelta("".join(reasoning))
                             reasoning = []
                         text.append(c)
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
-                else:
-                    # One TCP read often carries several chunks: hand them on as one delta.
-                    if reasoning:
-                        yield ReasoningDelta("".join(reasoning))
-                    if text:
-                        yield TextDelta("".join(text))
-                    continue
-                # [DONE]
                 if reasoning:
                     yield ReasoningDelta("".join(reasoning))
                 if text:
                     yield TextDelta("".join(text))
-                break
-            else:
-                # EOF without [DONE]: fine if the upstream said it finished, a cut otherwise.
-                if finish is None:
-                    yield StreamError("upstream_error", f"The reply from {self.label} ended before it was complete")
+                if failure is not None:
+                    yield failure
                     return
+                if done:
+                    break
         except TimeoutError:  # aiohttp's sock_read: the first-token bound arrives as a cancellation
             yield StreamError("upstream_timeout", f"{self.label} sent nothing for {self.config.idle_timeout:g} s")
             return
@@ -267,7 +264,8 @@ class OpenAIProvider:
             yield StreamError("upstream_error", f"The connection to {self.label} was lost mid-reply")
             return
         if finish is None:
-            yield StreamError("upstream_error", f"The reply from {self.label} ended without a finish reason")
+            # EOF or [DONE] without a finish_reason: a truncated reply is an error, not a success.
+            yield StreamError("upstream_error", f"The reply from {self.label} ended before it was complete")
             return
         if usage is not None:
             yield Usage(usage)
