@@ -44,10 +44,8 @@ class ProviderConfig:
     chat_format: str = ""  # "" : the GGUF's own template
 
     def resolved_key(self) -> str:
-        """The API key from ``api_key`` or the ``api_key_env`` variable; never logged."""
-        if self.api_key:
-            return self.api_key
-        return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+        """The API key (``api_key``, or read from ``api_key_env`` at load time); never logged."""
+        return self.api_key
 
 
 @dataclass(frozen=True)
@@ -239,8 +237,10 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
             raise _fail(source, f"[providers.{name}]", "a provider name must be non-empty and contain no '/'")
         base = merged.get(name, ProviderConfig(name=name, label=name))
         merged[name] = _apply(base, ptable, source, f"[providers.{name}]")
-    for p in merged.values():
+    for name, p in merged.items():
         _check_provider(p, source)
+        if not p.api_key and p.api_key_env:
+            merged[name] = replace(p, api_key=env.get(p.api_key_env, ""))
     settings = replace(settings, providers={n: p for n, p in merged.items() if p.enabled}, source=source)
 
     if env.get("NEXLM_TOKENS"):
