@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 from typing import AsyncIterator
 
@@ -228,6 +229,9 @@ class OpenAIProvider:
                         continue
                     choice = choices[0]
                     delta = choice.get("delta") or {}
+                    if not isinstance(delta, dict):
+                        failure = StreamError("upstream_error", f"{self.label} sent a malformed chunk")
+                        break
                     r = delta.get("reasoning_content") or delta.get("reasoning")
                     if r and isinstance(r, str):
                         if text:  # keep the order of the two kinds
@@ -310,6 +314,6 @@ def _retry_after(value: str | None) -> float | None:
 
 def _reason(exc: BaseException) -> str:
     os_error = getattr(exc, "os_error", None)
-    if isinstance(os_error, OSError) and os_error.strerror:
-        return os_error.strerror.lower()
+    if isinstance(os_error, OSError) and os_error.errno:
+        return os.strerror(os_error.errno).lower()  # "connection refused", not asyncio's wording
     return str(exc) or type(exc).__name__

@@ -21,35 +21,29 @@ class SSEEvent:
 class SSEDecoder:
     """Feed bytes, get the events they complete. Comments are counted, not returned."""
 
-    __slots__ = ("_buf", "_data", "_event", "_id", "comments")
+    __slots__ = ("_buf", "_data", "_event", "_id", "_skip_lf", "comments")
 
     def __init__(self) -> None:
         self._buf = b""
         self._data: list[str] = []
         self._event = ""
         self._id: str | None = None
+        self._skip_lf = False  # the last read ended in CR: an LF starting the next one belongs to it
         self.comments = 0  # ": keep-alive" lines seen: activity, not progress
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if self._skip_lf and chunk:
+            self._skip_lf = False
+            if chunk[0] == 0x0A:
+                chunk = chunk[1:]
         buf = self._buf + chunk if self._buf else chunk
         if b"\r" in buf:
-            # A CR at the very end may be the first half of a CRLF: wait for the next byte.
-            if buf.endswith(b"\r"):
-                self._buf = b"\r"
-                buf = buf[:-1]
-            else:
-                self._buf = b""
+            # CR, LF and CRLF all end a line. A CR ends its line at once (an event
+            # ended by CR CR is complete even if no byte ever follows).
+            self._skip_lf = buf.endswith(b"\r")
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            lines = buf.split(b"\n")
-            tail = lines.pop()
-            if self._buf:
-                # "...\r" held back: the tail before it is part of the same line.
-                self._buf = tail + b"\r"
-            else:
-                self._buf = tail
-        else:
-            lines = buf.split(b"\n")
-            self._buf = lines.pop()
+        lines = buf.split(b"\n")
+        self._buf = lines.pop()
         out: list[SSEEvent] = []
         for raw in lines:
             self._line(raw, out)
@@ -81,4 +75,4 @@ class SSEDecoder:
     @property
     def pending(self) -> bool:
         """True when the stream stopped in the middle of an event or a line."""
-        return bool(self._buf.strip(b"\r")) or bool(self._data)
+        return bool(self._buf) or bool(self._data)
