@@ -102,11 +102,17 @@ class Chat:
         return s if s is not None and s.owner == owner else None
 
     def _evicted(self, session: Session, why: str) -> None:
+        """The store dropped ``session``: end its reply, then tell its listeners and let them go."""
         log.info("session %s.. removed: %s", session.id[:6], why)
-        if session.reply is not None:
-            self._cancel(session.reply, "interrupted")
-        if why != "deleted":
-            session.broadcast(error_event("session_expired", f"This conversation was closed on the server ({why})."))
+        session.closed = why
+        if session.reply is None or not self._cancel(session.reply, "interrupted"):
+            self._release_listeners(session)
+        # else: _finish sends the reply's done first, then releases the listeners.
+
+    def _release_listeners(self, session: Session) -> None:
+        if session.closed != "deleted":
+            session.broadcast(error_event(
+                "session_expired", f"This conversation was closed on the server ({session.closed})."))
         for outbox in list(session.listeners):
             outbox.close()
         session.listeners.clear()
@@ -195,7 +201,7 @@ class Chat:
                 fr = turn.get("finish_reason")
                 entry["finish_reason"] = fr if fr in ("stop", "length", "stopped", "error", "interrupted") else "stop"
                 if isinstance(turn.get("model"), str):
-                    entry["model"] = turn["model"][:200]
+                    entry["model"] = clean_text(turn["model"][:200])
             out.append(entry)
         if out and out[-1]["role"] == "user":
             out.pop()  # a question without its answer cannot be continued: the client resends it
@@ -408,7 +414,10 @@ class Chat:
             session.grace_timer.cancel()
             session.grace_timer = None
         self.limiter.release_reply(reply.client)
-        self.sessions.touch(session)
+        if session.closed:
+            self._release_listeners(session)
+        else:
+            self.sessions.touch(session)
 
     def _reply_done(self, session: Session, reply: Reply, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -453,9 +462,12 @@ class Chat:
             for ev in session.reply.log:
                 outbox.put(ev)
 
-    def has_events_after(self, session: Session, after: int) -> bool:
-        return session.last_reply is not None and bool(session.last_reply.log) \
-            and session.last_reply.log[-1]["seq"] > after
+    def can_resume(self, session: Session, after: int) -> bool:
+        """Is there anything to follow after ``after``: a running reply, or missed events?"""
+        last = session.last_reply
+        if last is None or not last.log:
+            return False
+        return session.reply is last or last.log[-1]["seq"] > after
 
     def detach(self, session: Session, outbox: Outbox) -> None:
         """Remove a listener. The last one leaving starts the resume grace (or stops the reply)."""

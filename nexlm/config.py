@@ -192,6 +192,8 @@ def _check_provider(p: ProviderConfig, source: str) -> None:
     if p.kind == "openai" and p.enabled:
         if not p.base_url.startswith(("http://", "https://")):
             raise _fail(source, f"{where} base_url", f"must be an http(s) URL, got {p.base_url!r}")
+        if "@" in p.base_url.split("//", 1)[1].split("/", 1)[0]:
+            raise _fail(source, f"{where} base_url", "must not contain credentials; put the key in api_key or api_key_env")
     if p.enabled and not p.models:
         raise _fail(source, f"{where} models", "needs at least one model")
     for m in p.models:

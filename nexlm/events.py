@@ -18,15 +18,22 @@ MERGEABLE = frozenset({"delta", "reasoning"})
 
 
 def dumps(event: dict) -> str:
-    return _encode(event)
+    """JSON text that always encodes as UTF-8: a lone surrogate that slipped through is escaped."""
+    text = _encode(event)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(event, separators=(",", ":"))
+    return text
 
 
 def sse_frame(event: dict, event_id: int | None = None) -> str:
     """``event:``/``data:``/``id:`` lines. The JSON is one line: ``json`` escapes newlines."""
     seq = event.get("seq") if event_id is None else event_id
     if seq is None:
-        return f"event: {event['type']}\ndata: {_encode(event)}\n\n"
-    return f"event: {event['type']}\ndata: {_encode(event)}\nid: {seq}\n\n"
+        return f"event: {event['type']}\ndata: {dumps(event)}\n\n"
+    return f"event: {event['type']}\ndata: {dumps(event)}\nid: {seq}\n\n"
 
 
 def error_event(code: str, message: str, reply: str | None = None) -> dict:

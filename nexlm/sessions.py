@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class Session:
     __slots__ = (
         "id", "owner", "client", "model", "params", "history", "reply", "last_reply",
-        "seq", "listeners", "last_active", "grace_timer",
+        "seq", "listeners", "last_active", "grace_timer", "closed",
     )
 
     def __init__(self, owner: str | None, client: str, model: str, params: dict) -> None:
@@ -41,6 +41,7 @@ class Session:
         self.listeners: set[Outbox] = set()
         self.last_active = time.monotonic()
         self.grace_timer: asyncio.TimerHandle | None = None
+        self.closed: str | None = None  # why the store dropped it (evicted, expired, deleted)
 
     def emit(self, event: dict) -> dict:
         """Number a reply event, log it for resume, hand it to every listener."""

@@ -64,11 +64,14 @@ MIN_P = 0.05
 REPEAT_PENALTY = 1.1
 _PREFILL_CHUNK = 64  # prompt tokens per decode call: the stop latency while reading the prompt
 _SELFCHECK_TIMEOUT = 300.0
+WORKER_NICE = 5  # added to the niceness of generation threads; 0 leaves it alone
 
 INSTALL_HINT = "pip install -r requirements.txt"
+# Drop the installed build and pip's cached wheel of it (the cache ignores build settings),
+# then build again with the settings in requirements.txt.
 REBUILD_HINT = (
-    "pip cache remove llama_cpp_python && "
-    "pip install --no-cache-dir --force-reinstall --no-deps -r requirements.txt"
+    "pip uninstall -y llama-cpp-python && pip cache remove llama_cpp_python && "
+    "pip install -r requirements.txt"
 )
 
 
@@ -134,6 +137,11 @@ def packaged_model_path(directory: Path | None = None) -> Path:
     return target
 
 
+def prepare_default_model() -> Path:
+    """Assemble the packaged model into the cache dir now (e.g. at image build time)."""
+    return packaged_model_path()
+
+
 def _n_threads(configured: int) -> int:
     if configured > 0:
         return configured
@@ -149,7 +157,7 @@ _SELFCHECK_SCRIPT = r"""
 import sys
 import llama_cpp
 path, n_ctx, n_threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-llm = llama_cpp.Llama(model_path=path, n_ctx=min(n_ctx, 512), n_threads=n_threads,
+llm = llama_cpp.Llama(model_path=path, n_ctx=min(n_ctx, 512) or 512, n_threads=n_threads,
                       n_threads_batch=n_threads, verbose=False)
 tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 4)
 for i, _ in enumerate(llm.generate(tokens, temp=0.0)):
@@ -169,17 +177,30 @@ def _build_fingerprint(llama_spec_origin: str) -> str:
     return "|".join(parts) or llama_spec_origin
 
 
+def _cpu_identity() -> str:
+    """The CPU model and feature flags: a pass on one CPU says nothing about another
+    (an image built on one machine and run on the next)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine()
+
+
 def selfcheck(model_path: Path, n_ctx: int, n_threads: int, directory: Path | None = None) -> None:
     """Load the model and decode a few tokens in a subprocess; ``LoadError`` if that fails.
 
-    Blocking. A pass is remembered (keyed by the build and the model file), so
-    this costs one extra model load per installation, not per start.
+    Blocking. A pass is remembered (keyed by the build, the CPU and the model
+    file), so this costs one extra model load per installation, not per start.
     """
     spec = importlib.util.find_spec("llama_cpp")
     origin = spec.origin if spec and spec.origin else ""
     st = model_path.stat()
     key = hashlib.sha256(
-        f"{_build_fingerprint(origin)}\n{model_path.resolve()}:{st.st_size}:{st.st_mtime_ns}\n{n_threads}".encode()
+        f"{_build_fingerprint(origin)}\n{_cpu_identity()}\n"
+        f"{model_path.resolve()}:{st.st_size}:{st.st_mtime_ns}\n{n_threads}".encode()
     ).hexdigest()[:32]
     directory = cache_dir() if directory is None else directory
     stamp = directory / "selfcheck" / f"{key}.ok"
@@ -278,9 +299,14 @@ class _Model:
             return list(got.kwargs["prompt"]), [stop] if isinstance(stop, str) else [s for s in stop if s]
         raise LoadError(f"chat_format {self.chat_format!r} is not supported by the embedded provider")
 
-    def is_eog(self, token: int) -> bool:
+    def ends_turn(self, token: int) -> bool:
+        """End-of-generation tokens, and any other control token (``<start_of_turn>``,
+        ``<|im_start|>``...): a base model that starts a new turn has finished its reply."""
+        lc = self.llama_cpp
         try:
-            return bool(self.llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
+            vocab = self.llm._model.vocab
+            return bool(lc.llama_vocab_is_eog(vocab, token)
+                        or lc.llama_vocab_get_attr(vocab, token) & lc.LLAMA_TOKEN_ATTR_CONTROL)
         except AttributeError:  # another llama-cpp-python version
             return token == self.llm.token_eos()
 
@@ -350,6 +376,10 @@ class _Handoff:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
+    def wake(self) -> None:
+        """On the loop: let ``get_all`` return even with nothing new."""
+        self._ready.set()
+
     async def get_all(self) -> list[ProviderEvent]:
         await self._ready.wait()
         self._ready.clear()
@@ -359,8 +389,10 @@ class _Handoff:
         return items
 
 
-def _start_thread(name: str, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
-    """Run ``fn(*args)`` in a new daemon thread; its result or exception lands in the returned future.
+def _start_thread(
+    name: str, fn: Callable[..., Any], *args: Any
+) -> tuple[concurrent.futures.Future, threading.Thread]:
+    """Run ``fn(*args)`` in a new daemon thread; its result or exception lands in the future.
 
     Daemon, so a generation never keeps the interpreter from exiting; the
     provider's exit hook still stops running generations and waits for them
@@ -376,11 +408,12 @@ def _start_thread(name: str, fn: Callable[..., Any], *args: Any) -> concurrent.f
         except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future
             fut.set_exception(exc)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return fut
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return fut, thread
 
 
-async def _join(done: asyncio.Future) -> None:
+async def _join(done: asyncio.Future, thread: threading.Thread) -> None:
     """Wait until the worker behind ``done`` has ended, even if cancelled meanwhile.
 
     Releasing the model while its thread still decodes would let the next
@@ -393,6 +426,9 @@ async def _join(done: asyncio.Future) -> None:
             await asyncio.wait({done})
         except asyncio.CancelledError:
             interrupted = True
+    # The thread has handed over its result; all that is left is its return from run(),
+    # microseconds, so this join does not hold up the loop.
+    thread.join(timeout=1.0)
     if interrupted:
         raise asyncio.CancelledError
 
@@ -439,8 +475,25 @@ class _Job:
     put: Callable[[ProviderEvent], None]
 
 
+def _lower_priority() -> None:
+    """Make the calling thread (and the OpenMP threads it starts, which inherit it) yield to the loop.
+
+    On Linux ``nice`` is per thread: the event loop's thread keeps its priority,
+    so when a 10 ms timer or a socket wakes it, the scheduler runs it ahead of
+    llama.cpp's compute threads instead of behind them.
+    """
+    if WORKER_NICE <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICE))
+    except OSError:
+        pass
+
+
 def _generate(model: _Model, job: _Job) -> None:
     """The worker thread's body: prompt -> tokens -> events through ``job.put``."""
+    _lower_priority()
     try:
         _generate_inner(model, job)
     except Exception as exc:  # noqa: BLE001 - a failure is an event, not a dead thread
@@ -495,7 +548,7 @@ def _generate_inner(model: _Model, job: _Job) -> None:
         for token in gen:  # each step: one decode, then one sampled token
             if job.stop.is_set():
                 return
-            if model.is_eog(token):
+            if model.ends_turn(token):
                 reason = "stop"
                 break
             produced += 1
@@ -547,6 +600,7 @@ class LlamaCppProvider:
         self._closed = False
         self._stops: set[threading.Event] = set()
         self._threads: set[threading.Thread] = set()
+        self._running: set[asyncio.Future] = set()  # generation threads' completion, on the loop
         self._exit_hook = weakref.finalize(self, _stop_at_exit, self._stops, self._threads)
 
     # -- availability
@@ -561,6 +615,8 @@ class LlamaCppProvider:
             return self._load_error
         if self._closed:
             return "the local model has been shut down"
+        if self._model is not None:
+            return None
         if _module_missing("llama_cpp"):
             return f"llama-cpp-python is not installed ({INSTALL_HINT})"
         if self.config.model_path:
@@ -579,7 +635,8 @@ class LlamaCppProvider:
 
     def _start_loading(self) -> asyncio.Future:
         if self._loading is None:
-            self._loading = asyncio.wrap_future(_start_thread(f"nexlm-{self.name}-load", _load_model, self.config))
+            fut, _ = _start_thread(f"nexlm-{self.name}-load", _load_model, self.config)
+            self._loading = asyncio.wrap_future(fut)
             self._loading.add_done_callback(self._loaded)
         return self._loading
 
@@ -605,7 +662,7 @@ class LlamaCppProvider:
     # -- streaming
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderEvent]:
-        reason = self.unavailable_reason()
+        reason = None if self._model is not None else self.unavailable_reason()
         if reason:
             yield StreamError("provider_unavailable", reason)
             return
@@ -617,7 +674,7 @@ class LlamaCppProvider:
         p = request.params
         max_tokens = DEFAULT_MAX_TOKENS if p.max_tokens is None else max(1, p.max_tokens)
         async with self._turn:
-            if self._model is None:
+            if self._closed or self._model is None:
                 yield StreamError("provider_unavailable", "the local model has been shut down")
                 return
             handoff = _Handoff(asyncio.get_running_loop())
@@ -628,12 +685,21 @@ class LlamaCppProvider:
                 max_tokens=max_tokens, stop=threading.Event(), put=handoff.put,
             )
             self._stops.add(job.stop)
-            done = asyncio.wrap_future(_start_thread(f"nexlm-{self.name}-gen", _generate, model, job))
-            self._threads.update(t for t in threading.enumerate() if t.name == f"nexlm-{self.name}-gen")
+            fut, thread = _start_thread(f"nexlm-{self.name}-gen", _generate, model, job)
+            self._threads.add(thread)
+            done = asyncio.wrap_future(fut)
+            done.add_done_callback(lambda _: handoff.wake())  # after the thread's last put
+            self._running.add(done)
+            done.add_done_callback(self._running.discard)
             try:
                 while True:
+                    items = await handoff.get_all()
+                    if not items and done.done():  # the thread has ended and said nothing final
+                        yield StreamError("provider_unavailable", "stopped: the local model is shutting down"
+                                          if self._closed else "the local model's worker ended unexpectedly")
+                        return
                     text: list[str] = []
-                    for item in await handoff.get_all():
+                    for item in items:
                         if isinstance(item, TextDelta):
                             text.append(item.text)
                             continue
@@ -648,20 +714,29 @@ class LlamaCppProvider:
             finally:
                 job.stop.set()
                 try:
-                    await _join(done)
+                    await _join(done, thread)
                 finally:
                     self._stops.discard(job.stop)
-                    self._threads.difference_update([t for t in self._threads if not t.is_alive()])
+                    self._threads.discard(thread)
 
     async def close(self) -> None:
-        """Stop running generations, wait for their threads, free the model."""
+        """Stop running generations, wait for their threads (one token), free the model.
+
+        Waits for the threads, not for the streams: a stream its consumer
+        abandoned without closing must not hold up shutdown. Queued requests
+        and streams resumed later get a ``provider_unavailable`` error.
+        """
         self._closed = True
         for ev in list(self._stops):
             ev.set()
         if self._loading is not None and not self._loading.done():
             await asyncio.wait({self._loading})
-        async with self._turn:  # waits for the running generation to wind down (one token)
-            model, self._model = self._model, None
-            if model is not None:
-                await asyncio.wrap_future(_start_thread(f"nexlm-{self.name}-free", model.llm.close))
+        if self._running:
+            await asyncio.wait(set(self._running))
+        for t in list(self._threads):
+            t.join(timeout=1.0)  # already past their last llama.cpp call: returns at once
+        model, self._model = self._model, None
+        if model is not None:
+            fut, _ = _start_thread(f"nexlm-{self.name}-free", model.llm.close)
+            await asyncio.wrap_future(fut)
         self._exit_hook.detach()

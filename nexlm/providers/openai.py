@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import re
 from typing import AsyncIterator
 
 import aiohttp
@@ -42,6 +43,8 @@ class OpenAIProvider:
         self._http = http
         self._url = config.base_url.rstrip("/") + "/chat/completions"
         self._where = URL(config.base_url).with_user(None).with_password(None).with_query(None)
+        # The key and any configured header values (e.g. an Azure "api-key") are secrets.
+        self._secrets = tuple(v for v in (config.resolved_key(), *config.headers.values()) if len(v) >= 6)
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout or None, sock_read=config.idle_timeout or None
         )
@@ -74,10 +77,10 @@ class OpenAIProvider:
         return headers
 
     def _redact(self, text: str) -> str:
-        """Upstream messages are shown to users: make sure no key survives in them."""
-        key = self.config.resolved_key()
-        if key and key in text:
-            text = text.replace(key, "***")
+        """Upstream messages are shown to users: make sure no secret survives in them."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
         if len(text) > MAX_MESSAGE_CHARS:
             text = text[: MAX_MESSAGE_CHARS - 1] + "…"
         return text
@@ -198,6 +201,7 @@ class OpenAIProvider:
         delta. Text that arrived before a failure is always yielded before it.
         """
         decoder = SSEDecoder()
+        fix_t, fix_r = SurrogateJoiner(), SurrogateJoiner()
         finish: str | None = None
         usage: dict | None = None
         done = False
@@ -212,7 +216,7 @@ class OpenAIProvider:
                         done = True
                         break
                     try:
-                        obj = json.loads(data)
+                        obj = json.loads(data, parse_constant=_no_constant)  # NaN would make our JSON invalid
                     except ValueError:
                         obj = None
                     if not isinstance(obj, dict):
@@ -235,21 +239,29 @@ class OpenAIProvider:
                     r = delta.get("reasoning_content") or delta.get("reasoning")
                     if r and isinstance(r, str):
                         if text:  # keep the order of the two kinds
-                            yield TextDelta("".join(text))
+                            t = fix_t("".join(text))
+                            if t:
+                                yield TextDelta(t)
                             text = []
                         reasoning.append(r)
                     c = delta.get("content")
                     if c and isinstance(c, str):
                         if reasoning:
-                            yield ReasoningDelta("".join(reasoning))
+                            r = fix_r("".join(reasoning))
+                            if r:
+                                yield ReasoningDelta(r)
                             reasoning = []
                         text.append(c)
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
                 if reasoning:
-                    yield ReasoningDelta("".join(reasoning))
+                    r = fix_r("".join(reasoning))
+                    if r:
+                        yield ReasoningDelta(r)
                 if text:
-                    yield TextDelta("".join(text))
+                    t = fix_t("".join(text))
+                    if t:
+                        yield TextDelta(t)
                 if failure is not None:
                     yield failure
                     return
@@ -277,6 +289,36 @@ class OpenAIProvider:
 
 
 # ---------------------------------------------------------------------- helpers
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class SurrogateJoiner:
+    """Rejoin a UTF-16 surrogate pair that an upstream split across two chunks.
+
+    JSON escapes like ``"\\ud83d"`` + ``"\\ude00"`` in consecutive chunks decode to
+    two lone surrogates; joined they are one emoji. A high surrogate at the end of
+    a delta waits for the next; anything still unpaired becomes U+FFFD, because a
+    lone surrogate cannot be encoded as UTF-8 for the client.
+    """
+
+    __slots__ = ("carry",)
+
+    def __init__(self) -> None:
+        self.carry = ""
+
+    def __call__(self, text: str) -> str:
+        if self.carry:
+            text, self.carry = self.carry + text, ""
+        if not _SURROGATE.search(text):
+            return text
+        if "\ud800" <= text[-1] <= "\udbff":
+            text, self.carry = text[:-1], text[-1]
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _no_constant(name: str) -> None:
+    return None  # NaN / Infinity from an upstream: a missing number, not invalid JSON to relay
 
 def _error_text(err) -> str:
     if isinstance(err, dict):

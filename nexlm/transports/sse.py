@@ -77,7 +77,7 @@ async def sse(request: web.Request) -> web.StreamResponse:
 
         if after is not None:
             # A reconnect: resume, never generate.
-            if session is None or not chat.has_events_after(session, after):
+            if session is None or not chat.can_resume(session, after):
                 return web.Response(status=204)
             return await _stream(request, chat, session, after, session.last_reply.id)
 
