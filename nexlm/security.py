@@ -36,7 +36,6 @@ def content_security_policy(settings: Settings) -> str:
         "default-src 'self'",
         "img-src 'self' data:",
         "style-src 'self'",
-        "style-src-attr 'unsafe-inline'",  # KaTeX and highlight sizes set style attributes
         "script-src 'self'",
         "font-src 'self' data:",
         "connect-src 'self'",
@@ -126,7 +125,10 @@ class Guard:
         h = response.headers
         h.setdefault("Content-Security-Policy", self.csp)
         h.setdefault("X-Content-Type-Options", "nosniff")
-        h.setdefault("Referrer-Policy", "no-referrer")
+        # same-origin, not no-referrer: with no-referrer Chrome sends "Origin: null" on form posts.
+        h.setdefault("Referrer-Policy", "same-origin")
+        if "/static/" in request.path:
+            h.setdefault("Cache-Control", "no-cache")  # modules import each other unversioned: revalidate
 
     async def login_page(self, request: web.Request) -> web.Response:
         return aiohttp_jinja2.render_template("login.html", request, {"error": False})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mimetypes
 import weakref
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from .transports.common import CHAT, REGISTRY, SETTINGS, WEBSOCKETS
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
+# Module scripts must be served as JavaScript (nosniff): not every system's mime.types knows .mjs.
+mimetypes.add_type("text/javascript", ".mjs")
+mimetypes.add_type("text/javascript", ".js")
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 
 
@@ -59,6 +63,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_route("GET", base + "/sse", sse.sse)
     r.add_route("POST", base + "/sse", sse.sse)
     r.add_get(base + "/api/models", http.models)
+    r.add_post(base + "/api/sessions", http.create_session)
     r.add_get(base + "/api/sessions/{sid}", http.get_session)
     r.add_delete(base + "/api/sessions/{sid}", http.delete_session)
     r.add_post(base + "/api/sessions/{sid}/stop", http.stop)

@@ -63,7 +63,7 @@ async def test_healthz_and_security_headers(client):
         assert "default-src 'self'" in h["Content-Security-Policy"]
         assert "img-src 'self' data:" in h["Content-Security-Policy"]
         assert h["X-Content-Type-Options"] == "nosniff"
-        assert h["Referrer-Policy"] == "no-referrer"
+        assert h["Referrer-Policy"] == "same-origin"
 
 
 async def test_page_is_served(client):

@@ -177,3 +177,36 @@ async def test_busy_on_sse(client, upstream):
     async with asyncio.timeout(5):
         rest = (data + await resp.content.read()).decode()
     assert parse_stream(rest)[-1][1]["finish_reason"] == "stop"
+
+
+async def test_regenerate_and_edit_over_sse(client, upstream):
+    upstream.push(reply("a1"), reply("a2"), reply("b1"))
+    events = await read_events(await client.post("/sse", json={"message": "q1"}))
+    sid = events[0][1]["session"]
+    events = await read_events(await client.post("/sse", json={"type": "regenerate", "session": sid}))
+    assert [e[0] for e in events] == ["session", "start", "delta", "done"] and events[2][1]["content"] == "a2"
+    events = await read_events(await client.post("/sse", json={"type": "edit", "session": sid, "index": 0,
+                                                                "message": "q1 again"}))
+    assert events[2][1]["content"] == "b1"
+    hist = (await (await client.get(f"/api/sessions/{sid}")).json())["history"]
+    assert [h["content"] for h in hist] == ["q1 again", "b1"]
+    assert upstream.requests[2]["body"]["messages"] == [{"role": "user", "content": "q1 again"}]
+    r = await client.post("/sse", json={"type": "regenerate", "session": "missing"})
+    assert r.status == 404
+    r = await client.post("/sse", json={"type": "launch", "session": sid})
+    assert r.status == 400
+
+
+async def test_create_seeded_session_over_http(client, upstream):
+    r = await client.post("/api/sessions", json={
+        "model": "fake/fake-reasoner", "params": {"temperature": 0.1},
+        "history": [{"role": "user", "content": "old q"}, {"role": "assistant", "content": "old a"}]})
+    assert r.status == 201
+    created = await r.json()
+    assert created["model"] == "fake/fake-reasoner" and len(created["history"]) == 2
+    await read_events(await client.post("/sse", json={"message": "new q", "session": created["session"]}))
+    body = upstream.requests[0]["body"]
+    assert body["model"] == "fake-reasoner" and body["temperature"] == 0.1
+    assert [m["content"] for m in body["messages"]] == ["old q", "old a", "new q"]
+    r = await client.post("/api/sessions", json={"history": [{"role": "assistant", "content": "x"}]})
+    assert r.status == 400 and (await r.json())["code"] == "bad_request"

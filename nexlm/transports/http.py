@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from ..chat import Chat
+from ..chat import Chat, ChatError
 from .common import CHAT, REGISTRY, WEBSOCKETS, identity
 from .sse import json_error
 
@@ -20,6 +20,31 @@ async def models(request: web.Request) -> web.Response:
 def _session(request: web.Request):
     owner, _ = identity(request)
     return request.app[CHAT].find(request.match_info["sid"], owner)
+
+
+async def create_session(request: web.Request) -> web.Response:
+    """``POST /api/sessions {"history"?, "model"?, "params"?}``: a new session, optionally seeded.
+
+    For clients without a WebSocket (SSE behind a strict proxy) that need to restore a
+    conversation after a server restart.
+    """
+    chat: Chat = request.app[CHAT]
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        return json_error("bad_request", "The request body is not valid JSON.", 400)
+    if not isinstance(body, dict):
+        return json_error("bad_request", "The request body must be a JSON object.", 400)
+    owner, client = identity(request)
+    session, _ = chat.open_session(None, owner, client)
+    try:
+        chat.configure(session, body.get("model"), body.get("params"))
+        if body.get("history"):
+            chat.restore(session, body["history"])
+    except ChatError as exc:
+        chat.sessions.remove(session.id, "deleted")
+        return json_error(exc.code, exc.message, exc.status)
+    return web.json_response(session.public(), status=201)
 
 
 async def get_session(request: web.Request) -> web.Response:

@@ -35,7 +35,9 @@ async def _fields(request: web.Request) -> dict:
             raise ChatError("bad_request", "The request body must be a JSON object.")
         return body
     q = request.query
-    fields: dict = {k: q[k] for k in ("message", "model", "session", "after") if k in q}
+    fields: dict = {k: q[k] for k in ("type", "message", "model", "session", "after") if k in q}
+    if "index" in q:
+        fields["index"] = _number("max_tokens", q["index"])  # an integer
     if "params" in q:
         try:
             fields["params"] = json.loads(q["params"])
@@ -81,15 +83,27 @@ async def sse(request: web.Request) -> web.StreamResponse:
                 return web.Response(status=204)
             return await _stream(request, chat, session, after, session.last_reply.id)
 
+        kind = fields.get("type", "chat")
         message = fields.get("message")
-        if message is None or message == "":
+        model, params = fields.get("model"), fields.get("params")
+        if kind in ("regenerate", "edit"):
+            if session is None:
+                raise ChatError("not_found", "No such session (it may have expired).", 404)
+            if kind == "regenerate":
+                reply = chat.regenerate(session, model, params)
+            else:
+                reply = chat.edit(session, fields.get("index"), message, model, params)
+        elif kind != "chat":
+            raise ChatError("bad_request", f"Unknown type {str(kind)[:40]!r} (chat, regenerate or edit).")
+        elif message is None or message == "":
             if session is not None and session.reply is not None:  # watch the running reply
                 start = session.reply.log[0]["seq"] - 1
                 return await _stream(request, chat, session, start, session.reply.id)
             raise ChatError("bad_request", "message is required")
-        if session is None:
-            session, _ = chat.open_session(None, owner, client)
-        reply = chat.send(session, message, fields.get("model"), fields.get("params"))
+        else:
+            if session is None:
+                session, _ = chat.open_session(None, owner, client)
+            reply = chat.send(session, message, model, params)
     except ChatError as exc:
         return json_error(exc.code, exc.message, exc.status)
     return await _stream(request, chat, session, reply.log[0]["seq"] - 1, reply.id)
