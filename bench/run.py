@@ -340,7 +340,7 @@ messages_per_minute = 1000000
 max_replies_per_client = 1000000
 max_replies_total = 1000000
 max_sessions_per_client = 1000000
-max_frame_bytes = 65536
+max_frame_bytes = 1048576
 [providers.fake]
 kind = "openai"
 base_url = "http://127.0.0.1:{self.up_port}/v1"

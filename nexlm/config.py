@@ -57,7 +57,7 @@ class ServerConfig:
     frame_ancestors: tuple[str, ...] = ()  # who may embed the page in an iframe
     shutdown_grace_seconds: float = 5.0  # how long running replies get on SIGTERM
     heartbeat_seconds: float = 30.0  # WebSocket ping interval; a peer that misses one is dropped
-    uvloop: bool = False  # use uvloop's event loop if it is installed
+    uvloop: bool = True  # use uvloop's event loop when it is installed
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class ChatConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_frame_bytes: int = 65536  # WebSocket frame / HTTP body
+    max_frame_bytes: int = 1048576  # WebSocket frame (close 1009) / HTTP body (413); holds a restore
     max_message_chars: int = 32000
     max_history_messages: int = 200  # per session; the oldest turns are dropped past this
     max_tokens_cap: int = 8192

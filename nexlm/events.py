@@ -13,27 +13,31 @@ import asyncio
 import json
 from collections import deque
 
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+import orjson
+
 MERGEABLE = frozenset({"delta", "reasoning"})
 
 
+def encode(event: dict) -> bytes:
+    """The event's JSON as UTF-8 bytes: one encode per event per connection, no str round trip."""
+    try:
+        return orjson.dumps(event)
+    except TypeError:
+        # A lone surrogate slipped through: ASCII escapes always encode.
+        return json.dumps(event, separators=(",", ":")).encode()
+
+
 def dumps(event: dict) -> str:
-    """JSON text that always encodes as UTF-8: a lone surrogate that slipped through is escaped."""
-    text = _encode(event)
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return json.dumps(event, separators=(",", ":"))
-    return text
+    return encode(event).decode()
 
 
-def sse_frame(event: dict, event_id: int | None = None) -> str:
-    """``event:``/``data:``/``id:`` lines. The JSON is one line: ``json`` escapes newlines."""
+def sse_frame(event: dict, event_id: int | None = None) -> bytes:
+    """``event:``/``data:``/``id:`` lines. The JSON is one line: JSON escapes newlines."""
     seq = event.get("seq") if event_id is None else event_id
+    head = b"event: " + event["type"].encode() + b"\ndata: " + encode(event)
     if seq is None:
-        return f"event: {event['type']}\ndata: {dumps(event)}\n\n"
-    return f"event: {event['type']}\ndata: {dumps(event)}\nid: {seq}\n\n"
+        return head + b"\n\n"
+    return head + b"\nid: " + str(seq).encode() + b"\n\n"
 
 
 def error_event(code: str, message: str, reply: str | None = None) -> dict:

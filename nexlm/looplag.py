@@ -7,6 +7,7 @@ benchmark reads it from ``/api/metrics`` (B7) and operators can alert on it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 
@@ -16,11 +17,11 @@ class LoopLag:
         self.samples: deque[float] = deque(maxlen=keep)  # lag in ms
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        clock = time.perf_counter  # uvloop's loop.time() has only millisecond resolution
         while True:
-            t0 = loop.time()
+            t0 = clock()
             await asyncio.sleep(self.interval)
-            self.samples.append(max(0.0, (loop.time() - t0 - self.interval) * 1000))
+            self.samples.append(max(0.0, (clock() - t0 - self.interval) * 1000))
 
     def snapshot(self, reset: bool = False) -> dict:
         data = sorted(self.samples)

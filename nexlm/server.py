@@ -88,7 +88,7 @@ async def _resources(app: web.Application):
     settings = app[SETTINGS]
     # No pool cap: aiohttp's default of 100 would silently queue the 101st concurrent stream.
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-    async with aiohttp.ClientSession(connector=connector, trust_env=True) as session:
+    async with aiohttp.ClientSession(connector=connector) as session:  # proxies: see env_proxy
         app[HTTP] = session
         registry = Registry(settings, session)
         app[REGISTRY] = registry

@@ -351,6 +351,8 @@ function mergeHistory(history) {
   conv.offset = 0;
 }
 
+const RESTORE_MAX_CHARS = 300000;
+
 function restorableHistory(messages = state.conv.messages) {
   const out = [];
   for (const m of messages) {
@@ -369,6 +371,8 @@ function restorableHistory(messages = state.conv.messages) {
     out.push(entry);
   }
   if (out.length && out[out.length - 1].role === 'user') out.pop();
+  // A restore travels in one frame (the server's limit is 1 MiB by default): keep the newest turns.
+  while (out.length > 2 && JSON.stringify(out).length > RESTORE_MAX_CHARS) out.splice(0, 2);
   return out;
 }
 

@@ -79,7 +79,7 @@ async def test_refusals_are_http_statuses(client, upstream):
     assert r.status == 503 and (await r.json())["code"] == "provider_unavailable"
     r = await client.get("/sse", params={"message": "x", "temperature": "NaN"})
     assert r.status == 400
-    r = await client.post("/sse", data="x" * 70000, headers={"Content-Type": "application/json"})
+    r = await client.post("/sse", data="x" * 1100000, headers={"Content-Type": "application/json"})
     assert r.status == 413
     assert upstream.requests == []
 

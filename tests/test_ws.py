@@ -339,6 +339,6 @@ async def test_binary_frame_closes_1003(client):
 async def test_oversized_frame_closes_1009(client):
     ws = await client.ws_connect("/ws")
     await ws.receive_json()
-    await ws.send_str("x" * 70000)
+    await ws.send_str("x" * 1100000)
     msg = await ws.receive(timeout=5)
     assert msg.type == WSMsgType.CLOSE and msg.data == 1009

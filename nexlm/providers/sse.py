@@ -19,19 +19,24 @@ class SSEEvent:
 
 
 class SSEDecoder:
-    """Feed bytes, get the events they complete. Comments are counted, not returned."""
+    """Feed bytes, get the events they complete. Comments are counted, not returned.
+
+    ``feed`` gives full ``SSEEvent``s. ``feed_data`` is the hot path for the
+    provider client: only the ``data`` payloads, as undecoded bytes, ready for a
+    JSON parser that reads UTF-8 itself.
+    """
 
     __slots__ = ("_buf", "_data", "_event", "_id", "_skip_lf", "comments")
 
     def __init__(self) -> None:
         self._buf = b""
-        self._data: list[str] = []
+        self._data: list[bytes] = []
         self._event = ""
         self._id: str | None = None
         self._skip_lf = False  # the last read ended in CR: an LF starting the next one belongs to it
         self.comments = 0  # ": keep-alive" lines seen: activity, not progress
 
-    def feed(self, chunk: bytes) -> list[SSEEvent]:
+    def _lines(self, chunk: bytes) -> list[bytes]:
         if self._skip_lf and chunk:
             self._skip_lf = False
             if chunk[0] == 0x0A:
@@ -44,33 +49,53 @@ class SSEDecoder:
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = buf.split(b"\n")
         self._buf = lines.pop()
+        return lines
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
         out: list[SSEEvent] = []
-        for raw in lines:
-            self._line(raw, out)
+        for raw in self._lines(chunk):
+            data = self._line(raw)
+            if data is not None:
+                out.append(SSEEvent(data.decode("utf-8", errors="replace"), self._event or "message", self._id))
+                self._event = ""
         return out
 
-    def _line(self, raw: bytes, out: list[SSEEvent]) -> None:
+    def feed_data(self, chunk: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        for raw in self._lines(chunk):
+            if raw[:6] == b"data: " and not self._data:
+                self._data.append(raw[6:])  # the common case, without the general parse
+                continue
+            data = self._line(raw)
+            if data is not None:
+                out.append(data)
+                self._event = ""
+        return out
+
+    def _line(self, raw: bytes) -> bytes | None:
+        """Apply one line; return the data of the event it completes, if any."""
         if not raw:
             if self._data:
-                out.append(SSEEvent("\n".join(self._data), self._event or "message", self._id))
-            self._data = []
+                data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+                self._data = []
+                return data
             self._event = ""
-            return
+            return None
         if raw[0] == 0x3A:  # ":" comment
             self.comments += 1
-            return
-        line = raw.decode("utf-8", errors="replace")
-        name, sep, value = line.partition(":")
-        if sep and value.startswith(" "):
+            return None
+        name, sep, value = raw.partition(b":")
+        if sep and value[:1] == b" ":
             value = value[1:]
-        if name == "data":
+        if name == b"data":
             self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id":
-            if "\0" not in value:
-                self._id = value
+        elif name == b"event":
+            self._event = value.decode("utf-8", errors="replace")
+        elif name == b"id":
+            if b"\0" not in value:
+                self._id = value.decode("utf-8", errors="replace")
         # "retry" and unknown fields are ignored, as the spec says.
+        return None
 
     @property
     def pending(self) -> bool:

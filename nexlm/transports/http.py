@@ -85,5 +85,5 @@ async def metrics(request: web.Request) -> web.Response:
         "replies_running": chat.limiter.running_total,
         "websockets": len(request.app[WEBSOCKETS]),
         "tasks": len(asyncio.all_tasks()),
-        "loop_lag_ms": lag.snapshot(),
+        "loop_lag_ms": lag.snapshot(reset=request.query.get("reset") == "1"),
     })

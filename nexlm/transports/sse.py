@@ -125,7 +125,7 @@ async def _stream(request: web.Request, chat: Chat, session, after: int, reply_i
                     if ev["type"] == "done" and ev.get("reply") == reply_id:
                         finished = True
                         break
-                await resp.write("".join(parts).encode())
+                await resp.write(b"".join(parts))
                 if finished:
                     break  # an empty batch instead means the session was closed under us
     finally:

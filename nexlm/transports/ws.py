@@ -11,7 +11,7 @@ import logging
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..chat import Chat, ChatError
-from ..events import Outbox, dumps, error_event
+from ..events import Outbox, encode, error_event
 from .common import CHAT, SETTINGS, WEBSOCKETS, identity, parse_after
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ async def _write(ws: web.WebSocketResponse, outbox: Outbox) -> None:
     try:
         while batch := await outbox.get():
             for event in batch:
-                await ws.send_str(dumps(event))
+                await ws.send_frame(encode(event), WSMsgType.TEXT)
         # The outbox was closed under us (session evicted, server stopping): let the client reconnect.
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"session closed")
     except ConnectionResetError:
