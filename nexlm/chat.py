@@ -42,7 +42,7 @@ class ChatError(Exception):
 
 class Reply:
     __slots__ = ("id", "model", "client", "task", "content", "reasoning", "usage", "finish_reason",
-                 "stop_reason", "log", "started", "first_token", "fallback")
+                 "stop_reason", "log", "started", "first_token", "fallback", "finished")
 
     def __init__(self, model: str, client: str) -> None:
         self.id = secrets.token_urlsafe(9)
@@ -58,6 +58,7 @@ class Reply:
         self.started = time.monotonic()
         self.first_token: float | None = None
         self.fallback: dict | None = None
+        self.finished: float | None = None  # monotonic time of its done
 
     @property
     def text(self) -> str:
@@ -160,8 +161,8 @@ class Chat:
             out[key] = value
         return out
 
-    def configure(self, session: Session, model=None, params=None) -> None:
-        """Apply a ``set``: all of it or, on any error, none of it."""
+    def _choice(self, session: Session, model=None, params=None) -> tuple[str, dict]:
+        """The model and params a ``set`` would give the session; raises, changes nothing."""
         new_model = session.model
         if model is not None:
             if not isinstance(model, str):
@@ -173,18 +174,17 @@ class Chat:
         new_params = session.params
         if params is not None:
             checked = self.check_params(params)
-            new_params = {**session.params, **checked}
-            new_params = {k: v for k, v in new_params.items() if v is not None}
-        session.model = new_model
-        session.params = new_params
+            new_params = {k: v for k, v in {**session.params, **checked}.items() if v is not None}
+        return new_model, new_params
+
+    def configure(self, session: Session, model=None, params=None) -> None:
+        """Apply a ``set``: all of it or, on any error, none of it."""
+        session.model, session.params = self._choice(session, model, params)
 
     def check_history(self, history) -> list[dict]:
         """A client's copy of a conversation (``restore``): alternating user/assistant turns."""
         if not isinstance(history, list):
             raise ChatError("bad_request", "history must be a list")
-        cap = self.settings.limits.max_history_messages
-        if len(history) > cap:
-            history = history[len(history) - cap:]
         out: list[dict] = []
         for i, turn in enumerate(history):
             if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant") \
@@ -205,6 +205,10 @@ class Chat:
             out.append(entry)
         if out and out[-1]["role"] == "user":
             out.pop()  # a question without its answer cannot be continued: the client resends it
+        cap = self.settings.limits.max_history_messages
+        if len(out) > cap:
+            drop = len(out) - cap
+            del out[:drop + drop % 2]  # whole turns: the history still starts with a question
         return out
 
     # ------------------------------------------------------------ context
@@ -240,23 +244,23 @@ class Chat:
 
     # ------------------------------------------------------------ turns
 
-    def _admit(self, session: Session, model=None, params=None, count_message: bool = True) -> Resolved:
+    def _admit(self, session: Session, model=None, params=None) -> Resolved:
+        """Check everything a new reply needs; only when all pass, apply model/params and take a slot."""
         if self.closing:
             raise ChatError("shutting_down", "The server is restarting; try again in a moment.", 503)
         if session.reply is not None:
             raise ChatError("busy", "A reply is still streaming; stop it or wait for it to finish.", 409)
-        if model is not None or params is not None:
-            self.configure(session, model, params)
+        new_model, new_params = self._choice(session, model, params)
         try:
-            resolved = self.registry.resolve(session.model)
+            resolved = self.registry.resolve(new_model)
         except ModelError as exc:
             raise ChatError(exc.code, exc.message, 404 if exc.code == "unknown_model" else 503) from None
         try:
-            if count_message:
-                self.limiter.take_message(session.client)
+            self.limiter.take_message(session.client)
             self.limiter.acquire_reply(session.client)
         except LimitError as exc:
             raise ChatError(exc.code, exc.message, 429 if exc.code == "rate_limited" else 503) from None
+        session.model, session.params = new_model, new_params
         return resolved
 
     def send(self, session: Session, message, model=None, params=None) -> Reply:
@@ -299,14 +303,14 @@ class Chat:
     async def reset(self, session: Session) -> None:
         await self.stop(session, "stopped")
         session.history.clear()
-        session.last_reply = None
+        session.recent.clear()
 
     def _launch(self, session: Session, resolved: Resolved) -> Reply:
         messages = self.context(session, session.history)
         request = ChatRequest(resolved.model, messages, _params(session.params))
         reply = Reply(resolved.id, session.client)
         session.reply = reply
-        session.last_reply = reply
+        session.recent.append(reply)
         session.emit({"type": "start", "reply": reply.id, "model": reply.model})
         task = asyncio.create_task(self._run(session, reply, resolved, request), name=f"reply {reply.id}")
         reply.task = task
@@ -413,6 +417,7 @@ class Chat:
         if session.grace_timer is not None:
             session.grace_timer.cancel()
             session.grace_timer = None
+        reply.finished = now
         self.limiter.release_reply(reply.client)
         if session.closed:
             self._release_listeners(session)
@@ -454,20 +459,18 @@ class Chat:
         session.listeners.add(outbox)
         self.sessions.touch(session)
         if after is not None:
-            replay = session.last_reply.log if session.last_reply is not None else []
-            for ev in replay:
-                if ev["seq"] > after:
-                    outbox.put(ev)
+            for reply in session.recent:
+                if reply.log and reply.log[-1]["seq"] > after:
+                    for ev in reply.log:
+                        if ev["seq"] > after:
+                            outbox.put(ev)
         elif session.reply is not None:
             for ev in session.reply.log:
                 outbox.put(ev)
 
     def can_resume(self, session: Session, after: int) -> bool:
         """Is there anything to follow after ``after``: a running reply, or missed events?"""
-        last = session.last_reply
-        if last is None or not last.log:
-            return False
-        return session.reply is last or last.log[-1]["seq"] > after
+        return session.reply is not None or any(r.log and r.log[-1]["seq"] > after for r in session.recent)
 
     def detach(self, session: Session, outbox: Outbox) -> None:
         """Remove a listener. The last one leaving starts the resume grace (or stops the reply)."""
@@ -487,6 +490,26 @@ class Chat:
         if session.reply is reply and not session.listeners:
             log.info("reply %s: nobody came back within the grace period", reply.id)
             self._cancel(reply, "interrupted")
+
+    def forget_old_logs(self, now: float | None = None) -> None:
+        """Replay logs of replies that ended longer than the resume grace ago are dropped:
+        a client that comes back later redraws from the session's history instead."""
+        now = time.monotonic() if now is None else now
+        keep = max(self.settings.chat.resume_grace_seconds, 5.0)
+        for s in self.sessions:
+            while s.recent and s.recent[0].finished is not None and now - s.recent[0].finished > keep:
+                s.recent.popleft().log = []
+
+    async def housekeeping(self) -> None:
+        """Expire idle sessions and old replay logs, every few seconds."""
+        interval = max(1.0, min(30.0, self.settings.chat.session_ttl_seconds / 4,
+                                self.settings.chat.resume_grace_seconds or 30.0))
+        while True:
+            await asyncio.sleep(interval)
+            expired = self.sessions.expire()
+            if expired:
+                log.info("expired %d idle sessions", expired)
+            self.forget_old_logs()
 
     # ------------------------------------------------------------ shutdown
 

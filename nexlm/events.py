@@ -50,12 +50,13 @@ def error_event(code: str, message: str, reply: str | None = None) -> dict:
 class Outbox:
     """Events waiting to be written to one connection, in order."""
 
-    __slots__ = ("_items", "_parts", "_waiter", "closed")
+    __slots__ = ("_items", "_parts", "_waiter", "_drain_waiter", "closed")
 
     def __init__(self) -> None:
         self._items: deque[dict] = deque()
         self._parts: list[str] | None = None  # pieces of the last item's content, joined lazily
         self._waiter: asyncio.Future | None = None
+        self._drain_waiter: asyncio.Future | None = None
         self.closed = False
 
     def __len__(self) -> int:
@@ -88,9 +89,19 @@ class Outbox:
     def close(self) -> None:
         """No more events: ``get`` returns what is left, then an empty list."""
         self.closed = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        for waiter in (self._waiter, self._drain_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    async def drained(self, below: int) -> None:
+        """Wait until fewer than ``below`` events are queued (a reader that sends but never reads
+        is slowed to the pace it reads at, instead of queueing answers without bound)."""
+        while len(self._items) >= below and not self.closed:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
 
     async def get(self) -> list[dict]:
         """Everything queued (at least one event), or ``[]`` once closed and drained."""
@@ -105,4 +116,6 @@ class Outbox:
         self._flush_parts()
         items = list(self._items)
         self._items.clear()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
         return items

@@ -60,10 +60,15 @@ def same_origin(origin: str, request: web.Request) -> bool:
 
 
 def origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
-    """No Origin (a program, not a browser) is allowed; a browser must be same-origin or listed."""
+    """No Origin (a program, not a browser) is allowed; a browser must be same-origin or listed.
+
+    Browsers omit Origin on some cross-site GETs (a link, an <img>), but then say
+    ``Sec-Fetch-Site: cross-site``: such a request could start a generation with the
+    victim's cookie, so it is refused too.
+    """
     origin = request.headers.get("Origin")
     if origin is None:
-        return True
+        return request.headers.get("Sec-Fetch-Site", "none") in ("same-origin", "none")
     if origin in allowed:
         return True
     return same_origin(origin, request)

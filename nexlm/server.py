@@ -94,7 +94,7 @@ async def _resources(app: web.Application):
         app[REGISTRY] = registry
         chat = Chat(settings, registry)
         app[CHAT] = chat
-        sweeper = asyncio.create_task(chat.sessions.sweep_forever(), name="session sweeper")
+        sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
         lag = asyncio.create_task(app[http.LOOP_LAG].run(), name="loop lag")
         try:
             yield

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 class Session:
     __slots__ = (
-        "id", "owner", "client", "model", "params", "history", "reply", "last_reply",
+        "id", "owner", "client", "model", "params", "history", "reply", "recent",
         "seq", "listeners", "last_active", "grace_timer", "closed",
     )
 
@@ -36,7 +36,9 @@ class Session:
         self.params = params
         self.history: list[dict] = []
         self.reply: Reply | None = None  # the running reply, if any
-        self.last_reply: Reply | None = None  # kept so a late reconnect can fetch its end
+        # The last few replies, with their events, so a client that reconnects with
+        # after=SEQ gets exactly what it missed even if another reply came since.
+        self.recent: deque[Reply] = deque(maxlen=3)
         self.seq = 0  # last seq handed out; rises by one per reply event
         self.listeners: set[Outbox] = set()
         self.last_active = time.monotonic()
@@ -142,11 +144,3 @@ class SessionStore:
         for sid in stale:
             self.remove(sid, "expired")
         return len(stale)
-
-    async def sweep_forever(self) -> None:
-        interval = max(1.0, min(60.0, self.ttl / 4))
-        while True:
-            await asyncio.sleep(interval)
-            n = self.expire()
-            if n:
-                log.info("expired %d idle sessions", n)

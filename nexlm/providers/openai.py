@@ -122,10 +122,10 @@ class OpenAIProvider:
         attempt = 0
         while True:
             failure: StreamError
-            watch.touch()
             try:
+                # No redirects: a 3xx must not carry the key to another host.
                 resp = await self._http.post(self._url, data=body, headers=headers, timeout=self._timeout,
-                                             proxy=self._proxy)
+                                             proxy=self._proxy, allow_redirects=False)
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
                 failure = StreamError(
                     "upstream_error",
@@ -141,8 +141,12 @@ class OpenAIProvider:
             except aiohttp.ClientError as exc:
                 failure = StreamError("upstream_error", self._redact(f"Request to {self.label} failed: {_reason(exc)}"))
             else:
-                if resp.status < 400:
+                if resp.status < 300:
                     return resp
+                if resp.status < 400:
+                    resp.close()
+                    return StreamError("upstream_error", f"{self.label} answered with a redirect (HTTP {resp.status}); "
+                                                         "set base_url to the final address", status=resp.status)
                 try:
                     failure = await self._http_error(resp)
                 finally:
@@ -172,6 +176,7 @@ class OpenAIProvider:
                     return
                 resp = opened
                 watch.reading = True
+                watch.start_idle()
                 async for event in self.parse(resp.content.iter_any(), watch):
                     if isinstance(event, (Finish, StreamError)):
                         clean = isinstance(event, Finish)

@@ -15,14 +15,16 @@ import asyncio
 class Watchdog:
     """First-token and idle bounds for the stream being read by the current task.
 
-    Before the first token both apply (keep-alive comments are activity, not
-    progress: they reset the idle bound but not the first-token deadline); after
-    it only the idle bound does. It cancels the task only while the stream is
+    Until the response headers arrive only the first-token deadline applies (or,
+    without one, the idle bound); then both do (keep-alive comments are activity, not progress: they reset the
+    idle bound but not the first-token deadline); after the first token only the
+    idle bound does. It cancels the task only while the stream is
     waiting for the upstream (``reading``), never while the consumer holds a
     yielded event.
     """
 
-    __slots__ = ("_loop", "_task", "_first", "_idle", "last", "got_token", "reading", "fired", "_handle")
+    __slots__ = ("_loop", "_task", "_first", "_idle", "idle_on", "last", "got_token", "reading", "fired",
+                 "_handle")
 
     def __init__(self, first_token: float | None, idle: float | None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -30,6 +32,7 @@ class Watchdog:
         now = self._loop.time()
         self._first = now + first_token if first_token else None
         self._idle = idle or None
+        self.idle_on = False  # set when the response has begun
         self.last = now
         self.got_token = False
         self.reading = True
@@ -37,13 +40,20 @@ class Watchdog:
         self._handle: asyncio.TimerHandle | None = None
         self._arm()
 
-    def touch(self) -> None:
+    def start_idle(self) -> None:
+        """The response has begun: from now on silence counts."""
         self.last = self._loop.time()
+        self.idle_on = True
+        if self._handle is not None:
+            self._handle.cancel()
+        self._arm()
 
     def _due(self) -> float | None:
         idle_due = self.last + self._idle if self._idle else None
-        if self.got_token or self._first is None:
+        if self._first is None or self.got_token:
             return idle_due
+        if not self.idle_on:
+            return self._first  # waiting for headers: the first-token deadline alone bounds it
         return self._first if idle_due is None else min(self._first, idle_due)
 
     def _arm(self) -> None:

@@ -81,7 +81,7 @@ async def sse(request: web.Request) -> web.StreamResponse:
             # A reconnect: resume, never generate.
             if session is None or not chat.can_resume(session, after):
                 return web.Response(status=204)
-            return await _stream(request, chat, session, after, session.last_reply.id)
+            return await _stream(request, chat, session, after, session.recent[-1].id)
 
         kind = fields.get("type", "chat")
         message = fields.get("message")

@@ -16,6 +16,8 @@ from .common import CHAT, SETTINGS, WEBSOCKETS, identity, parse_after
 
 log = logging.getLogger(__name__)
 
+MAX_QUEUED = 256  # events waiting for one client before its commands are no longer read
+
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     chat: Chat = request.app[CHAT]
@@ -42,6 +44,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 session = await _command(chat, session, outbox, msg.data)
+                # Answers pile up when the client sends without reading: stop reading it until
+                # it catches up, so its own TCP window slows it down (replies' deltas merge anyway).
+                if len(outbox) >= MAX_QUEUED:
+                    await outbox.drained(MAX_QUEUED)
             elif msg.type == WSMsgType.BINARY:
                 await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary frames are not supported")
                 break

@@ -1,0 +1,361 @@
+"""Access control and secrets: the Origin check, tokens (Bearer and the login cookie), sessions
+owned by their token, security headers, and API keys that never reach a client or a log line.
+
+Refusals happen before any WebSocket upgrade or generation: no session is created and the
+upstream sees nothing. Every test ends with ``await h.check()`` (see ``invariants.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from aiohttp import WSServerHandshakeError
+from aiohttp.test_utils import make_mocked_request
+
+from fake_upstream import DONE, FakeUpstream, Script, chunk, error, from_fixture, reply
+from invariants import h, make_harness  # noqa: F401  (fixtures)
+
+ROLE = chunk("", role=True)
+TOKENS = '[auth]\ntokens = ["tok-A-7f3c9e", "tok-B-21d8aa"]'
+A = {"Authorization": "Bearer tok-A-7f3c9e"}
+B = {"Authorization": "Bearer tok-B-21d8aa"}
+
+
+async def ws_refused(h, path: str = "/ws", **kw) -> int:
+    before = len(h.chat.sessions)
+    with pytest.raises(WSServerHandshakeError) as exc:
+        await h.client.ws_connect(path, **kw)
+    assert len(h.chat.sessions) == before, "a session was created before the refusal"
+    return exc.value.status
+
+
+# ---------------------------------------------------------------------------- Origin
+
+def origins(port: int):
+    same = f"http://127.0.0.1:{port}"
+    allowed = [None, same, f"HTTP://127.0.0.1:{port}", "https://chat.example.com"]
+    refused = ["https://evil.example", f"http://127.0.0.1.evil.com:{port}", f"http://127.0.0.1:{port + 1}",
+               "null", f"http://127.0.0.1:{port}@evil.com", f"127.0.0.1:{port}", "http://127.0.0.1",
+               "https://chat.example.com.evil.com", "http://chat.example.com", "https://chat.example.com:444",
+               "file://", ""]
+    return allowed, refused
+
+
+async def test_origin_check_on_ws_and_sse(make_harness, upstream):
+    h = await make_harness('[server]\nallowed_origins = ["https://chat.example.com/"]')
+    allowed, refused = origins(h.client.port)
+    for origin in refused:
+        headers = {"Origin": origin}
+        assert await ws_refused(h, headers=headers) == 403, origin
+        assert await ws_refused(h, "/api/ai/chat/websocket", headers=headers) == 403, origin
+        r = await h.client.get("/sse", params={"message": "hi"}, headers=headers)
+        assert r.status == 403 and (await h.json(r))["code"] == "forbidden_origin", origin
+        r = await h.client.post("/sse", json={"message": "hi"}, headers=headers)
+        assert r.status == 403, origin
+    assert upstream.requests == [] and len(h.chat.sessions) == 0
+    for origin in allowed:
+        headers = {} if origin is None else {"Origin": origin}
+        try:
+            peer = await h.ws(headers=headers)
+        except WSServerHandshakeError as exc:
+            raise AssertionError(f"Origin {origin!r} was refused ({exc.status})") from None
+        await peer.sync()
+        await peer.close()
+        r = await h.client.get("/sse", params={"session": peer.sid}, headers={**headers, "Last-Event-ID": "0"})
+        assert r.status == 204, origin
+    await h.check()
+
+
+async def test_origin_check_on_state_changing_api_calls(h, upstream):
+    upstream.push(Script([ROLE, chunk("x"), "hang"]))
+    peer = await h.start("ws")
+    await peer.until("delta")
+    evil = {"Origin": "https://evil.example"}
+    for method, path in (("POST", f"/api/sessions/{peer.sid}/stop"), ("DELETE", f"/api/sessions/{peer.sid}"),
+                         ("POST", "/login")):
+        r = await h.client.request(method, path, headers=evil)
+        assert r.status == 403, (method, path)
+    assert h.session(peer.sid).reply is not None, "a cross-site request stopped the reply"
+    await peer.stop()
+    await peer.until("done")
+    await h.check()
+
+
+async def test_cross_site_get_without_origin_cannot_start_a_generation(h, upstream):
+    """Browsers send no Origin with a cross-site ``<img>``/``<iframe>``/``<script>`` GET, but they
+    do send Fetch Metadata (``Sec-Fetch-Site``). With auth off (the default), any web page an
+    intranet user visits could otherwise make GET /sse?message=... spend the operator's credits."""
+    for dest, mode in (("image", "no-cors"), ("iframe", "navigate"), ("script", "no-cors")):
+        r = await h.client.get("/sse", params={"message": "spend the credits"}, headers={
+            "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": mode, "Sec-Fetch-Dest": dest})
+        await r.read()
+        assert upstream.requests == [], f"a cross-site <{dest}> GET started a generation (HTTP {r.status})"
+    # A same-origin page and a program (no Fetch Metadata) still work.
+    for headers in ({"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}, {}):
+        s = await h.sse("GET", params={"message": "mine"}, headers=headers)
+        assert s.status == 200
+        await s.rest()
+        h.accept(s.sid, "mine")
+    await h.check()
+
+
+# ---------------------------------------------------------------------------- tokens
+
+PROTECTED = [("GET", "/api/models"), ("GET", "/api/sessions/whatever"), ("DELETE", "/api/sessions/whatever"),
+             ("POST", "/api/sessions/whatever/stop"), ("GET", "/api/metrics"), ("GET", "/sse?message=hi"),
+             ("POST", "/sse")]
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", "Bearer tok-A-7f3c9", "Bearer tok-A-7f3c9ex", "tok-A-7f3c9e",
+                                  "Basic tok-A-7f3c9e", "Bearer ", "Bearer tok-a-7f3c9e"])
+async def test_missing_or_wrong_token_is_401_before_anything(make_harness, upstream, auth):
+    h = await make_harness(TOKENS)
+    headers = {} if auth is None else {"Authorization": auth}
+    assert await ws_refused(h, headers=headers) == 401
+    assert await ws_refused(h, "/api/ai/chat/websocket", headers=headers) == 401
+    for method, path in PROTECTED:
+        r = await h.client.request(method, path, headers=headers, json={"message": "hi"} if method == "POST" else None)
+        assert r.status == 401, (method, path, r.status)
+        assert (await h.json(r))["code"] == "unauthorized"
+        assert r.headers.get("WWW-Authenticate", "").startswith("Bearer")
+    r = await h.client.get("/", headers=headers, allow_redirects=False)
+    assert r.status in (302, 303, 401) and (r.status == 401 or r.headers["Location"].endswith("/login"))
+    r = await h.client.get("/healthz", headers=headers)
+    assert r.status == 200
+    r = await h.client.get("/static/app.js", headers=headers)
+    assert r.status == 200
+    r = await h.client.get("/login", headers=headers)
+    assert r.status == 200
+    assert upstream.requests == [] and len(h.chat.sessions) == 0
+    await h.check()
+
+
+async def test_bearer_works_on_every_route_and_the_ws_upgrade(make_harness, upstream):
+    h = await make_harness(TOKENS)
+    for headers in (A, {"Authorization": "bearer tok-A-7f3c9e"}, {"Authorization": "Bearer  tok-A-7f3c9e "}):
+        peer = await h.ws(headers=headers)
+        assert (await peer.chat("hi"))["type"] == "start"
+        await peer.until("done")
+        r = await h.client.get(f"/api/sessions/{peer.sid}", headers=headers)
+        assert r.status == 200 and (await h.json(r))["session"] == peer.sid
+        assert (await h.client.get("/api/models", headers=headers)).status == 200
+    s = await h.sse("GET", params={"message": "over sse"}, headers=A)
+    assert s.status == 200
+    await s.rest()
+    h.accept(s.sid, "over sse")
+    await h.check()
+
+
+async def test_tokens_from_the_environment(make_harness, upstream):
+    h = await make_harness(env={"NEXLM_TOKENS": "env-tok-1, env-tok-2"})
+    assert await ws_refused(h) == 401
+    peer = await h.ws(headers={"Authorization": "Bearer env-tok-2"})
+    await peer.sync()
+    await h.check()
+
+
+async def test_login_form_sets_a_cookie_that_works(make_harness, upstream):
+    h = await make_harness(TOKENS)
+    r = await h.client.post("/login", data={"token": "wrong"}, allow_redirects=False)
+    assert r.status == 401 and "Set-Cookie" not in r.headers
+    assert (await h.client.get("/api/models")).status == 401
+    r = await h.client.post("/login", data={"token": "tok-B-21d8aa"}, allow_redirects=False)
+    assert r.status in (302, 303)
+    cookie = r.headers["Set-Cookie"]
+    assert "nexlm_token=" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    # The test client's cookie jar now carries it, as a browser would.
+    assert (await h.client.get("/api/models")).status == 200
+    assert (await h.client.get("/")).status == 200
+    peer = await h.ws()
+    assert (await peer.chat("via the cookie"))["type"] == "start"
+    await peer.until("done")
+    # The cookie and the Bearer token name the same owner.
+    r = await h.client.get(f"/api/sessions/{peer.sid}", headers=B)
+    assert r.status == 200
+    h.client.session.cookie_jar.clear()
+    assert (await h.client.get(f"/api/sessions/{peer.sid}")).status == 401
+    await h.check()
+
+
+async def test_trusted_user_header_is_off_by_default(make_harness, upstream):
+    h = await make_harness(TOKENS)
+    assert await ws_refused(h, headers={"X-Forwarded-User": "alice"}) == 401
+    r = await h.client.get("/api/models", headers={"X-Forwarded-User": "alice", "X-Remote-User": "alice"})
+    assert r.status == 401
+    await h.check()
+
+
+async def test_trusted_user_header_when_configured(make_harness, upstream):
+    h = await make_harness(TOKENS + '\ntrusted_user_header = "X-Forwarded-User"')
+    alice = await h.ws(headers={"X-Forwarded-User": "alice"})
+    assert (await alice.chat("alice's question"))["type"] == "start"
+    await alice.until("done")
+    r = await h.client.get(f"/api/sessions/{alice.sid}", headers={"X-Forwarded-User": "bob"})
+    assert r.status == 404
+    r = await h.client.get(f"/api/sessions/{alice.sid}", headers={"X-Forwarded-User": "alice"})
+    assert r.status == 200
+    await h.check()
+
+
+# ---------------------------------------------------------------------------- sessions belong to their token
+
+async def test_another_token_cannot_read_stop_or_attach(make_harness, upstream):
+    h = await make_harness(TOKENS)
+    gate = asyncio.Event()
+    upstream.push(Script([ROLE, chunk("secret answer "), gate, chunk("continues"), chunk(finish="stop"), DONE]))
+    a = await h.ws(headers=A)
+    assert (await a.chat("a private question"))["type"] == "start"
+    await a.until("delta")
+    sid = a.sid
+    for method, path in (("GET", f"/api/sessions/{sid}"), ("POST", f"/api/sessions/{sid}/stop"),
+                         ("DELETE", f"/api/sessions/{sid}")):
+        r = await h.client.request(method, path, headers=B)
+        assert r.status == 404, (method, path)
+    assert h.session(sid) is not None and h.session(sid).reply is not None, "B stopped or deleted A's reply"
+    for path in (f"/ws?session={sid}", f"/ws?session={sid}&after=0"):
+        b = await h.ws(path, headers=B)
+        assert b.sid != sid and b.frames[0]["history"] == []
+        assert [f["type"] for f in await b.sync()] == ["pong"], "B received A's events"
+        await b.close()
+    r = await h.client.get("/sse", params={"session": sid}, headers={**B, "Last-Event-ID": "0"})
+    assert r.status == 204
+    r = await h.client.get("/sse", params={"session": sid}, headers=B)
+    assert r.status == 400, "B could watch A's running reply"
+    gate.set()
+    assert (await a.until("done"))[-1]["finish_reason"] == "stop"
+    s = await h.sse("POST", json={"message": "b's question", "session": sid}, headers=B)
+    assert s.status == 200 and s.sid != sid
+    await s.rest()
+    h.accept(s.sid, "b's question")
+    assert [t["content"] for t in h.history(sid)] == ["a private question", "secret answer continues"]
+    assert "secret answer" not in "".join(b.raw[0] for b in h.conns if b.sid != sid)
+    await h.check()
+
+
+# ---------------------------------------------------------------------------- headers
+
+async def test_security_headers_on_every_response(make_harness, upstream):
+    h = await make_harness(TOKENS + '\n[server]\nframe_ancestors = ["https://intranet.example"]')
+    responses = []
+    for path, headers in (("/login", {}), ("/healthz", {}), ("/static/app.js", {}), ("/api/models", {}),
+                          ("/api/models", A), ("/api/sessions/nope", A), ("/", A)):
+        responses.append((path, await h.client.get(path, headers=headers, allow_redirects=False)))
+    r = await h.client.get("/sse", params={"message": "x"}, headers={"Origin": "https://evil.example"})
+    responses.append(("403", r))
+    s = await h.sse("GET", params={"message": "hi"}, headers=A)
+    responses.append(("/sse stream", s.resp))
+    await s.rest()
+    h.accept(s.sid, "hi")
+    peer = await h.ws(headers=A)
+    responses.append(("/ws upgrade", peer.ws._response))
+    for name, r in responses:
+        csp = r.headers.get("Content-Security-Policy", "")
+        assert "default-src 'self'" in csp and "img-src 'self' data:" in csp, (name, csp)
+        assert "frame-ancestors 'self' https://intranet.example" in csp, (name, csp)
+        assert r.headers.get("X-Content-Type-Options") == "nosniff", name
+        assert r.headers.get("Referrer-Policy"), name
+    await h.check()
+
+
+# ---------------------------------------------------------------------------- secrets
+
+CANARY = "sk-CANARY-5e1f0c7d9b3a4f28"
+HEADER_CANARY = "hdr-CANARY-88c2e6f4a1"
+
+
+async def test_api_key_never_reaches_a_client_or_a_log(make_harness, upstream, caplog):
+    caplog.set_level(logging.DEBUG)
+    h = await make_harness(f'[providers.fake]\napi_key = "{CANARY}"')
+    upstream.push(
+        error(401, f"Incorrect API key provided: {CANARY}. You can find your API key at ..."),
+        error(500, f"upstream crashed while using key {CANARY}"),
+        error(429, f"key {CANARY} is rate limited", headers={"Retry-After": "1"}),
+        Script([ROLE, chunk("some text "), f'data: {{"error": {{"message": "bad key {CANARY}"}}}}\n\n'.encode()]),
+        reply("fine"),
+    )
+    for transport in ("ws", "sse", "ws", "sse", "ws"):
+        conn = await h.start(transport)
+        await conn.until("done")
+    peer = next(c for c in h.conns if c.transport == "ws")
+    for path in ("/api/models", f"/api/sessions/{peer.sid}", "/api/metrics", "/", "/login"):
+        r = await h.get(path)
+        assert r.status == 200, path
+    assert upstream.requests[0]["headers"]["Authorization"] == f"Bearer {CANARY}"  # it is really used
+    everything = h.received()
+    assert "Incorrect API key provided" in everything  # the upstream's message did arrive ...
+    assert CANARY not in everything  # ... without the key
+    for rec in caplog.records:
+        text = rec.getMessage() + (caplog.handler.format(rec) if rec.exc_info else "")
+        assert CANARY not in text, f"the API key is in a log line: {rec.name}: {text[:200]}"
+    await h.check()
+
+
+async def test_key_in_configured_headers_is_redacted_too(make_harness, upstream, caplog):
+    """``headers = {"api-key" = ...}`` is how Azure-style keys are configured: also a secret."""
+    caplog.set_level(logging.DEBUG)
+    h = await make_harness(f'[providers.fake]\nheaders = {{"api-key" = "{HEADER_CANARY}"}}')
+    upstream.push(error(401, f"Access denied due to invalid subscription key {HEADER_CANARY}"))
+    conn = await h.start("ws")
+    frames = await conn.until("done")
+    assert upstream.requests[0]["headers"]["api-key"] == HEADER_CANARY
+    assert any(f["type"] == "error" for f in frames)
+    assert HEADER_CANARY not in h.received(), "a key from the provider's headers reached a client"
+    assert HEADER_CANARY not in caplog.text
+    await h.check()
+
+
+async def test_message_text_never_in_logs_at_info(make_harness, upstream, caplog):
+    caplog.set_level(logging.INFO)
+    h = await make_harness("[providers.fake]\nmax_retries = 1")
+    secret = "MY-PRIVATE-QUESTION-3141"
+    upstream.push(reply("a"), error(503, "busy"), reply("b"), from_fixture("in-stream-error.txt"))
+    for transport, msg in (("ws", secret + " one"), ("sse", secret + " two"), ("ws", secret + " three")):
+        conn = await h.start(transport, msg)
+        await conn.until("done")
+    s = await h.sse("GET", params={"message": secret + " four"})
+    await s.rest()
+    h.accept(s.sid, secret + " four")
+    for rec in caplog.records:
+        if rec.name == "aiohttp.access":
+            continue  # the test server's access log; app.py uses its own (see the next test)
+        text = rec.getMessage() + (caplog.handler.format(rec) if rec.exc_info else "")
+        assert secret not in text, f"message text in a log line at INFO: {rec.name}: {text[:200]}"
+    await h.check()
+
+
+def test_access_log_of_app_py_omits_the_query():
+    from aiohttp import web
+
+    from app import AccessLogger
+    logger = logging.getLogger("test.access")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        req = make_mocked_request("GET", "/sse?message=MY-PRIVATE-QUESTION&session=abc")
+        AccessLogger(logger, "").log(req, web.Response(status=200), 0.01)
+    finally:
+        logger.removeHandler(handler)
+    assert records and "/sse" in records[0].getMessage()
+    assert "MY-PRIVATE-QUESTION" not in records[0].getMessage()
+
+
+async def test_an_upstream_redirect_never_carries_a_key_elsewhere(make_harness, upstream):
+    """LLM APIs do not redirect a POST; if one does, no key may follow it to another origin."""
+    elsewhere = FakeUpstream()
+    await elsewhere.start()
+    try:
+        h = await make_harness(f'[providers.fake]\napi_key = "{CANARY}"\nheaders = {{"api-key" = "{HEADER_CANARY}"}}')
+        upstream.push(Script([], status=307, headers={"Location": elsewhere.url + "/chat/completions"}))
+        conn = await h.start("ws")
+        await conn.until("done")
+        for req in elsewhere.requests:
+            sent = " ".join(f"{k}: {v}" for k, v in req["headers"].items())
+            assert CANARY not in sent and HEADER_CANARY not in sent, f"a key followed a redirect: {sent}"
+        await h.check()
+    finally:
+        await elsewhere.close()
