@@ -330,7 +330,7 @@ class Bench:
         self.start_nexlm()
 
     def config_text(self) -> str:
-        server = "[server]\nuvloop = true\n" if self.args.nexlm_uvloop else ""
+        server = "[server]\nuvloop = false\n" if self.args.nexlm_asyncio else ""
         return f"""{server}[chat]
 default_model = "fake/fake-model"
 resume_grace_seconds = 0
@@ -945,7 +945,7 @@ def machine_info(args, res) -> list[str]:
         f"- CPU: {model}, {os.cpu_count()} cores; RAM {mem}; Linux {platform.release()}",
         f"- Python {platform.python_version()}, aiohttp {aio}, uvloop {uvl}",
         f"- server measured: `{os.path.relpath(args.app, ROOT)}`; its event loop: "
-        f"{'uvloop' if args.nexlm_uvloop else 'asyncio (default)'}; "
+        f"{'asyncio (--nexlm-asyncio)' if args.nexlm_asyncio else 'uvloop (its default when installed)'}; "
         f"harness (fake upstream, loadgen, probe): {'uvloop' if res.get('loadgen_uvloop') else 'asyncio'}",
         f"- pinning: {res.get('pinning')}; priority of every process of the run: nice {res.get('nice', 0)}",
         f"- WebSocket client offered permessage-deflate: {'no' if args.no_compress else 'yes (like a browser)'}; "
@@ -1067,7 +1067,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write every raw figure as JSON here")
     ap.add_argument("--only", default=None, help="comma-separated phases to run: B1,B2,B3,B4,B5,B6 (B7 rides on B4)")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
-    ap.add_argument("--nexlm-uvloop", action="store_true", help="run NexLM with [server] uvloop = true")
+    ap.add_argument("--nexlm-asyncio", action="store_true", help="run NexLM with [server] uvloop = false")
     ap.add_argument("--no-uvloop", action="store_true", help="harness without uvloop")
     ap.add_argument("--no-compress", action="store_true", help="WS client does not offer permessage-deflate")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -54,6 +54,7 @@ class ServerConfig:
     port: int = 8080
     base_path: str = ""  # e.g. "/web" behind a reverse proxy that does not strip it
     allowed_origins: tuple[str, ...] = ()  # cross-origin pages allowed on /ws and /sse
+    allowed_hosts: tuple[str, ...] = ()  # Host names to answer to; empty: any, or only loopback names when bound to loopback
     frame_ancestors: tuple[str, ...] = ()  # who may embed the page in an iframe
     shutdown_grace_seconds: float = 5.0  # how long running replies get on SIGTERM
     heartbeat_seconds: float = 30.0  # WebSocket ping interval; a peer that misses one is dropped

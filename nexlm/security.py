@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 COOKIE = "nexlm_token"
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 def principal_of(token: str) -> str:
@@ -83,7 +84,27 @@ class Guard:
         self.csp = content_security_policy(settings)
         self.allowed = frozenset(o.rstrip("/") for o in settings.server.allowed_origins)
         self.tokens = tuple(settings.auth.tokens)
+        self.hosts = self._host_names(settings)
         self.user_header = settings.auth.trusted_user_header
+
+    @staticmethod
+    def _host_names(settings: Settings) -> frozenset[str] | None:
+        """Which Host headers to answer. Bound to loopback with no list: loopback names only,
+        so a page on a rebound DNS name cannot become "same origin" with this server."""
+        if settings.server.allowed_hosts:
+            return frozenset(h.lower() for h in settings.server.allowed_hosts)
+        if settings.server.host in ("127.0.0.1", "localhost", "::1"):
+            return LOOPBACK_NAMES
+        return None
+
+    def host_allowed(self, request: web.Request) -> bool:
+        if self.hosts is None:
+            return True
+        try:
+            host = URL("//" + request.host).host or ""
+        except ValueError:
+            return False
+        return host.lower() in self.hosts
 
     def _authenticate(self, request: web.Request) -> str | None | bool:
         """The principal, ``None`` when auth is off, ``False`` when refused."""
@@ -111,6 +132,9 @@ class Guard:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         path = request.path[len(self.base):] if self.base and request.path.startswith(self.base) else request.path
+        if not self.host_allowed(request):
+            return web.json_response(error_event("forbidden_host", "This server does not answer to that host name "
+                                                 "(see [server] allowed_hosts)."), status=421)
         streaming = path in ("/ws", "/sse", "/api/ai/chat/websocket")
         if (streaming or request.method not in ("GET", "HEAD", "OPTIONS")) and not origin_allowed(request, self.allowed):
             return web.json_response(

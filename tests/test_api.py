@@ -155,3 +155,16 @@ def test_port_in_use_is_one_line(tmp_path):
     assert p.returncode == 1
     assert "Traceback" not in p.stderr
     assert f"port {port}" in p.stderr and "already in use" in p.stderr
+
+
+async def test_loopback_server_refuses_foreign_host_names(make_client):
+    """DNS rebinding: a page on evil.example resolved to 127.0.0.1 is 'same origin' by Host alone."""
+    client = await make_client()
+    r = await client.get("/api/models", headers={"Host": "evil.example:8080", "Origin": "http://evil.example:8080"})
+    assert r.status == 421 and (await r.json())["code"] == "forbidden_host"
+    assert (await client.get("/api/models", headers={"Host": "localhost"})).status == 200
+    listed = await make_client('[server]\nallowed_hosts = ["chat.intranet"]')
+    assert (await listed.get("/api/models", headers={"Host": "chat.intranet"})).status == 200
+    assert (await listed.get("/api/models", headers={"Host": "127.0.0.1"})).status == 421
+    anywhere = await make_client('[server]\nhost = "0.0.0.0"')
+    assert (await anywhere.get("/api/models", headers={"Host": "chat.intranet"})).status == 200
