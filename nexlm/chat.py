@@ -22,7 +22,7 @@ from .events import Outbox, error_event
 from .limits import LimitError, Limiter
 from .providers.base import ChatRequest, Finish, Params, ReasoningDelta, StreamError, TextDelta, Usage
 from .providers.registry import ModelError, Registry, Resolved
-from .sessions import Session, SessionStore
+from .sessions import RECENT_REPLIES, Session, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +311,8 @@ class Chat:
         reply = Reply(resolved.id, session.client)
         session.reply = reply
         session.recent.append(reply)
+        if len(session.recent) > RECENT_REPLIES:
+            del session.recent[0]
         session.emit({"type": "start", "reply": reply.id, "model": reply.model})
         task = asyncio.create_task(self._run(session, reply, resolved, request), name=f"reply {reply.id}")
         reply.task = task
@@ -498,7 +500,7 @@ class Chat:
         keep = max(self.settings.chat.resume_grace_seconds, 5.0)
         for s in self.sessions:
             while s.recent and s.recent[0].finished is not None and now - s.recent[0].finished > keep:
-                s.recent.popleft().log = []
+                s.recent.pop(0).log = []
 
     async def housekeeping(self) -> None:
         """Expire idle sessions and old replay logs, every few seconds."""

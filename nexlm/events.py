@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import deque
 
 import orjson
 
@@ -53,7 +52,7 @@ class Outbox:
     __slots__ = ("_items", "_parts", "_waiter", "_drain_waiter", "closed")
 
     def __init__(self) -> None:
-        self._items: deque[dict] = deque()
+        self._items: list[dict] = []  # a list, not a deque: 56 bytes empty instead of 760, per connection
         self._parts: list[str] | None = None  # pieces of the last item's content, joined lazily
         self._waiter: asyncio.Future | None = None
         self._drain_waiter: asyncio.Future | None = None
@@ -114,8 +113,7 @@ class Outbox:
             finally:
                 self._waiter = None
         self._flush_parts()
-        items = list(self._items)
-        self._items.clear()
+        items, self._items = self._items, []
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
         return items
