@@ -16,7 +16,7 @@ REGISTRY = web.AppKey("registry", Registry)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
 
 # Set by the auth middleware: the principal (token id or trusted user) or None when auth is off.
-PRINCIPAL = "nexlm.principal"
+PRINCIPAL = web.RequestKey("principal", object)
 
 
 def identity(request: web.Request) -> tuple[str | None, str]:
