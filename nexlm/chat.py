@@ -161,16 +161,19 @@ class Chat:
             out[key] = value
         return out
 
+    def _resolve(self, model: str) -> Resolved:
+        try:
+            return self.registry.resolve(model)
+        except ModelError as exc:
+            raise ChatError(exc.code, exc.message, 404 if exc.code == "unknown_model" else 503) from None
+
     def _choice(self, session: Session, model=None, params=None) -> tuple[str, dict]:
         """The model and params a ``set`` would give the session; raises, changes nothing."""
         new_model = session.model
         if model is not None:
             if not isinstance(model, str):
                 raise ChatError("bad_request", "model must be a string")
-            try:
-                new_model = self.registry.resolve(model).id
-            except ModelError as exc:
-                raise ChatError(exc.code, exc.message, 404 if exc.code == "unknown_model" else 503) from None
+            new_model = self._resolve(model).id
         new_params = session.params
         if params is not None:
             checked = self.check_params(params)
@@ -251,10 +254,7 @@ class Chat:
         if session.reply is not None:
             raise ChatError("busy", "A reply is still streaming; stop it or wait for it to finish.", 409)
         new_model, new_params = self._choice(session, model, params)
-        try:
-            resolved = self.registry.resolve(new_model)
-        except ModelError as exc:
-            raise ChatError(exc.code, exc.message, 404 if exc.code == "unknown_model" else 503) from None
+        resolved = self._resolve(new_model)
         try:
             self.limiter.take_message(session.client)
             self.limiter.acquire_reply(session.client)
@@ -352,7 +352,7 @@ class Chat:
                     break
                 fallback = self._fallback_for(resolved, reply, failure)
                 if fallback is None:
-                    session.emit({**error_event(failure.code, failure.message, rid)})
+                    session.emit(error_event(failure.code, failure.message, rid))
                     finish = "error"
                     break
                 reply.fallback = {"from": resolved.id, "to": fallback.id, "reason": failure.message}
