@@ -43,7 +43,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                session = await _command(chat, session, outbox, msg.data)
+                await _command(chat, session, outbox, msg.data)
                 # Answers pile up when the client sends without reading: stop reading it until
                 # it catches up, so its own TCP window slows it down (replies' deltas merge anyway).
                 if len(outbox) >= MAX_QUEUED:
@@ -89,7 +89,7 @@ def _parse(data: str) -> dict:
     return frame
 
 
-async def _command(chat: Chat, session, outbox: Outbox, data: str):
+async def _command(chat: Chat, session, outbox: Outbox, data: str) -> None:
     """Run one command; refusals become an error frame and the socket stays open."""
     try:
         frame = _parse(data)
@@ -117,4 +117,3 @@ async def _command(chat: Chat, session, outbox: Outbox, data: str):
             raise ChatError("bad_request", f"Unknown command type {str(kind)[:40]!r}.")
     except ChatError as exc:
         outbox.put(error_event(exc.code, exc.message))
-    return session
