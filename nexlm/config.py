@@ -56,6 +56,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # cross-origin pages allowed on /ws and /sse
     allowed_hosts: tuple[str, ...] = ()  # Host names to answer to; empty: any, or only loopback names when bound to loopback
     frame_ancestors: tuple[str, ...] = ()  # who may embed the page in an iframe
+    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For names the real client
     shutdown_grace_seconds: float = 5.0  # how long running replies get on SIGTERM
     heartbeat_seconds: float = 30.0  # WebSocket ping interval; a peer that misses one is dropped
     uvloop: bool = True  # use uvloop's event loop when it is installed

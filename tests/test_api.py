@@ -168,3 +168,25 @@ async def test_loopback_server_refuses_foreign_host_names(make_client):
     assert (await listed.get("/api/models", headers={"Host": "127.0.0.1"})).status == 421
     anywhere = await make_client('[server]\nhost = "0.0.0.0"')
     assert (await anywhere.get("/api/models", headers={"Host": "chat.intranet"})).status == 200
+
+
+async def test_rate_limit_counts_users_behind_a_trusted_proxy(make_client, upstream):
+    """Behind nginx every request comes from 127.0.0.1: only a listed proxy's X-Forwarded-For
+    separates the users, and a client cannot forge it."""
+    client = await make_client('[server]\ntrusted_proxies = ["127.0.0.1"]\n[limits]\nmessages_per_minute = 1')
+
+    async def chat(forwarded):
+        r = await client.get("/sse", params={"message": "hi"}, headers={"X-Forwarded-For": forwarded})
+        await r.read()
+        return r.status
+
+    assert await chat("10.0.0.1") == 200
+    assert await chat("10.0.0.2") == 200  # another user: own budget
+    assert await chat("10.0.0.1") == 429
+    assert await chat("10.0.0.9, 10.0.0.1") == 429  # a forged left-most hop changes nothing
+
+    untrusted = await make_client("[limits]\nmessages_per_minute = 1")
+    r = await untrusted.get("/sse", params={"message": "a"}, headers={"X-Forwarded-For": "10.0.0.1"})
+    await r.read()
+    r = await untrusted.get("/sse", params={"message": "b"}, headers={"X-Forwarded-For": "10.0.0.2"})
+    assert r.status == 429  # not a trusted proxy: the header is ignored

@@ -22,8 +22,21 @@ PRINCIPAL = web.RequestKey("principal", object)
 def identity(request: web.Request) -> tuple[str | None, str]:
     """(owner, client): sessions belong to the owner; limits count per client."""
     owner = request.get(PRINCIPAL)
-    client = owner or request.remote or "unknown"
-    return owner, client
+    return owner, owner or client_address(request)
+
+
+def client_address(request: web.Request) -> str:
+    """The client's IP. Behind a listed proxy, the nearest untrusted address in X-Forwarded-For
+    (every user would otherwise share the proxy's address, and its rate limit)."""
+    peer = request.remote or "unknown"
+    trusted = request.app[SETTINGS].server.trusted_proxies
+    if not trusted or peer not in trusted:
+        return peer
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if hop not in trusted:
+            return hop[:64]
+    return peer
 
 
 def parse_after(value: str | None) -> int | None:
