@@ -6,6 +6,7 @@ import asyncio
 import json
 
 from fake_upstream import DONE, Script, chunk, error, reply
+from nexlm.transports.common import CHAT
 
 
 def parse_stream(text: str) -> list[tuple[str, dict, str | None]]:
@@ -210,3 +211,11 @@ async def test_create_seeded_session_over_http(client, upstream):
     assert [m["content"] for m in body["messages"]] == ["old q", "old a", "new q"]
     r = await client.post("/api/sessions", json={"history": [{"role": "assistant", "content": "x"}]})
     assert r.status == 400 and (await r.json())["code"] == "bad_request"
+
+
+async def test_a_refused_first_chat_leaves_no_session_behind(client, upstream):
+    chat = client.app[CHAT]
+    for params in ({"message": "x", "model": "nope"}, {"message": "x", "temperature": "9"}, {"message": " "}):
+        r = await client.get("/sse", params=params)
+        assert r.status in (400, 404)
+    assert len(chat.sessions) == 0

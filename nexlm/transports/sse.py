@@ -103,7 +103,13 @@ async def sse(request: web.Request) -> web.StreamResponse:
         else:
             if session is None:
                 session, _ = chat.open_session(None, owner, client)
-            reply = chat.send(session, message, model, params)
+                try:
+                    reply = chat.send(session, message, model, params)
+                except ChatError:
+                    chat.sessions.remove(session.id, "deleted")  # refused: nobody will ever know its id
+                    raise
+            else:
+                reply = chat.send(session, message, model, params)
     except ChatError as exc:
         return json_error(exc.code, exc.message, exc.status)
     return await _stream(request, chat, session, reply.log[0]["seq"] - 1, reply.id)
