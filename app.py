@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from nexlm.config import ConfigError, load_settings
-from nexlm.server import create_app
+from nexlm.server import create_app, startup_lines
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             handler_cancellation=True,  # as in tests: a handler whose client left is cancelled
             shutdown_timeout=server.shutdown_grace_seconds + 5,
             access_log_class=AccessLogger,
-            print=lambda _: print(f"NexLM is running: open {url}", flush=True),
+            print=lambda _: print("\n".join([f"NexLM is running: open {url}", *startup_lines(app)]), flush=True),
         )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:

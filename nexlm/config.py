@@ -12,6 +12,9 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from .providers.gguf import DEFAULT_PACKAGED, PACKAGED
 
 
 class ConfigError(Exception):
@@ -39,6 +42,7 @@ class ProviderConfig:
     fallback: str = ""  # a model id to try when retries are exhausted
     # kind = "llamacpp"
     model_path: str = ""
+    packaged: str = ""  # with no model_path: a model shipped in a PyPI package ("": the default one)
     n_ctx: int = 2048
     n_threads: int = 0  # 0: one per core
     chat_format: str = ""  # "" : the GGUF's own template
@@ -100,8 +104,8 @@ class Settings:
     source: str = "<built-in defaults>"
 
 
-EMBEDDED_MODEL = "gemma-3-270m"
-EMBEDDED_LABEL = "Gemma 3 270M, offline demo"
+EMBEDDED_MODEL = DEFAULT_PACKAGED
+EMBEDDED_LABEL = PACKAGED[DEFAULT_PACKAGED].label
 
 
 def builtin_providers(env: dict[str, str] | None = None) -> dict[str, ProviderConfig]:
@@ -120,7 +124,7 @@ def builtin_providers(env: dict[str, str] | None = None) -> dict[str, ProviderCo
             name="local", kind="llamacpp",
             label=Path(own).stem if own else EMBEDDED_LABEL,
             models=(Path(own).stem if own else EMBEDDED_MODEL,), aliases=("local",),
-            model_path=own, chat_format="" if own else "gemma",
+            model_path=own,
         )
     return {
         "deepseek": ProviderConfig(
@@ -192,15 +196,88 @@ def _check_provider(p: ProviderConfig, source: str) -> None:
     if p.kind not in ("openai", "llamacpp"):
         raise _fail(source, f"{where} kind", f"must be \"openai\" or \"llamacpp\", got {p.kind!r}")
     if p.kind == "openai" and p.enabled:
-        if not p.base_url.startswith(("http://", "https://")):
-            raise _fail(source, f"{where} base_url", f"must be an http(s) URL, got {p.base_url!r}")
-        if "@" in p.base_url.split("//", 1)[1].split("/", 1)[0]:
-            raise _fail(source, f"{where} base_url", "must not contain credentials; put the key in api_key or api_key_env")
+        _check_url(p.base_url, source, f"{where} base_url")
+    if p.kind == "llamacpp" and p.enabled:
+        if p.model_path and not Path(p.model_path).expanduser().is_file():
+            raise _fail(source, f"{where} model_path", f"no such file: {p.model_path}")
+        if p.packaged and p.packaged not in PACKAGED:
+            raise _fail(source, f"{where} packaged", f"unknown packaged model {p.packaged!r} "
+                        f"(known: {', '.join(PACKAGED)})")
     if p.enabled and not p.models:
         raise _fail(source, f"{where} models", "needs at least one model")
     for m in p.models:
         if not m or "/" in m and p.kind == "llamacpp":
             raise _fail(source, f"{where} models", f"bad model name {m!r}")
+    for a in p.aliases:
+        if not a or "/" in a:
+            raise _fail(source, f"{where} aliases", f"an alias must be non-empty and contain no '/', got {a!r}")
+
+
+def _check_url(url: str, source: str, key: str) -> None:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        host, parts = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not host or any(c.isspace() for c in url):
+        raise _fail(source, key, f"must be an http(s) URL such as https://api.example.com/v1, got {url!r}")
+    if parts.username or parts.password:
+        raise _fail(source, key, "must not contain credentials; put the key in api_key or api_key_env")
+
+
+def model_names(providers: dict[str, ProviderConfig]) -> dict[str, str]:
+    """Every name a client may use for a model -> its ``provider/model`` id.
+
+    A provider's name and aliases mean its first model; ``provider/model`` means
+    itself; a bare model name works when exactly one provider serves it.
+    """
+    names: dict[str, str] = {}
+    for name, p in providers.items():
+        first = f"{name}/{p.models[0]}"
+        names[name] = first
+        for alias in p.aliases:
+            names.setdefault(alias, first)
+        for m in p.models:
+            names[f"{name}/{m}"] = f"{name}/{m}"
+    bare: dict[str, list[str]] = {}
+    for name, p in providers.items():
+        for m in p.models:
+            bare.setdefault(m, []).append(f"{name}/{m}")
+    for m, ids in bare.items():
+        if len(ids) == 1:
+            names.setdefault(m, ids[0])
+    return names
+
+
+def _check_names(settings: Settings, source: str) -> None:
+    """Every setting that names a model or provider must name one that exists: found at start,
+    a typo is one line and exit 2, never a 500 on the first request."""
+    owner: dict[str, str] = {}
+    for name in settings.providers:
+        owner[name] = name
+    for name, p in settings.providers.items():
+        for alias in p.aliases:
+            if owner.get(alias, name) != name:
+                raise _fail(source, f"[providers.{name}] aliases",
+                            f"{alias!r} already names provider {owner[alias]!r}")
+            owner[alias] = name
+    names = model_names(settings.providers)
+    known = ", ".join(sorted(names))
+
+    def resolve(key: str, value: str) -> str:
+        if value not in names:
+            raise _fail(source, key, f"unknown model {value!r} (known: {known or 'none'})")
+        return names[value]
+
+    if settings.chat.default_model:
+        resolve("[chat] default_model", settings.chat.default_model)
+    for name, p in settings.providers.items():
+        if p.fallback:
+            target = resolve(f"[providers.{name}] fallback", p.fallback)
+            if target.partition("/")[0] == name:
+                raise _fail(source, f"[providers.{name}] fallback",
+                            f"{p.fallback!r} is served by {name} itself; name another provider's model")
 
 
 def load_settings(path: str | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -240,7 +317,12 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
         if not name or "/" in name:
             raise _fail(source, f"[providers.{name}]", "a provider name must be non-empty and contain no '/'")
         base = merged.get(name, ProviderConfig(name=name, label=name))
-        merged[name] = _apply(base, ptable, source, f"[providers.{name}]")
+        p = _apply(base, ptable, source, f"[providers.{name}]")
+        if isinstance(ptable, dict) and ptable.get("packaged") in PACKAGED and not p.model_path:
+            chosen = PACKAGED[ptable["packaged"]]  # another packaged model: its own id and label
+            p = replace(p, models=p.models if "models" in ptable else (chosen.name,),
+                        label=p.label if "label" in ptable else chosen.label)
+        merged[name] = p
     for name, p in merged.items():
         _check_provider(p, source)
         if not p.api_key and p.api_key_env:
@@ -256,4 +338,5 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
     settings = replace(settings, server=replace(settings.server, base_path=base_path))
     if not 1 <= settings.server.port <= 65535:
         raise _fail(source, "[server] port", f"must be 1-65535, got {settings.server.port}")
+    _check_names(settings, source)
     return settings

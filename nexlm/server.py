@@ -75,6 +75,23 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+def startup_lines(app: web.Application) -> list[str]:
+    """What a user should know at start: who answers by default, and what cannot answer and why."""
+    registry = app[REGISTRY]
+    listing = registry.listing()
+    by_id = {m["id"]: m for m in listing["models"]}
+    default = by_id.get(listing["default"])
+    lines = []
+    if default is not None:
+        state = "" if default["available"] else f" (unavailable: {default['reason']})"
+        lines.append(f"Default model: {default['id']} ({default['label']}){state}")
+    for name, p in registry.providers.items():
+        reason = p.unavailable_reason()
+        if reason:
+            lines.append(f"Unavailable: {name} ({p.label}): {reason}")
+    return lines
+
+
 def _redirect(location: str):
     raise web.HTTPFound(location)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,19 @@ def test_file_overrides_and_disables(tmp_path):
     ("[providers.x]\nmodels = ['a']\n", "[providers.x] base_url"),
     ("[server]\nport = 70000\n", "[server] port"),
     ("[chat\n", "not valid TOML"),
+    # Every value that names something is checked at start (a typo used to give 500s later).
+    ("[chat]\ndefault_model = 'deepsek'\n", "[chat] default_model: unknown model 'deepsek'"),
+    ("[providers.deepseek]\nfallback = 'openai/gpt-5'\n", "[providers.deepseek] fallback: unknown model"),
+    ("[providers.deepseek]\nfallback = 'deepseek-reasoner'\n", "[providers.deepseek] fallback"),
+    ("[providers.mine]\nbase_url = 'http://127.0.0.1:9/v1'\nmodels = ['m']\naliases = ['chatgpt']\n",
+     "[providers.mine] aliases: 'chatgpt' already names provider 'openai'"),
+    ("[providers.mine]\nbase_url = 'http://127.0.0.1:9/v1'\nmodels = ['m']\naliases = ['local']\n",
+     "[providers.mine] aliases: 'local' already names provider 'local'"),
+    ("[providers.local]\nmodel_path = '/nonexistent/model.gguf'\n", "[providers.local] model_path: no such file"),
+    ("[providers.local]\npackaged = 'gpt-7'\n", "[providers.local] packaged: unknown packaged model"),
+    ("[providers.x]\nmodels = ['a']\nbase_url = 'http://'\n", "[providers.x] base_url"),
+    ("[providers.x]\nmodels = ['a']\nbase_url = 'http://exa mple.com/v1'\n", "[providers.x] base_url"),
+    ("[providers.x]\nmodels = ['a']\nbase_url = 'http://h:99999/v1'\n", "[providers.x] base_url"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, text, needle):
     f = tmp_path / "bad.toml"
@@ -144,6 +158,57 @@ def test_bad_config_file_is_one_line_not_a_traceback(tmp_path):
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
     assert str(f) in p.stderr and "max_history_turns" in p.stderr
+
+
+def test_unknown_default_model_stops_the_server_at_start(tmp_path):
+    f = tmp_path / "typo.toml"
+    f.write_text('[chat]\ndefault_model = "deepsek"\n')
+    p = _run_app("--config", str(f))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().count("\n") == 0, p.stderr  # one line
+    assert str(f) in p.stderr and "default_model" in p.stderr and "deepsek" in p.stderr
+
+
+def test_good_names_still_load(tmp_path):
+    f = tmp_path / "ok.toml"
+    f.write_text('[chat]\ndefault_model = "chatgpt"\n[providers.deepseek]\nfallback = "local"\n'
+                 '[providers.mine]\nbase_url = "http://127.0.0.1:9/v1"\nmodels = ["m"]\naliases = ["mine-alias"]\n')
+    s = load_settings(str(f), env={})
+    assert s.chat.default_model == "chatgpt" and s.providers["deepseek"].fallback == "local"
+
+
+def test_packaged_option_switches_model_id_and_label(tmp_path):
+    f = tmp_path / "gemma.toml"
+    f.write_text('[providers.local]\npackaged = "gemma-3-270m"\n')
+    local = load_settings(str(f), env={}).providers["local"]
+    assert local.models == ("gemma-3-270m",) and "base" in local.label
+
+
+def test_startup_lines_say_who_answers_and_what_is_unavailable(tmp_path):
+    """With no keys: the default model by its /api/models id and label, one line per unavailable provider."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("DEEPSEEK_API_KEY", "OPENAI_API_KEY", "NEXLM_CONFIG",
+                                                           "LOCAL_LLM_BASE_URL", "LOCAL_MODEL_PATH")}
+    env["NEXLM_CACHE"] = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if len([ln for ln in lines if ln.startswith("Unavailable: ")]) == 2:
+                break
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+    out = "\n".join(lines)
+    assert f"open http://127.0.0.1:{port}/" in out
+    default = next(ln for ln in lines if ln.startswith("Default model: "))
+    assert default.startswith("Default model: local/smollm2-135m-instruct (SmolLM2 135M Instruct"), default
+    assert "Unavailable: deepseek (DeepSeek): set DEEPSEEK_API_KEY" in out
+    assert "Unavailable: openai (OpenAI): set OPENAI_API_KEY" in out
 
 
 def test_port_in_use_is_one_line(tmp_path):

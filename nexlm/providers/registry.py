@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from ..config import ProviderConfig, Settings
+from ..config import ProviderConfig, Settings, model_names
 from .base import Provider
 from .openai import OpenAIProvider
 
@@ -51,6 +51,8 @@ def make_provider(config: ProviderConfig, http: aiohttp.ClientSession) -> Provid
 class Unusable:
     """A configured provider that cannot work here; listed with the reason, never called."""
 
+    single_slot = False
+
     def __init__(self, config: ProviderConfig, reason: str) -> None:
         self.name, self.models, self.label = config.name, config.models, config.label or config.name
         self._reason = reason
@@ -71,23 +73,8 @@ class Registry:
         self.providers: dict[str, Provider] = providers if providers is not None else {
             name: make_provider(cfg, http) for name, cfg in settings.providers.items()
         }
-        self._names: dict[str, str] = {}
-        for name, cfg in settings.providers.items():
-            if name not in self.providers:
-                continue
-            first = f"{name}/{self.providers[name].models[0]}"
-            self._names[name] = first
-            for alias in cfg.aliases:
-                self._names.setdefault(alias, first)
-            for m in self.providers[name].models:
-                self._names[f"{name}/{m}"] = f"{name}/{m}"
-        bare: dict[str, list[str]] = {}
-        for name, p in self.providers.items():
-            for m in p.models:
-                bare.setdefault(m, []).append(f"{name}/{m}")
-        for m, ids in bare.items():
-            if len(ids) == 1:
-                self._names.setdefault(m, ids[0])
+        usable = {n: cfg for n, cfg in settings.providers.items() if n in self.providers}
+        self._names = model_names(usable)
 
     def canonical(self, name: str) -> str:
         """The ``provider/model`` id for ``name``; raises ``unknown_model``."""
