@@ -60,6 +60,33 @@ async def test_post_with_model_params_and_session(client, upstream):
     assert [m["content"] for m in body["messages"]] == ["a", "one", "b"]
 
 
+async def test_post_takes_parameters_at_the_top_level_like_get(client, upstream):
+    """The documented shape of POST is GET's fields as JSON: top-level parameters count."""
+    resp = await client.post("/sse", json={"message": "Say hi", "max_tokens": 5, "temperature": 0.3,
+                                           "top_p": 0.5, "system": "Be brief."})
+    assert resp.status == 200
+    await read_events(resp)
+    body = upstream.requests[0]["body"]
+    assert body["max_tokens"] == 5 and body["temperature"] == 0.3 and body["top_p"] == 0.5
+    assert body["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+async def test_post_validates_top_level_parameters_like_get(client, upstream):
+    for body, needle in [
+        ({"message": "x", "temperature": 5}, "temperature"),
+        ({"message": "x", "max_tokens": "many"}, "max_tokens"),
+        ({"message": "x", "temprature": 0.5}, "'temprature'"),
+        ({"message": "x", "max_tokens": 5, "params": {"max_tokens": 6}}, "max_tokens"),
+        ({"message": "x", "temperature": 0.5, "params": "hot"}, "params"),
+    ]:
+        resp = await client.post("/sse", json=body)
+        err = await resp.json()
+        assert resp.status == 400 and err["code"] == "bad_request" and needle in err["message"], (body, err)
+    get = await client.get("/sse", params={"message": "x", "temperature": "5"})
+    assert get.status == 400 and (await get.json())["code"] == "bad_request"
+    assert upstream.requests == []  # nothing refused reached the upstream
+
+
 async def test_get_params_in_query(client, upstream):
     resp = await client.get("/sse", params={"message": "x", "temperature": "0.3", "max_tokens": "5"})
     await read_events(resp)

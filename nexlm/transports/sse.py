@@ -33,7 +33,7 @@ async def _fields(request: web.Request) -> dict:
             raise ChatError("bad_request", "The request body is not valid JSON.") from None
         if not isinstance(body, dict):
             raise ChatError("bad_request", "The request body must be a JSON object.")
-        return body
+        return _post_fields(body)
     q = request.query
     fields: dict = {k: q[k] for k in ("type", "message", "model", "session", "after") if k in q}
     if "index" in q:
@@ -50,6 +50,31 @@ async def _fields(request: web.Request) -> dict:
                 params[key] = _number(key, q[key]) if key != "system" else q[key]
         if params:
             fields["params"] = params
+    return fields
+
+
+POST_KEYS = frozenset(("type", "message", "model", "session", "after", "index", "params", *PARAM_QUERY_KEYS))
+
+
+def _post_fields(body: dict) -> dict:
+    """A POST body has the same fields as GET's query, as JSON: parameters at the top level
+    (``params`` works too), unknown fields refused by name rather than silently ignored."""
+    for key in body:
+        if key not in POST_KEYS:
+            raise ChatError("bad_request", f"Unknown field {str(key)[:40]!r} (known: {', '.join(sorted(POST_KEYS))}).")
+    top = {k: body[k] for k in PARAM_QUERY_KEYS if k in body}
+    if not top:
+        return body
+    params = body.get("params")
+    if params is None:
+        params = {}
+    elif not isinstance(params, dict):
+        raise ChatError("bad_request", "params must be an object")
+    both = sorted(set(top) & set(params))
+    if both:
+        raise ChatError("bad_request", f"{both[0]} is given both at the top level and in params; give it once.")
+    fields = {k: v for k, v in body.items() if k not in top}
+    fields["params"] = {**params, **top}
     return fields
 
 
