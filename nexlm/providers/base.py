@@ -1,8 +1,9 @@
 """The provider protocol: what every model backend gives the chat layer.
 
 A provider turns (model, messages, params) into an async iterator of small typed
-events. A stream is zero or more deltas, at most one ``Usage``, then exactly one
-``Finish`` or ``StreamError``. Failures are events, not exceptions: only
+events. A stream is zero or more ``Queued`` notices (a single-slot backend only),
+zero or more deltas, at most one ``Usage``, then exactly one ``Finish`` or
+``StreamError``. Failures are events, not exceptions: only
 cancellation propagates, so the chat layer has one place to turn a failure into
 a message. Closing the iterator (``aclose()``, or cancelling the task that runs
 it) must release the upstream request: for a remote server that means closing
@@ -56,7 +57,16 @@ class StreamError:
     retry_after: float | None = None
 
 
-ProviderEvent = Union[TextDelta, ReasoningDelta, Usage, Finish, StreamError]
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """The request waits for a single-slot backend: ``ahead`` requests are before it.
+
+    Sent before any delta, again whenever ``ahead`` changes."""
+
+    ahead: int
+
+
+ProviderEvent = Union[TextDelta, ReasoningDelta, Usage, Finish, StreamError, Queued]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +93,10 @@ class Provider(Protocol):
 
     name: str
     models: tuple[str, ...]
-    label: str  # what the page shows, e.g. "DeepSeek" or "Gemma 3 270M, offline demo"
+    label: str  # what the page shows, e.g. "DeepSeek" or "SmolLM2 135M Instruct, offline demo"
+    # True for a backend that answers one request at a time (the embedded model): a reply
+    # nobody is listening to gives the slot up as soon as another one waits (``waiting()``).
+    single_slot: bool = False
 
     def unavailable_reason(self) -> str | None:
         """``None`` when usable; otherwise what the user must do ("set DEEPSEEK_API_KEY")."""

