@@ -529,6 +529,30 @@ def test_i18n_switch_and_screenshots(server, make_page):
     phone.errors.check()
 
 
+def test_chinese_is_drawn_with_real_glyphs(server, make_page):
+    """Without a CJK font (README: fonts-noto-cjk) every Chinese character is the same empty box."""
+    page = make_page(server.url, locale="zh-CN")
+    online(page)
+    expect(page.locator("#new-chat")).to_contain_text("新建对话")
+    drawn = page.evaluate("""() => {
+      const family = getComputedStyle(document.querySelector('#new-chat')).fontFamily;
+      const c = document.createElement('canvas');
+      c.width = c.height = 64;
+      const g = c.getContext('2d');
+      g.font = '48px ' + family;
+      const draw = (ch) => {
+        g.clearRect(0, 0, 64, 64);
+        g.fillText(ch, 4, 52);
+        return Array.from(g.getImageData(0, 0, 64, 64).data).join(',');
+      };
+      return [draw('中'), draw('文'), draw(String.fromCodePoint(0x10FFFD))];
+    }""")
+    zhong, wen, missing = drawn
+    assert zhong != wen, "'中' and '文' are drawn alike: no CJK font, boxes only"
+    assert missing not in (zhong, wen)
+    page.errors.check()
+
+
 def test_works_under_a_path_prefix(tmp_path, fake, parent_site, make_page):
     s = Server(tmp_path, fake.port, parent_site.origin, base_path="/web")
     s.start()
