@@ -6,6 +6,7 @@ one-line message naming the file and the key instead of a traceback later.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import tomllib
@@ -56,7 +57,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # cross-origin pages allowed on /ws and /sse
     allowed_hosts: tuple[str, ...] = ()  # Host names to answer to; empty: any, or only loopback names when bound to loopback
     frame_ancestors: tuple[str, ...] = ()  # who may embed the page in an iframe
-    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For names the real client
+    trusted_proxies: tuple[str, ...] = ()  # peers (IPs or CIDR ranges) whose X-Forwarded-* and user header are believed
     shutdown_grace_seconds: float = 5.0  # how long running replies get on SIGTERM
     heartbeat_seconds: float = 30.0  # WebSocket ping interval; a peer that misses one is dropped
     uvloop: bool = True  # use uvloop's event loop when it is installed
@@ -87,7 +88,7 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class AuthConfig:
     tokens: tuple[str, ...] = field(default=(), repr=False)
-    trusted_user_header: str = ""  # e.g. "X-Forwarded-User", set by an intranet proxy
+    trusted_user_header: str = ""  # e.g. "X-Forwarded-User", set by a proxy in [server] trusted_proxies
 
 
 @dataclass(frozen=True)
@@ -256,4 +257,17 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
     settings = replace(settings, server=replace(settings.server, base_path=base_path))
     if not 1 <= settings.server.port <= 65535:
         raise _fail(source, "[server] port", f"must be 1-65535, got {settings.server.port}")
+    _check_auth(settings, source)
     return settings
+
+
+def _check_auth(settings: Settings, source: str) -> None:
+    for entry in settings.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise _fail(source, "[server] trusted_proxies", f"not an IP address or CIDR range: {entry!r}") from None
+    auth = settings.auth
+    if auth.trusted_user_header and not settings.server.trusted_proxies:
+        raise _fail(source, "[auth] trusted_user_header",
+                    "needs [server] trusted_proxies (the proxies that set it); otherwise any client could name itself")

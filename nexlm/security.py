@@ -17,7 +17,7 @@ from yarl import URL
 
 from .config import Settings
 from .events import error_event
-from .transports.common import PRINCIPAL
+from .transports.common import PRINCIPAL, from_trusted_proxy, request_scheme
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ def content_security_policy(settings: Settings) -> str:
 
 
 def same_origin(origin: str, request: web.Request) -> bool:
+    """Scheme, host and port all equal; the request's scheme is TLS or not as seen by the client
+    (directly, or per a trusted proxy's X-Forwarded-Proto)."""
     try:
         o = URL(origin)
         h = URL("//" + request.host)
@@ -55,8 +57,11 @@ def same_origin(origin: str, request: web.Request) -> bool:
         return False
     if not o.scheme or not o.host or not h.host:
         return False
-    o_port = o.explicit_port or DEFAULT_PORTS.get(o.scheme)
-    h_port = h.explicit_port or DEFAULT_PORTS.get(o.scheme)
+    scheme = request_scheme(request)
+    if o.scheme.lower() != scheme:
+        return False
+    o_port = o.explicit_port or DEFAULT_PORTS.get(o.scheme.lower())
+    h_port = h.explicit_port or DEFAULT_PORTS.get(scheme)
     return o.host.lower() == h.host.lower() and o_port == h_port
 
 
@@ -108,7 +113,7 @@ class Guard:
 
     def _authenticate(self, request: web.Request) -> str | None | bool:
         """The principal, ``None`` when auth is off, ``False`` when refused."""
-        if self.user_header:
+        if self.user_header and from_trusted_proxy(request):  # anyone can send the header
             user = request.headers.get(self.user_header, "").strip()
             if user:
                 return "u:" + user[:200]

@@ -37,6 +37,7 @@ def origins(port: int):
     same = f"http://127.0.0.1:{port}"
     allowed = [None, same, f"HTTP://127.0.0.1:{port}", "https://chat.example.com"]
     refused = ["https://evil.example", f"http://127.0.0.1.evil.com:{port}", f"http://127.0.0.1:{port + 1}",
+               f"https://127.0.0.1:{port}", f"ws://127.0.0.1:{port}",  # same host and port, not the same scheme
                "null", f"http://127.0.0.1:{port}@evil.com", f"127.0.0.1:{port}", "http://127.0.0.1",
                "https://chat.example.com.evil.com", "http://chat.example.com", "https://chat.example.com:444",
                "file://", ""]
@@ -188,7 +189,7 @@ async def test_trusted_user_header_is_off_by_default(make_harness, upstream):
 
 
 async def test_trusted_user_header_when_configured(make_harness, upstream):
-    h = await make_harness(TOKENS + '\ntrusted_user_header = "X-Forwarded-User"')
+    h = await make_harness(TOKENS + '\ntrusted_user_header = "X-Forwarded-User"\n[server]\ntrusted_proxies = ["127.0.0.1"]')
     alice = await h.ws(headers={"X-Forwarded-User": "alice"})
     assert (await alice.chat("alice's question"))["type"] == "start"
     await alice.until("done")
@@ -359,3 +360,86 @@ async def test_an_upstream_redirect_never_carries_a_key_elsewhere(make_harness, 
         await h.check()
     finally:
         await elsewhere.close()
+
+
+# ---------------------------------------------------------------------------- proxies: whose headers are believed
+
+DIRECT = '\n[server]\ntrusted_proxies = ["10.9.9.9"]'  # the test client connects from 127.0.0.1: not a proxy
+VIA_PROXY = '\n[server]\ntrusted_proxies = ["127.0.0.1"]'
+USER_HEADER = '\ntrusted_user_header = "X-Forwarded-User"'
+
+
+def test_trusted_user_header_without_trusted_proxies_refuses_to_start(tmp_path, capsys):
+    import app
+    from nexlm.config import ConfigError, load_settings
+
+    path = tmp_path / "nexlm.toml"
+    path.write_text('[auth]\ntokens = ["a-long-enough-token-123"]\ntrusted_user_header = "X-Forwarded-User"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_settings(str(path), env={})
+    message = str(exc.value)
+    assert "\n" not in message and str(path) in message and "[auth] trusted_user_header" in message
+    assert "trusted_proxies" in message
+    assert app.main(["--config", str(path)]) == 2
+    assert "trusted_user_header" in capsys.readouterr().err
+    path.write_text('[server]\ntrusted_proxies = ["not-an-address"]\n')
+    with pytest.raises(ConfigError, match=r"\[server\] trusted_proxies"):
+        load_settings(str(path), env={})
+
+
+async def test_user_header_from_a_direct_client_is_not_believed(make_harness, upstream):
+    """With tokens on, ``X-Forwarded-User: anyone`` from a client that is not a listed proxy
+    got through every route and could claim another user's sessions."""
+    h = await make_harness(TOKENS + USER_HEADER + DIRECT)
+    anyone = {"X-Forwarded-User": "anyone"}
+    assert await ws_refused(h, headers=anyone) == 401
+    assert await ws_refused(h, "/api/ai/chat/websocket", headers=anyone) == 401
+    for method, path in PROTECTED:
+        r = await h.client.request(method, path, headers=anyone, json={"message": "hi"} if method == "POST" else None)
+        assert r.status == 401, (method, path, r.status)
+    r = await h.client.get("/", headers=anyone, allow_redirects=False)
+    assert r.status == 302
+    assert upstream.requests == [] and len(h.chat.sessions) == 0
+    await h.check()
+
+
+async def test_user_header_from_a_direct_client_is_not_a_new_client_for_limits(make_harness, upstream):
+    """Auth off: each made-up user name counted as another client, so the per-client rate never bit."""
+    h = await make_harness(USER_HEADER.replace("\n", "[auth]\n", 1) + DIRECT + "\n[limits]\nmessages_per_minute = 2")
+    statuses = []
+    for name in ("u1", "u2", "u3", "u4"):
+        s = await h.sse("GET", params={"message": f"from {name}"}, headers={"X-Forwarded-User": name})
+        statuses.append(s.status)
+        if s.status == 200:
+            await s.rest()
+            h.accept(s.sid, f"from {name}")
+    assert statuses == [200, 200, 429, 429]
+    owners = {s.owner for s in h.chat.sessions}
+    assert owners == {None}, f"a direct client named the owner: {owners}"
+    await h.check()
+
+
+async def test_user_header_from_a_listed_proxy_names_the_owner(make_harness, upstream):
+    h = await make_harness(TOKENS + USER_HEADER + VIA_PROXY)
+    alice = await h.ws(headers={"X-Forwarded-User": "alice"})
+    await alice.sync()
+    assert h.session(alice.sid).owner == "u:alice"
+    r = await h.client.get(f"/api/sessions/{alice.sid}", headers={"X-Forwarded-User": "bob"})
+    assert r.status == 404
+    # Without the header, a proxied request still needs a token.
+    assert (await h.client.get("/api/models")).status == 401
+    await h.check()
+
+
+async def test_forwarded_proto_is_believed_only_from_a_listed_proxy(make_harness, upstream):
+    for config, believed in ((DIRECT, False), (VIA_PROXY, True)):
+        h = await make_harness(TOKENS + config)
+        port = h.client.port
+        tls = {"X-Forwarded-Proto": "https"}
+        r = await h.client.get("/sse", params={"session": "x"},
+                               headers={**A, **tls, "Origin": f"https://127.0.0.1:{port}", "Last-Event-ID": "0"})
+        assert r.status == (204 if believed else 403), config
+        r = await h.client.get("/sse", params={"session": "x"},
+                               headers={**A, **tls, "Origin": f"http://127.0.0.1:{port}", "Last-Event-ID": "0"})
+        assert r.status == (403 if believed else 204), config
+        await h.check()
