@@ -89,6 +89,8 @@ class LimitsConfig:
 class AuthConfig:
     tokens: tuple[str, ...] = field(default=(), repr=False)
     trusted_user_header: str = ""  # e.g. "X-Forwarded-User", set by a proxy in [server] trusted_proxies
+    login_ttl_seconds: float = 7 * 24 * 3600.0  # a login cookie (a server-side session id) lasts this long
+    max_logins: int = 10000  # login sessions kept in memory; the oldest is dropped past this
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,9 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
     return settings
 
 
+MAX_TOKEN_CHARS = 1024  # longer supplied tokens are refused unread
+
+
 def _check_auth(settings: Settings, source: str) -> None:
     for entry in settings.server.trusted_proxies:
         try:
@@ -271,3 +276,8 @@ def _check_auth(settings: Settings, source: str) -> None:
     if auth.trusted_user_header and not settings.server.trusted_proxies:
         raise _fail(source, "[auth] trusted_user_header",
                     "needs [server] trusted_proxies (the proxies that set it); otherwise any client could name itself")
+    if any(len(t) > MAX_TOKEN_CHARS for t in auth.tokens):
+        raise _fail(source, "[auth] tokens", f"a token is longer than {MAX_TOKEN_CHARS} characters")
+    if auth.login_ttl_seconds <= 0 or auth.max_logins < 1:
+        raise _fail(source, "[auth] login_ttl_seconds" if auth.login_ttl_seconds <= 0 else "[auth] max_logins",
+                    "must be positive")

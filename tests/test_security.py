@@ -442,4 +442,171 @@ async def test_forwarded_proto_is_believed_only_from_a_listed_proxy(make_harness
         r = await h.client.get("/sse", params={"session": "x"},
                                headers={**A, **tls, "Origin": f"http://127.0.0.1:{port}", "Last-Event-ID": "0"})
         assert r.status == (403 if believed else 204), config
+        r = await h.client.post("/login", data={"token": "tok-A-7f3c9e"}, headers=tls, allow_redirects=False)
+        assert r.status == 302
+        assert ("Secure" in r.headers["Set-Cookie"]) == believed, (config, r.headers["Set-Cookie"])
         await h.check()
+
+
+# ---------------------------------------------------------------------------- failed sign-ins are throttled
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def freeze(h, what: str = "throttle") -> FakeClock:
+    """Stop time for the guard's throttle (or login sessions), so no test depends on its speed.
+    (Before this existed, there was nothing to freeze: the test then fails on its assertions.)"""
+    import nexlm.security as security
+
+    clock = FakeClock()
+    key = getattr(security, "GUARD", None)
+    if key is not None:
+        setattr(getattr(h.app[key], what), "clock", clock)
+    return clock
+
+
+async def test_wrong_bearer_tokens_are_throttled_per_client(make_harness, upstream):
+    h = await make_harness(TOKENS + VIA_PROXY)
+    clock = freeze(h)
+    attacker = {"X-Forwarded-For": "192.0.2.7"}
+    statuses = []
+    for i in range(30):
+        r = await h.client.get("/api/models", headers={**attacker, "Authorization": f"Bearer guess-{i}"})
+        statuses.append(r.status)
+    assert 429 in statuses, "30 wrong tokens in a row were all checked"
+    first = statuses.index(429)
+    assert 3 <= first <= 10 and set(statuses[first:]) == {429}, statuses
+    r = await h.client.get("/api/models", headers={**attacker, **A})
+    assert r.status == 429, "a throttled client's correct guess must not be told apart"
+    assert (await h.json(r))["code"] == "rate_limited"
+    wait = int(r.headers["Retry-After"])
+    assert wait >= 1
+    # On the WebSocket upgrade too, before anything else happens.
+    assert await ws_refused(h, headers={**attacker, "Authorization": "Bearer guess"}) == 429
+    # Another client is not affected.
+    assert (await h.client.get("/api/models", headers={"X-Forwarded-For": "192.0.2.8", **A})).status == 200
+    clock.now += wait
+    assert (await h.client.get("/api/models", headers={**attacker, **A})).status == 200
+    r = await h.client.get("/api/models", headers={**attacker, "Authorization": "Bearer guess-again"})
+    assert r.status == 401
+    assert (await h.client.get("/api/models", headers={**attacker, "Authorization": "Bearer x"})).status == 429
+    await h.check()
+
+
+async def test_wrong_login_tokens_are_throttled(make_harness, upstream):
+    h = await make_harness(TOKENS)
+    clock = freeze(h)
+    statuses = []
+    for i in range(30):
+        r = await h.client.post("/login", data={"token": f"guess-{i}"}, allow_redirects=False)
+        statuses.append(r.status)
+    assert 429 in statuses, "30 wrong tokens in a row were all checked"
+    first = statuses.index(429)
+    assert 3 <= first <= 10 and set(statuses[first:]) == {429}, statuses
+    r = await h.client.post("/login", data={"token": "tok-A-7f3c9e"}, allow_redirects=False)
+    assert r.status == 429 and "Set-Cookie" not in r.headers
+    wait = int(r.headers["Retry-After"])
+    assert (await h.client.get("/api/models", headers={"Authorization": "Bearer tok-A-7f3c9e"})).status == 429
+    clock.now += wait
+    r = await h.client.post("/login", data={"token": "tok-A-7f3c9e"}, allow_redirects=False)
+    assert r.status == 302 and "nexlm_token=" in r.headers["Set-Cookie"]
+    await h.check()
+
+
+def test_configured_tokens_have_a_length_cap(tmp_path):
+    from nexlm.config import ConfigError, load_settings
+
+    path = tmp_path / "nexlm.toml"
+    path.write_text(f'[auth]\ntokens = ["{"x" * 5000}"]\n')
+    with pytest.raises(ConfigError, match=r"\[auth\] tokens"):
+        load_settings(str(path), env={})
+
+
+async def test_an_overlong_bearer_is_refused(make_harness, upstream):
+    h = await make_harness(TOKENS)
+    r = await h.client.get("/api/models", headers={"Authorization": "Bearer " + "tok-A-7f3c9e" * 400})
+    assert r.status == 401
+    await h.check()
+
+
+async def test_short_tokens_are_warned_about_at_start(make_client, caplog):
+    caplog.set_level(logging.WARNING)
+    await make_client('[auth]\ntokens = ["a-long-random-token-0123456789"]')
+    assert not [r for r in caplog.records if "shorter than" in r.getMessage()]
+    await make_client(TOKENS)
+    warned = [r for r in caplog.records if "shorter than 16" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert "tok-A-7f3c9e" not in caplog.text and "tok-B-21d8aa" not in caplog.text
+
+
+# ---------------------------------------------------------------------------- the login cookie is a session id
+
+async def login(h, token: str = "tok-A-7f3c9e", **kw) -> str:
+    r = await h.client.post("/login", data={"token": token}, allow_redirects=False, **kw)
+    assert r.status == 302, r.status
+    return r.cookies["nexlm_token"].value
+
+
+async def test_login_cookie_is_a_random_session_id(make_harness, upstream):
+    h = await make_harness(TOKENS)
+    r = await h.client.post("/login", data={"token": "tok-A-7f3c9e"}, allow_redirects=False)
+    morsel = r.cookies["nexlm_token"]
+    sid = morsel.value
+    assert "tok-A-7f3c9e" not in sid and len(sid) >= 32
+    assert morsel["httponly"] and morsel["samesite"] == "Strict" and morsel["path"] == "/"
+    assert not morsel["secure"], "plain http, no proxy: a Secure cookie would never come back"
+    assert 0 < int(morsel["max-age"]) <= 7 * 24 * 3600
+    assert (await h.client.get("/api/models")).status == 200
+    h.client.session.cookie_jar.clear()
+    other = await login(h)
+    assert other != sid
+    # The raw token is no longer a cookie.
+    h.client.session.cookie_jar.clear()
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": other})).status == 200
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": "tok-A-7f3c9e"})).status == 401
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": sid})).status == 200
+    await h.check()
+
+
+async def test_logout_revokes_the_session_id(make_harness, upstream):
+    h = await make_harness(TOKENS)
+    sid = await login(h)
+    peer = await h.ws()
+    await peer.sync()
+    r = await h.client.post("/logout", allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"].endswith("/login")
+    cleared = r.cookies["nexlm_token"]
+    assert cleared.value == "" and cleared["max-age"] == "0"
+    assert (await h.client.get("/api/models")).status == 401
+    # A copy of the cookie kept elsewhere is dead too.
+    h.client.session.cookie_jar.clear()
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": sid})).status == 401
+    assert await ws_refused(h, headers={"Cookie": f"nexlm_token={sid}"}) == 401
+    # Logging out from another site is refused (it is a POST: the Origin check applies).
+    sid = await login(h)
+    r = await h.client.post("/logout", headers={"Origin": "https://evil.example"}, allow_redirects=False)
+    assert r.status == 403 and (await h.client.get("/api/models")).status == 200
+    await h.check()
+
+
+async def test_login_sessions_expire_and_are_capped(make_harness, upstream):
+    h = await make_harness(TOKENS + "\nlogin_ttl_seconds = 60\nmax_logins = 2")
+    clock = freeze(h, "logins")
+    first = await login(h)
+    h.client.session.cookie_jar.clear()
+    r = await h.client.post("/login", data={"token": "tok-A-7f3c9e"}, allow_redirects=False)
+    assert int(r.cookies["nexlm_token"]["max-age"]) == 60
+    h.client.session.cookie_jar.clear()
+    third = await login(h, "tok-B-21d8aa")
+    h.client.session.cookie_jar.clear()
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": first})).status == 401, "over the cap"
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": third})).status == 200
+    clock.now += 61
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": third})).status == 401, "expired"
+    assert len(h.app[__import__("nexlm.security").security.GUARD].logins) <= 2
+    await h.check()
