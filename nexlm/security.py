@@ -2,8 +2,9 @@
 
 All three are one middleware so every route gets them in the same order, and a
 refusal (403 cross-origin, 401 no token, 429 too many wrong ones) happens before any
-WebSocket upgrade. Credentials, in order: a trusted proxy's user header, a Bearer token,
-the login cookie (a server-side session id).
+WebSocket upgrade. Credentials, in order: a trusted proxy's user header, a Bearer token
+(static or JWT; ``?token=`` on the WebSocket upgrade only), the login cookie (a
+server-side session id), the ``AUTH-TOKEN`` JWT cookie.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from yarl import URL
 from .config import MAX_TOKEN_CHARS, Settings
 from .events import error_event
 from .logins import FailureThrottle, LoginSessions
-from .transports.common import PRINCIPAL, client_address, from_trusted_proxy, request_scheme
+from .transports.common import GROUPS, PRINCIPAL, client_address, from_trusted_proxy, request_scheme
 
 log = logging.getLogger(__name__)
 
 COOKIE = "nexlm_token"  # the login cookie: a random session id (see logins.py), not the token
+JWT_COOKIE = "AUTH-TOKEN"  # a JWT set by the identity service
+WS_PATHS = ("/ws", "/api/ai/chat/websocket")  # the only routes that take ?token= (browsers cannot set headers there)
 MIN_TOKEN_CHARS = 16
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -113,7 +116,12 @@ class Guard:
         self._token_digests = tuple((_digest(t), t) for t in self.tokens)
         self.hosts = self._host_names(settings)
         self.user_header = settings.auth.trusted_user_header
-        self.required = bool(self.tokens)
+        self.jwt = None
+        if settings.auth.jwt.enabled:
+            from .jwt_auth import JwtVerifier  # PyJWT is needed only when JWTs are configured
+
+            self.jwt = JwtVerifier(settings.auth.jwt)
+        self.required = bool(self.tokens or self.jwt)
         self.logins = LoginSessions(settings.auth.login_ttl_seconds, settings.auth.max_logins)
         self.throttle = FailureThrottle()
         short = sum(1 for t in self.tokens if len(t) < MIN_TOKEN_CHARS)
@@ -121,6 +129,16 @@ class Guard:
             log.warning("[auth] tokens: %d of %d tokens are shorter than %d characters and could be guessed; "
                         "use long random ones (e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')",
                         short, len(self.tokens), MIN_TOKEN_CHARS)
+
+    async def lifetime(self, app: web.Application):
+        """cleanup_ctx: the JWKS fetcher's HTTP client, when jwks_url is configured."""
+        if self.jwt is not None:
+            await self.jwt.start()
+        try:
+            yield
+        finally:
+            if self.jwt is not None:
+                await self.jwt.close()
 
     @staticmethod
     def _host_names(settings: Settings) -> frozenset[str] | None:
@@ -153,6 +171,17 @@ class Guard:
                 found = token
         return principal_of(found) if found is not None else None
 
+    async def _jwt(self, token: str, client: str, where: str):
+        """(principal, groups), or None (the reason goes to the log, never the token)."""
+        from .jwt_auth import JwtRefused
+
+        try:
+            who = await self.jwt.verify(token)
+        except JwtRefused as exc:
+            log.info("JWT refused (%s from %s): %s", where, client, exc)
+            return None
+        return "u:" + who.user, who.groups
+
     async def _authenticate(self, request: web.Request, path: str):
         """(principal, groups), principal ``None`` when auth is off; or a refusal response."""
         if self.user_header and from_trusted_proxy(request):
@@ -162,10 +191,12 @@ class Guard:
         if not self.required:
             return None, ()
         client = client_address(request)
-        supplied = None
+        supplied, where = None, ""
         auth = request.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
-            supplied = auth[7:].strip()
+            supplied, where = auth[7:].strip(), "Bearer"
+        elif path in WS_PATHS and "token" in request.query:
+            supplied, where = request.query["token"].strip(), "query"
         if supplied is not None:
             # A guess at a token: throttled per client, and refused unchecked while throttled.
             if not supplied:
@@ -176,12 +207,20 @@ class Guard:
             principal = self.static_principal(supplied)
             if principal is not None:
                 return principal, ()
+            if self.jwt is not None and supplied.count(".") == 2:
+                who = await self._jwt(supplied, client, where)
+                if who is not None:
+                    return who
             self.throttle.failed(client)
             return _unauthorized()
-        # A cookie is not a guess (a 256-bit id): a stale one is just 401.
+        # Cookies are not guesses (a 256-bit id, a signed JWT): a stale one is just 401.
         principal = self.logins.get(request.cookies.get(COOKIE, ""))
         if principal is not None:
             return principal, ()
+        if self.jwt is not None and request.cookies.get(JWT_COOKIE):
+            who = await self._jwt(request.cookies[JWT_COOKIE], client, "cookie")
+            if who is not None:
+                return who
         return _unauthorized()
 
     def public(self, path: str) -> bool:
@@ -203,7 +242,7 @@ class Guard:
                 if who.status == 401 and path in ("", "/") and request.method == "GET":
                     raise web.HTTPFound(self.base + "/login")
                 return who
-            request[PRINCIPAL] = who[0]
+            request[PRINCIPAL], request[GROUPS] = who
         return await handler(request)
 
     async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:

@@ -52,6 +52,7 @@ def create_app(settings: Settings) -> web.Application:
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(ROOT / "templates"), autoescape=True)
 
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(guard.lifetime)  # the JWKS client, if any
     app.on_shutdown.append(_shutdown)
 
     base = settings.server.base_path

@@ -19,6 +19,8 @@ WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
 
 # Set by the auth middleware: the principal (token id or trusted user) or None when auth is off.
 PRINCIPAL = web.RequestKey("principal", object)
+# ... and the user's groups (from a JWT's groups claim; empty otherwise), for per-group rules.
+GROUPS = web.RequestKey("groups", tuple)
 
 
 def identity(request: web.Request) -> tuple[str | None, str]:
