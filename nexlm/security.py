@@ -263,7 +263,8 @@ class Guard:
         client = client_address(request)
         wait = self.throttle.retry_after(client)
         if wait:
-            resp = aiohttp_jinja2.render_template("login.html", request, {"error": True}, status=429)
+            resp = aiohttp_jinja2.render_template("login.html", request, {"error": True, "throttled": True},
+                                                  status=429)
             resp.headers["Retry-After"] = str(wait)
             return resp
         form = await request.post()

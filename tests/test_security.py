@@ -510,6 +510,7 @@ async def test_wrong_login_tokens_are_throttled(make_harness, upstream):
     assert 3 <= first <= 10 and set(statuses[first:]) == {429}, statuses
     r = await h.client.post("/login", data={"token": "tok-A-7f3c9e"}, allow_redirects=False)
     assert r.status == 429 and "Set-Cookie" not in r.headers
+    assert 'data-reason="throttled"' in await r.text(), "the page should say why, not 'wrong token'"
     wait = int(r.headers["Retry-After"])
     assert (await h.client.get("/api/models", headers={"Authorization": "Bearer tok-A-7f3c9e"})).status == 429
     clock.now += wait
