@@ -6,6 +6,7 @@ one-line message naming the file and the key instead of a traceback later.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import tomllib
@@ -60,7 +61,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # cross-origin pages allowed on /ws and /sse
     allowed_hosts: tuple[str, ...] = ()  # Host names to answer to; empty: any, or only loopback names when bound to loopback
     frame_ancestors: tuple[str, ...] = ()  # who may embed the page in an iframe
-    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For names the real client
+    trusted_proxies: tuple[str, ...] = ()  # peers (IPs or CIDR ranges) whose X-Forwarded-* and user header are believed
     shutdown_grace_seconds: float = 5.0  # how long running replies get on SIGTERM
     heartbeat_seconds: float = 30.0  # WebSocket ping interval; a peer that misses one is dropped
     uvloop: bool = True  # use uvloop's event loop when it is installed
@@ -89,9 +90,31 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class JwtConfig:
+    """``[auth.jwt]``: tokens issued by an identity service. Exactly one key source."""
+    secret_env: str = ""  # HS256/384/512: the shared secret is in this environment variable
+    public_key_file: str = ""  # RS*/PS*/ES*/EdDSA: a PEM public key (or certificate)
+    jwks_file: str = ""  # a JWKS document on disk
+    jwks_url: str = ""  # a JWKS document fetched (and refetched on an unknown kid, rate limited)
+    issuer: str = ""  # when set, the token's iss must equal it
+    audience: str = ""  # when set, the token's aud must contain it
+    user_claim: str = "sub"  # owns the sessions: "u:" + its value
+    groups_claim: str = "groups"  # kept on the request for per-group rules
+    leeway_seconds: float = 30.0  # clock skew allowed on exp/nbf/iat
+    secret: str = field(default="", repr=False, metadata={"config": False})  # read from secret_env at load
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secret_env or self.public_key_file or self.jwks_file or self.jwks_url)
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     tokens: tuple[str, ...] = field(default=(), repr=False)
-    trusted_user_header: str = ""  # e.g. "X-Forwarded-User", set by an intranet proxy
+    trusted_user_header: str = ""  # e.g. "X-Forwarded-User", set by a proxy in [server] trusted_proxies
+    login_ttl_seconds: float = 7 * 24 * 3600.0  # a login cookie (a server-side session id) lasts this long
+    max_logins: int = 10000  # login sessions kept in memory; the oldest is dropped past this
+    jwt: JwtConfig = field(default=JwtConfig(), metadata={"config": False})  # the [auth.jwt] table
 
 
 @dataclass(frozen=True)
@@ -182,7 +205,7 @@ def _coerce(source: str, key: str, value: Any, default: Any) -> Any:
 def _apply(obj: Any, table: Any, source: str, prefix: str) -> Any:
     if not isinstance(table, dict):
         raise _fail(source, prefix, "expected a table")
-    known = {f.name: f for f in fields(obj) if f.name != "name"}
+    known = {f.name: f for f in fields(obj) if f.name != "name" and f.metadata.get("config", True)}
     changes = {}
     for key, value in table.items():
         if key not in known:
@@ -304,10 +327,17 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
     if unknown:
         raise _fail(source, f"[{sorted(unknown)[0]}]", "unknown section (known: server, chat, limits, auth, providers)")
     changes = {}
+    jwt_table = None
+    if isinstance(data.get("auth"), dict) and "jwt" in data["auth"]:
+        data["auth"] = dict(data["auth"])
+        jwt_table = data["auth"].pop("jwt")
     for key, attr in sections.items():
         if key in data:
             changes[attr] = _apply(getattr(settings, attr), data[key], source, f"[{key}]")
     settings = replace(settings, **changes)
+    if jwt_table is not None:
+        jwt = _check_jwt(_apply(JwtConfig(), jwt_table, source, "[auth.jwt]"), source, env)
+        settings = replace(settings, auth=replace(settings.auth, jwt=jwt))
 
     table = data.get("providers", {})
     if not isinstance(table, dict):
@@ -339,4 +369,55 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
     if not 1 <= settings.server.port <= 65535:
         raise _fail(source, "[server] port", f"must be 1-65535, got {settings.server.port}")
     _check_names(settings, source)
+    _check_auth(settings, source)
     return settings
+
+
+MAX_TOKEN_CHARS = 1024  # longer supplied tokens are refused unread
+
+
+def _check_auth(settings: Settings, source: str) -> None:
+    for entry in settings.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise _fail(source, "[server] trusted_proxies", f"not an IP address or CIDR range: {entry!r}") from None
+    auth = settings.auth
+    if auth.trusted_user_header and not settings.server.trusted_proxies:
+        raise _fail(source, "[auth] trusted_user_header",
+                    "needs [server] trusted_proxies (the proxies that set it); otherwise any client could name itself")
+    if any(len(t) > MAX_TOKEN_CHARS for t in auth.tokens):
+        raise _fail(source, "[auth] tokens", f"a token is longer than {MAX_TOKEN_CHARS} characters")
+    if auth.login_ttl_seconds <= 0 or auth.max_logins < 1:
+        raise _fail(source, "[auth] login_ttl_seconds" if auth.login_ttl_seconds <= 0 else "[auth] max_logins",
+                    "must be positive")
+
+
+def _check_jwt(cfg: JwtConfig, source: str, env: dict[str, str]) -> JwtConfig:
+    """Exactly one key source, and that source loads: a missing or unparsable key stops the start."""
+    where = "[auth.jwt]"
+    given = [k for k in ("secret_env", "public_key_file", "jwks_file", "jwks_url") if getattr(cfg, k)]
+    if len(given) != 1:
+        raise _fail(source, where, "set exactly one of secret_env, public_key_file, jwks_file, jwks_url"
+                    + (f" (got {', '.join(given)})" if given else ""))
+    if not cfg.user_claim:
+        raise _fail(source, f"{where} user_claim", "must not be empty")
+    from . import jwt_auth  # PyJWT is needed only when JWTs are configured
+
+    key = given[0]
+    try:
+        if key == "secret_env":
+            secret = env.get(cfg.secret_env, "")
+            if not secret:
+                raise ValueError(f"the environment variable {cfg.secret_env} is not set")
+            jwt_auth.hmac_key(secret)
+            cfg = replace(cfg, secret=secret)
+        elif key == "public_key_file":
+            jwt_auth.load_public_key_file(cfg.public_key_file)
+        elif key == "jwks_file":
+            jwt_auth.load_jwks_file(cfg.jwks_file)
+        elif not cfg.jwks_url.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s) URL, got {cfg.jwks_url!r}")
+    except ValueError as exc:
+        raise _fail(source, f"{where} {key}", str(exc)) from None
+    return cfg

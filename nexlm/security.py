@@ -1,7 +1,10 @@
 """Who may talk to the server: security headers, the Origin check, and optional tokens.
 
 All three are one middleware so every route gets them in the same order, and a
-refusal (403 cross-origin, 401 no token) happens before any WebSocket upgrade.
+refusal (403 cross-origin, 401 no token, 429 too many wrong ones) happens before any
+WebSocket upgrade. Credentials, in order: a trusted proxy's user header, a Bearer token
+(static or JWT; ``?token=`` on the WebSocket upgrade only), the login cookie (a
+server-side session id), the ``AUTH-TOKEN`` JWT cookie.
 """
 
 from __future__ import annotations
@@ -15,13 +18,17 @@ import aiohttp_jinja2
 from aiohttp import web
 from yarl import URL
 
-from .config import Settings
+from .config import MAX_TOKEN_CHARS, Settings
 from .events import error_event
-from .transports.common import PRINCIPAL
+from .logins import FailureThrottle, LoginSessions
+from .transports.common import GROUPS, PRINCIPAL, client_address, from_trusted_proxy, request_scheme
 
 log = logging.getLogger(__name__)
 
-COOKIE = "nexlm_token"
+COOKIE = "nexlm_token"  # the login cookie: a random session id (see logins.py), not the token
+JWT_COOKIE = "AUTH-TOKEN"  # a JWT set by the identity service
+WS_PATHS = ("/ws", "/api/ai/chat/websocket")  # the only routes that take ?token= (browsers cannot set headers there)
+MIN_TOKEN_CHARS = 16
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
@@ -48,6 +55,8 @@ def content_security_policy(settings: Settings) -> str:
 
 
 def same_origin(origin: str, request: web.Request) -> bool:
+    """Scheme, host and port all equal; the request's scheme is TLS or not as seen by the client
+    (directly, or per a trusted proxy's X-Forwarded-Proto)."""
     try:
         o = URL(origin)
         h = URL("//" + request.host)
@@ -55,8 +64,11 @@ def same_origin(origin: str, request: web.Request) -> bool:
         return False
     if not o.scheme or not o.host or not h.host:
         return False
-    o_port = o.explicit_port or DEFAULT_PORTS.get(o.scheme)
-    h_port = h.explicit_port or DEFAULT_PORTS.get(o.scheme)
+    scheme = request_scheme(request)
+    if o.scheme.lower() != scheme:
+        return False
+    o_port = o.explicit_port or DEFAULT_PORTS.get(o.scheme.lower())
+    h_port = h.explicit_port or DEFAULT_PORTS.get(scheme)
     return o.host.lower() == h.host.lower() and o_port == h_port
 
 
@@ -75,6 +87,23 @@ def origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
     return same_origin(origin, request)
 
 
+GUARD = web.AppKey("guard", object)
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+def _unauthorized() -> web.Response:
+    return web.json_response(error_event("unauthorized", "A valid access token is required."), status=401,
+                             headers={"WWW-Authenticate": 'Bearer realm="nexlm"'})
+
+
+def _too_many(wait: int) -> web.Response:
+    return web.json_response(error_event("rate_limited", "Too many failed sign-in attempts; try again later."),
+                             status=429, headers={"Retry-After": str(wait)})
+
+
 class Guard:
     """The middleware. Paths are relative to ``base_path``."""
 
@@ -84,8 +113,32 @@ class Guard:
         self.csp = content_security_policy(settings)
         self.allowed = frozenset(o.rstrip("/") for o in settings.server.allowed_origins)
         self.tokens = tuple(settings.auth.tokens)
+        self._token_digests = tuple((_digest(t), t) for t in self.tokens)
         self.hosts = self._host_names(settings)
         self.user_header = settings.auth.trusted_user_header
+        self.jwt = None
+        if settings.auth.jwt.enabled:
+            from .jwt_auth import JwtVerifier  # PyJWT is needed only when JWTs are configured
+
+            self.jwt = JwtVerifier(settings.auth.jwt)
+        self.required = bool(self.tokens or self.jwt)
+        self.logins = LoginSessions(settings.auth.login_ttl_seconds, settings.auth.max_logins)
+        self.throttle = FailureThrottle()
+        short = sum(1 for t in self.tokens if len(t) < MIN_TOKEN_CHARS)
+        if short:
+            log.warning("[auth] tokens: %d of %d tokens are shorter than %d characters and could be guessed; "
+                        "use long random ones (e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')",
+                        short, len(self.tokens), MIN_TOKEN_CHARS)
+
+    async def lifetime(self, app: web.Application):
+        """cleanup_ctx: the JWKS fetcher's HTTP client, when jwks_url is configured."""
+        if self.jwt is not None:
+            await self.jwt.start()
+        try:
+            yield
+        finally:
+            if self.jwt is not None:
+                await self.jwt.close()
 
     @staticmethod
     def _host_names(settings: Settings) -> frozenset[str] | None:
@@ -106,28 +159,72 @@ class Guard:
             return False
         return host.lower() in self.hosts
 
-    def _authenticate(self, request: web.Request) -> str | None | bool:
-        """The principal, ``None`` when auth is off, ``False`` when refused."""
-        if self.user_header:
+    def static_principal(self, supplied: str) -> str | None:
+        """The principal of a static token, compared in constant time: both sides hashed to a
+        fixed length, every configured token compared."""
+        if not supplied or len(supplied) > MAX_TOKEN_CHARS:
+            return None
+        digest = _digest(supplied)
+        found = None
+        for known, token in self._token_digests:
+            if hmac.compare_digest(digest, known):
+                found = token
+        return principal_of(found) if found is not None else None
+
+    async def _jwt(self, token: str, client: str, where: str):
+        """(principal, groups), or None (the reason goes to the log, never the token)."""
+        from .jwt_auth import JwtRefused
+
+        try:
+            who = await self.jwt.verify(token)
+        except JwtRefused as exc:
+            log.info("JWT refused (%s from %s): %s", where, client, exc)
+            return None
+        return "u:" + who.user, who.groups
+
+    async def _authenticate(self, request: web.Request, path: str):
+        """(principal, groups), principal ``None`` when auth is off; or a refusal response."""
+        if self.user_header and from_trusted_proxy(request):
             user = request.headers.get(self.user_header, "").strip()
             if user:
-                return "u:" + user[:200]
-        if not self.tokens:
-            return None
-        supplied = ""
+                return "u:" + user[:200], ()
+        if not self.required:
+            return None, ()
+        client = client_address(request)
+        supplied, where = None, ""
         auth = request.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
-            supplied = auth[7:].strip()
-        elif COOKIE in request.cookies:
-            supplied = request.cookies[COOKIE]
-        if supplied:
-            for token in self.tokens:
-                if hmac.compare_digest(supplied.encode(), token.encode()):
-                    return principal_of(token)
-        return False
+            supplied, where = auth[7:].strip(), "Bearer"
+        elif path in WS_PATHS and "token" in request.query:
+            supplied, where = request.query["token"].strip(), "query"
+        if supplied is not None:
+            # A guess at a token: throttled per client, and refused unchecked while throttled.
+            if not supplied:
+                return _unauthorized()
+            wait = self.throttle.retry_after(client)
+            if wait:
+                return _too_many(wait)
+            principal = self.static_principal(supplied)
+            if principal is not None:
+                return principal, ()
+            if self.jwt is not None and supplied.count(".") == 2:
+                who = await self._jwt(supplied, client, where)
+                if who is not None:
+                    return who
+            self.throttle.failed(client)
+            return _unauthorized()
+        # Cookies are not guesses (a 256-bit id, a signed JWT): a stale one is just 401.
+        principal = self.logins.get(request.cookies.get(COOKIE, ""))
+        if principal is not None:
+            return principal, ()
+        if self.jwt is not None and request.cookies.get(JWT_COOKIE):
+            who = await self._jwt(request.cookies[JWT_COOKIE], client, "cookie")
+            if who is not None:
+                return who
+        return _unauthorized()
 
     def public(self, path: str) -> bool:
-        return path in ("/healthz", "/login") or path.startswith("/static/")
+        return path in ("/healthz", "/login", "/logout") or path.startswith("/static/")
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
@@ -140,13 +237,12 @@ class Guard:
             return web.json_response(
                 error_event("forbidden_origin", "Cross-origin requests are not allowed from this origin."), status=403)
         if not self.public(path):
-            who = self._authenticate(request)
-            if who is False:
-                if path in ("", "/") and request.method == "GET":
+            who = await self._authenticate(request, path)
+            if isinstance(who, web.StreamResponse):
+                if who.status == 401 and path in ("", "/") and request.method == "GET":
                     raise web.HTTPFound(self.base + "/login")
-                return web.json_response(error_event("unauthorized", "A valid access token is required."), status=401,
-                                         headers={"WWW-Authenticate": 'Bearer realm="nexlm"'})
-            request[PRINCIPAL] = who
+                return who
+            request[PRINCIPAL], request[GROUPS] = who
         return await handler(request)
 
     async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -163,13 +259,31 @@ class Guard:
         return aiohttp_jinja2.render_template("login.html", request, {"error": False})
 
     async def login(self, request: web.Request) -> web.Response:
-        """The page's way in: a form posts the token, a cookie carries it from then on."""
+        """The page's way in: a form posts the token; the cookie then carries a login session id."""
+        client = client_address(request)
+        wait = self.throttle.retry_after(client)
+        if wait:
+            resp = aiohttp_jinja2.render_template("login.html", request, {"error": True, "throttled": True},
+                                                  status=429)
+            resp.headers["Retry-After"] = str(wait)
+            return resp
         form = await request.post()
         token = str(form.get("token", "")).strip()
-        if token and any(hmac.compare_digest(token.encode(), t.encode()) for t in self.tokens):
-            resp = web.HTTPFound((self.base or "") + "/")
-            resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path=(self.base or "") + "/",
-                            secure=request.secure, max_age=30 * 24 * 3600)
-            raise resp
-        resp = aiohttp_jinja2.render_template("login.html", request, {"error": True}, status=401)
-        return resp
+        principal = self.static_principal(token)
+        if principal is None:
+            if token:
+                self.throttle.failed(client)
+            return aiohttp_jinja2.render_template("login.html", request, {"error": True}, status=401)
+        self.logins.revoke(request.cookies.get(COOKIE, ""))
+        resp = web.HTTPFound((self.base or "") + "/")
+        resp.set_cookie(COOKIE, self.logins.create(principal), httponly=True, samesite="Strict",
+                        path=(self.base or "") + "/", secure=request_scheme(request) == "https",
+                        max_age=int(self.settings.auth.login_ttl_seconds))
+        raise resp
+
+    async def logout(self, request: web.Request) -> web.Response:
+        """``POST /logout``: the login session is revoked and its cookie cleared."""
+        self.logins.revoke(request.cookies.get(COOKIE, ""))
+        resp = web.HTTPSeeOther((self.base or "") + "/login")
+        resp.del_cookie(COOKIE, path=(self.base or "") + "/")
+        raise resp

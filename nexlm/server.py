@@ -25,7 +25,7 @@ from .chat import Chat
 from .config import Settings
 from .looplag import LoopLag
 from .providers.registry import Registry
-from .security import Guard
+from .security import GUARD, Guard
 from .transports import http, sse, ws
 from .transports.common import CHAT, REGISTRY, SETTINGS, WEBSOCKETS
 
@@ -45,12 +45,14 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=settings.limits.max_frame_bytes,
     )
     app[SETTINGS] = settings
+    app[GUARD] = guard
     app[WEBSOCKETS] = weakref.WeakSet()
     app[http.LOOP_LAG] = LoopLag()
     app.on_response_prepare.append(guard.on_prepare)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(ROOT / "templates"), autoescape=True)
 
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(guard.lifetime)  # the JWKS client, if any
     app.on_shutdown.append(_shutdown)
 
     base = settings.server.base_path
@@ -71,6 +73,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get(base + "/healthz", http.healthz)
     r.add_get(base + "/login", guard.login_page)
     r.add_post(base + "/login", guard.login)
+    r.add_post(base + "/logout", guard.logout)
     r.add_static(base + "/static", ROOT / "static", append_version=False)
     return app
 

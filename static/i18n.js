@@ -142,6 +142,7 @@ const STRINGS = {
     loginToken: 'Access token',
     loginSubmit: 'Sign in',
     loginWrong: 'That token is not valid.',
+    loginThrottled: 'Too many failed attempts: wait a few seconds and try again.',
   },
   zh: {
     appName: 'NexLM',
@@ -274,6 +275,7 @@ const STRINGS = {
     loginToken: '访问令牌',
     loginSubmit: '登录',
     loginWrong: '令牌无效。',
+    loginThrottled: '失败次数过多，请稍候再试。',
   },
 };
 

@@ -12,5 +12,5 @@ const error = document.getElementById('login-error');
 const q = new URLSearchParams(window.location.search);
 if (q.has('error') || !error.hidden) {
   error.hidden = false;
-  error.textContent = t('loginWrong');
+  error.textContent = t(error.dataset.reason === 'throttled' ? 'loginThrottled' : 'loginWrong');
 }

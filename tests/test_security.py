@@ -37,6 +37,7 @@ def origins(port: int):
     same = f"http://127.0.0.1:{port}"
     allowed = [None, same, f"HTTP://127.0.0.1:{port}", "https://chat.example.com"]
     refused = ["https://evil.example", f"http://127.0.0.1.evil.com:{port}", f"http://127.0.0.1:{port + 1}",
+               f"https://127.0.0.1:{port}", f"ws://127.0.0.1:{port}",  # same host and port, not the same scheme
                "null", f"http://127.0.0.1:{port}@evil.com", f"127.0.0.1:{port}", "http://127.0.0.1",
                "https://chat.example.com.evil.com", "http://chat.example.com", "https://chat.example.com:444",
                "file://", ""]
@@ -188,7 +189,7 @@ async def test_trusted_user_header_is_off_by_default(make_harness, upstream):
 
 
 async def test_trusted_user_header_when_configured(make_harness, upstream):
-    h = await make_harness(TOKENS + '\ntrusted_user_header = "X-Forwarded-User"')
+    h = await make_harness(TOKENS + '\ntrusted_user_header = "X-Forwarded-User"\n[server]\ntrusted_proxies = ["127.0.0.1"]')
     alice = await h.ws(headers={"X-Forwarded-User": "alice"})
     assert (await alice.chat("alice's question"))["type"] == "start"
     await alice.until("done")
@@ -359,3 +360,254 @@ async def test_an_upstream_redirect_never_carries_a_key_elsewhere(make_harness, 
         await h.check()
     finally:
         await elsewhere.close()
+
+
+# ---------------------------------------------------------------------------- proxies: whose headers are believed
+
+DIRECT = '\n[server]\ntrusted_proxies = ["10.9.9.9"]'  # the test client connects from 127.0.0.1: not a proxy
+VIA_PROXY = '\n[server]\ntrusted_proxies = ["127.0.0.1"]'
+USER_HEADER = '\ntrusted_user_header = "X-Forwarded-User"'
+
+
+def test_trusted_user_header_without_trusted_proxies_refuses_to_start(tmp_path, capsys):
+    import app
+    from nexlm.config import ConfigError, load_settings
+
+    path = tmp_path / "nexlm.toml"
+    path.write_text('[auth]\ntokens = ["a-long-enough-token-123"]\ntrusted_user_header = "X-Forwarded-User"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_settings(str(path), env={})
+    message = str(exc.value)
+    assert "\n" not in message and str(path) in message and "[auth] trusted_user_header" in message
+    assert "trusted_proxies" in message
+    assert app.main(["--config", str(path)]) == 2
+    assert "trusted_user_header" in capsys.readouterr().err
+    path.write_text('[server]\ntrusted_proxies = ["not-an-address"]\n')
+    with pytest.raises(ConfigError, match=r"\[server\] trusted_proxies"):
+        load_settings(str(path), env={})
+
+
+async def test_user_header_from_a_direct_client_is_not_believed(make_harness, upstream):
+    """With tokens on, ``X-Forwarded-User: anyone`` from a client that is not a listed proxy
+    got through every route and could claim another user's sessions."""
+    h = await make_harness(TOKENS + USER_HEADER + DIRECT)
+    anyone = {"X-Forwarded-User": "anyone"}
+    assert await ws_refused(h, headers=anyone) == 401
+    assert await ws_refused(h, "/api/ai/chat/websocket", headers=anyone) == 401
+    for method, path in PROTECTED:
+        r = await h.client.request(method, path, headers=anyone, json={"message": "hi"} if method == "POST" else None)
+        assert r.status == 401, (method, path, r.status)
+    r = await h.client.get("/", headers=anyone, allow_redirects=False)
+    assert r.status == 302
+    assert upstream.requests == [] and len(h.chat.sessions) == 0
+    await h.check()
+
+
+async def test_user_header_from_a_direct_client_is_not_a_new_client_for_limits(make_harness, upstream):
+    """Auth off: each made-up user name counted as another client, so the per-client rate never bit."""
+    h = await make_harness(USER_HEADER.replace("\n", "[auth]\n", 1) + DIRECT + "\n[limits]\nmessages_per_minute = 2")
+    statuses = []
+    for name in ("u1", "u2", "u3", "u4"):
+        s = await h.sse("GET", params={"message": f"from {name}"}, headers={"X-Forwarded-User": name})
+        statuses.append(s.status)
+        if s.status == 200:
+            await s.rest()
+            h.accept(s.sid, f"from {name}")
+    assert statuses == [200, 200, 429, 429]
+    owners = {s.owner for s in h.chat.sessions}
+    assert owners == {None}, f"a direct client named the owner: {owners}"
+    await h.check()
+
+
+async def test_user_header_from_a_listed_proxy_names_the_owner(make_harness, upstream):
+    h = await make_harness(TOKENS + USER_HEADER + VIA_PROXY)
+    alice = await h.ws(headers={"X-Forwarded-User": "alice"})
+    await alice.sync()
+    assert h.session(alice.sid).owner == "u:alice"
+    r = await h.client.get(f"/api/sessions/{alice.sid}", headers={"X-Forwarded-User": "bob"})
+    assert r.status == 404
+    # Without the header, a proxied request still needs a token.
+    assert (await h.client.get("/api/models")).status == 401
+    await h.check()
+
+
+async def test_forwarded_proto_is_believed_only_from_a_listed_proxy(make_harness, upstream):
+    for config, believed in ((DIRECT, False), (VIA_PROXY, True)):
+        h = await make_harness(TOKENS + config)
+        port = h.client.port
+        tls = {"X-Forwarded-Proto": "https"}
+        r = await h.client.get("/sse", params={"session": "x"},
+                               headers={**A, **tls, "Origin": f"https://127.0.0.1:{port}", "Last-Event-ID": "0"})
+        assert r.status == (204 if believed else 403), config
+        r = await h.client.get("/sse", params={"session": "x"},
+                               headers={**A, **tls, "Origin": f"http://127.0.0.1:{port}", "Last-Event-ID": "0"})
+        assert r.status == (403 if believed else 204), config
+        r = await h.client.post("/login", data={"token": "tok-A-7f3c9e"}, headers=tls, allow_redirects=False)
+        assert r.status == 302
+        assert ("Secure" in r.headers["Set-Cookie"]) == believed, (config, r.headers["Set-Cookie"])
+        await h.check()
+
+
+# ---------------------------------------------------------------------------- failed sign-ins are throttled
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def freeze(h, what: str = "throttle") -> FakeClock:
+    """Stop time for the guard's throttle (or login sessions), so no test depends on its speed.
+    (Before this existed, there was nothing to freeze: the test then fails on its assertions.)"""
+    import nexlm.security as security
+
+    clock = FakeClock()
+    key = getattr(security, "GUARD", None)
+    if key is not None:
+        setattr(getattr(h.app[key], what), "clock", clock)
+    return clock
+
+
+async def test_wrong_bearer_tokens_are_throttled_per_client(make_harness, upstream):
+    h = await make_harness(TOKENS + VIA_PROXY)
+    clock = freeze(h)
+    attacker = {"X-Forwarded-For": "192.0.2.7"}
+    statuses = []
+    for i in range(30):
+        r = await h.client.get("/api/models", headers={**attacker, "Authorization": f"Bearer guess-{i}"})
+        statuses.append(r.status)
+    assert 429 in statuses, "30 wrong tokens in a row were all checked"
+    first = statuses.index(429)
+    assert 3 <= first <= 10 and set(statuses[first:]) == {429}, statuses
+    r = await h.client.get("/api/models", headers={**attacker, **A})
+    assert r.status == 429, "a throttled client's correct guess must not be told apart"
+    assert (await h.json(r))["code"] == "rate_limited"
+    wait = int(r.headers["Retry-After"])
+    assert wait >= 1
+    # On the WebSocket upgrade too, before anything else happens.
+    assert await ws_refused(h, headers={**attacker, "Authorization": "Bearer guess"}) == 429
+    # Another client is not affected.
+    assert (await h.client.get("/api/models", headers={"X-Forwarded-For": "192.0.2.8", **A})).status == 200
+    clock.now += wait
+    assert (await h.client.get("/api/models", headers={**attacker, **A})).status == 200
+    r = await h.client.get("/api/models", headers={**attacker, "Authorization": "Bearer guess-again"})
+    assert r.status == 401
+    assert (await h.client.get("/api/models", headers={**attacker, "Authorization": "Bearer x"})).status == 429
+    await h.check()
+
+
+async def test_wrong_login_tokens_are_throttled(make_harness, upstream):
+    h = await make_harness(TOKENS)
+    clock = freeze(h)
+    statuses = []
+    for i in range(30):
+        r = await h.client.post("/login", data={"token": f"guess-{i}"}, allow_redirects=False)
+        statuses.append(r.status)
+    assert 429 in statuses, "30 wrong tokens in a row were all checked"
+    first = statuses.index(429)
+    assert 3 <= first <= 10 and set(statuses[first:]) == {429}, statuses
+    r = await h.client.post("/login", data={"token": "tok-A-7f3c9e"}, allow_redirects=False)
+    assert r.status == 429 and "Set-Cookie" not in r.headers
+    assert 'data-reason="throttled"' in await r.text(), "the page should say why, not 'wrong token'"
+    wait = int(r.headers["Retry-After"])
+    assert (await h.client.get("/api/models", headers={"Authorization": "Bearer tok-A-7f3c9e"})).status == 429
+    clock.now += wait
+    r = await h.client.post("/login", data={"token": "tok-A-7f3c9e"}, allow_redirects=False)
+    assert r.status == 302 and "nexlm_token=" in r.headers["Set-Cookie"]
+    await h.check()
+
+
+def test_configured_tokens_have_a_length_cap(tmp_path):
+    from nexlm.config import ConfigError, load_settings
+
+    path = tmp_path / "nexlm.toml"
+    path.write_text(f'[auth]\ntokens = ["{"x" * 5000}"]\n')
+    with pytest.raises(ConfigError, match=r"\[auth\] tokens"):
+        load_settings(str(path), env={})
+
+
+async def test_an_overlong_bearer_is_refused(make_harness, upstream):
+    h = await make_harness(TOKENS)
+    r = await h.client.get("/api/models", headers={"Authorization": "Bearer " + "tok-A-7f3c9e" * 400})
+    assert r.status == 401
+    await h.check()
+
+
+async def test_short_tokens_are_warned_about_at_start(make_client, caplog):
+    caplog.set_level(logging.WARNING)
+    await make_client('[auth]\ntokens = ["a-long-random-token-0123456789"]')
+    assert not [r for r in caplog.records if "shorter than" in r.getMessage()]
+    await make_client(TOKENS)
+    warned = [r for r in caplog.records if "shorter than 16" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert "tok-A-7f3c9e" not in caplog.text and "tok-B-21d8aa" not in caplog.text
+
+
+# ---------------------------------------------------------------------------- the login cookie is a session id
+
+async def login(h, token: str = "tok-A-7f3c9e", **kw) -> str:
+    r = await h.client.post("/login", data={"token": token}, allow_redirects=False, **kw)
+    assert r.status == 302, r.status
+    return r.cookies["nexlm_token"].value
+
+
+async def test_login_cookie_is_a_random_session_id(make_harness, upstream):
+    h = await make_harness(TOKENS)
+    r = await h.client.post("/login", data={"token": "tok-A-7f3c9e"}, allow_redirects=False)
+    morsel = r.cookies["nexlm_token"]
+    sid = morsel.value
+    assert "tok-A-7f3c9e" not in sid and len(sid) >= 32
+    assert morsel["httponly"] and morsel["samesite"] == "Strict" and morsel["path"] == "/"
+    assert not morsel["secure"], "plain http, no proxy: a Secure cookie would never come back"
+    assert 0 < int(morsel["max-age"]) <= 7 * 24 * 3600
+    assert (await h.client.get("/api/models")).status == 200
+    h.client.session.cookie_jar.clear()
+    other = await login(h)
+    assert other != sid
+    # The raw token is no longer a cookie.
+    h.client.session.cookie_jar.clear()
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": other})).status == 200
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": "tok-A-7f3c9e"})).status == 401
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": sid})).status == 200
+    await h.check()
+
+
+async def test_logout_revokes_the_session_id(make_harness, upstream):
+    h = await make_harness(TOKENS)
+    sid = await login(h)
+    peer = await h.ws()
+    await peer.sync()
+    r = await h.client.post("/logout", allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"].endswith("/login")
+    cleared = r.cookies["nexlm_token"]
+    assert cleared.value == "" and cleared["max-age"] == "0"
+    assert (await h.client.get("/api/models")).status == 401
+    # A copy of the cookie kept elsewhere is dead too.
+    h.client.session.cookie_jar.clear()
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": sid})).status == 401
+    assert await ws_refused(h, headers={"Cookie": f"nexlm_token={sid}"}) == 401
+    # Logging out from another site is refused (it is a POST: the Origin check applies).
+    sid = await login(h)
+    r = await h.client.post("/logout", headers={"Origin": "https://evil.example"}, allow_redirects=False)
+    assert r.status == 403 and (await h.client.get("/api/models")).status == 200
+    await h.check()
+
+
+async def test_login_sessions_expire_and_are_capped(make_harness, upstream):
+    h = await make_harness(TOKENS + "\nlogin_ttl_seconds = 60\nmax_logins = 2")
+    clock = freeze(h, "logins")
+    first = await login(h)
+    h.client.session.cookie_jar.clear()
+    r = await h.client.post("/login", data={"token": "tok-A-7f3c9e"}, allow_redirects=False)
+    assert int(r.cookies["nexlm_token"]["max-age"]) == 60
+    h.client.session.cookie_jar.clear()
+    third = await login(h, "tok-B-21d8aa")
+    h.client.session.cookie_jar.clear()
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": first})).status == 401, "over the cap"
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": third})).status == 200
+    clock.now += 61
+    assert (await h.client.get("/api/models", cookies={"nexlm_token": third})).status == 401, "expired"
+    assert len(h.app[__import__("nexlm.security").security.GUARD].logins) <= 2
+    await h.check()

@@ -594,3 +594,19 @@ def test_login_page_when_tokens_are_configured(tmp_path, fake, parent_site, make
         page.errors.check()
     finally:
         s.stop()
+
+
+def test_login_page_says_when_attempts_are_throttled(tmp_path, fake, parent_site, make_page):
+    s = Server(tmp_path, fake.port, parent_site.origin, extra='\n[auth]\ntokens = ["s3cret-token-0123456789"]\n')
+    s.start()
+    try:
+        page = make_page(s.url)
+        expect(page).to_have_url(re.compile(r"/login$"))
+        for i in range(12):
+            page.get_by_label("Access token").fill(f"wrong-{i}")
+            with page.expect_navigation():
+                page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#login-error")).to_have_text("Too many failed attempts: wait a few seconds and try again.")
+        page.errors.check()
+    finally:
+        s.stop()
