@@ -284,11 +284,48 @@ async def test_api_key_never_reaches_a_client_or_a_log(make_harness, upstream, c
         assert r.status == 200, path
     assert upstream.requests[0]["headers"]["Authorization"] == f"Bearer {CANARY}"  # it is really used
     everything = h.received()
-    assert "Incorrect API key provided" in everything  # the upstream's message did arrive ...
+    assert "Incorrect API key provided" not in everything  # clients get fixed words ...
+    assert "Incorrect API key provided" in caplog.text  # ... the log gets the upstream's ...
     assert CANARY not in everything  # ... without the key
     for rec in caplog.records:
         text = rec.getMessage() + (caplog.handler.format(rec) if rec.exc_info else "")
         assert CANARY not in text, f"the API key is in a log line: {rec.name}: {text[:200]}"
+    await h.check()
+
+
+LONG_CANARY = "sk-proj-CANARY" + "".join(f"{i:03d}Xq" for i in range(40))[:150]
+
+
+def key_runs(secret: str, text: str) -> list[str]:
+    """Every run of 8 characters of ``secret`` (any case, also base64-encoded) found in ``text``."""
+    import base64
+    low = text.lower()
+    forms = [secret] + [base64.b64encode(secret[i:].encode()).decode()[:-4] for i in range(3)]
+    return [f[i:i + 8] for f in forms for i in range(len(f) - 7) if f[i:i + 8].lower() in low]
+
+
+async def test_a_long_key_leaks_no_prefix_to_clients_or_logs(make_harness, upstream, caplog):
+    """Was: the upstream's text was cut to 200 characters before redaction, so a 164-character key
+    straddling the cut reached users as a 116-character prefix."""
+    import base64
+    caplog.set_level(logging.DEBUG)
+    assert len(LONG_CANARY) == 164
+    h = await make_harness(f'[providers.fake]\napi_key = "{LONG_CANARY}"')
+    upstream.push(
+        Script(status=401, body=("x" * 84 + " Incorrect API key provided: " + LONG_CANARY).encode()),
+        error(401, "bad credentials " + base64.b64encode(LONG_CANARY.encode()).decode()),
+        error(429, "key " + " ".join(LONG_CANARY)),
+        Script([ROLE, chunk("some text "), f'data: {{"error": {{"message": "bad key {LONG_CANARY[:50]}"}}}}\n\n'.encode()]),
+    )
+    for transport in ("ws", "sse", "ws", "sse"):
+        conn = await h.start(transport)
+        await conn.until("done")
+    errors = [f["message"] for c in h.conns for f in c.frames if f["type"] == "error"]
+    assert errors == ["fake answered 401: the API key was refused", "fake answered 401: the API key was refused",
+                      "fake answered 429: rate limited", "fake reported an error mid-reply"], errors
+    assert key_runs(LONG_CANARY, h.received()) == []
+    assert "Incorrect API key provided" in caplog.text  # the upstream's words are in the log, without the key
+    assert key_runs(LONG_CANARY, caplog.text) == [], caplog.text
     await h.check()
 
 
