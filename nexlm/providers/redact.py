@@ -4,7 +4,7 @@ Upstreams echo keys back in error bodies, whole or cut, sometimes encoded or spa
 For a secret of 8 or more characters, every run of 8 or more of its consecutive characters
 is removed, in these forms: as is, in any case, with separators (spaces, dashes, dots,
 newlines...) between the characters, and as base64 (standard and URL-safe), hex and
-percent-encoding, wherever the run starts. A shorter secret is removed where it appears
+percent-encoding, wherever the run starts (for the encodings: any 8 encoded characters). A shorter secret is removed where it appears
 whole. The text is redacted whole, before anything cuts it.
 """
 
@@ -22,18 +22,15 @@ _ALNUM = re.compile(r"[0-9a-z]")
 _LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)  # keeps every index in place
 
 
-def _forms(secret: str) -> list[tuple[str, int]]:
-    """The secret's encodings, each with the length of the shortest run to remove."""
+def _forms(secret: str) -> list[str]:
+    """The secret and its encodings. Every run of ``RUN`` characters of each is removed: for hex
+    and base64 that is a little stricter than ``RUN`` characters of the secret (4 and 6)."""
     raw = secret.encode("utf-8", "surrogatepass")
-    forms = [(secret, RUN), (urllib.parse.quote(secret, safe=""), RUN), (raw.hex(), 2 * RUN)]
+    forms = [secret, urllib.parse.quote(secret, safe=""), raw.hex()]
     for offset in range(3):  # base64 aligns on 3 bytes: a run can start at any of them
-        part = raw[offset:]
-        if len(part) >= RUN:
-            b64 = base64.b64encode(part).decode().rstrip("=")
-            forms.append((b64[: len(b64) - 3], RUN + 2))  # the last group depends on what follows
-            urlsafe = b64.replace("+", "-").replace("/", "_")
-            if urlsafe != b64:
-                forms.append((urlsafe[: len(urlsafe) - 3], RUN + 2))
+        b64 = base64.b64encode(raw[offset:]).decode().rstrip("=")
+        b64 = b64[: len(b64) - 3]  # the last group depends on what follows the secret
+        forms += [b64, b64.replace("+", "-").replace("/", "_")]
     return forms
 
 
@@ -42,19 +39,19 @@ class Redactor:
 
     def __init__(self, secrets) -> None:
         self._whole: list[str] = []  # short secrets: removed where they appear whole
-        self._grams: dict[int, set[str]] = {}  # n -> every n-character run of a form, lower-cased
-        self._compact: dict[int, set[str]] = {}  # the same, of the forms with only letters and digits
+        self._grams: set[str] = set()  # every RUN-character run of every form, lower-cased
+        self._compact: set[str] = set()  # the same, of the forms with only their letters and digits
         for secret in secrets:
             if not secret:
                 continue
             if len(secret) < RUN:
                 self._whole.append(secret)
                 continue
-            for form, n in _forms(secret):
+            for form in _forms(secret):
                 low = form.translate(_LOWER)
-                self._grams.setdefault(n, set()).update(low[i:i + n] for i in range(len(low) - n + 1))
+                self._grams.update(low[i:i + RUN] for i in range(len(low) - RUN + 1))
                 compact = _NOT_ALNUM.sub("", low)
-                self._compact.setdefault(n, set()).update(compact[i:i + n] for i in range(len(compact) - n + 1))
+                self._compact.update(compact[i:i + RUN] for i in range(len(compact) - RUN + 1))
 
     def __bool__(self) -> bool:
         return bool(self._whole or self._grams)
@@ -66,18 +63,17 @@ class Redactor:
             return text
         low = text.translate(_LOWER)
         hit = bytearray(len(text))  # 1 where a character belongs to a secret
-        for n, grams in self._grams.items():
-            for i in range(len(low) - n + 1):
-                if low[i:i + n] in grams:
-                    hit[i:i + n] = b"\x01" * n
+        grams, mark = self._grams, b"\x01" * RUN
+        for i in [i for i in range(len(low) - RUN + 1) if low[i:i + RUN] in grams]:
+            hit[i:i + RUN] = mark
         # Separated forms: match on the letters and digits alone, mapped back to their places.
-        where = [m.start() for m in _ALNUM.finditer(low)]
-        compact = "".join(low[i] for i in where)
-        for n, grams in self._compact.items():
-            for j in range(len(compact) - n + 1):
-                if compact[j:j + n] in grams:
-                    start, end = where[j], where[j + n - 1] + 1
-                    hit[start:end] = b"\x01" * (end - start)
+        compact, grams = _NOT_ALNUM.sub("", low), self._compact
+        found = [j for j in range(len(compact) - RUN + 1) if compact[j:j + RUN] in grams]
+        if found:
+            where = [m.start() for m in _ALNUM.finditer(low)]
+            for j in found:
+                start, end = where[j], where[j + RUN - 1] + 1
+                hit[start:end] = b"\x01" * (end - start)
         if not any(hit):
             return text
         out, i = [], 0
