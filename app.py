@@ -19,16 +19,19 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from nexlm.config import ConfigError, load_settings
+from nexlm.logsafe import BadRequestSummary, OneLine, loggable_path, printable
 from nexlm.server import create_app, startup_lines
 
 
 class AccessLogger(AbstractAccessLogger):
-    """Method, path, status, time: never the query string, which can carry message text."""
+    """Address, method, path, status, time: never the query string, which can carry message text
+    and session ids; session ids in the path cut short; control characters escaped."""
 
     def log(self, request, response, time):
         if request.path.endswith("/healthz"):
             return  # probes every few seconds would drown everything else
-        self.logger.info("%s %s %s %s %.1fms", request.remote, request.method, request.path, response.status, time * 1000)
+        self.logger.info("%s %s %s %s %.1fms", printable(request.remote or "-", 64), printable(request.method, 16),
+                         loggable_path(request.path), response.status, time * 1000)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(OneLine())  # whoever logs what a client sent, it cannot forge a line
+    logging.getLogger("aiohttp.server").addFilter(BadRequestSummary())
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

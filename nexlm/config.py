@@ -298,9 +298,9 @@ def _check_names(settings: Settings, source: str) -> None:
     for name, p in settings.providers.items():
         if p.fallback:
             target = resolve(f"[providers.{name}] fallback", p.fallback)
-            if target.partition("/")[0] == name:
+            if p.models == (target.partition("/")[2],) and target.partition("/")[0] == name:
                 raise _fail(source, f"[providers.{name}] fallback",
-                            f"{p.fallback!r} is served by {name} itself; name another provider's model")
+                            f"{p.fallback!r} is {name}'s only model; name another one")
 
 
 def load_settings(path: str | None = None, env: dict[str, str] | None = None) -> Settings:

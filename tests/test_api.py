@@ -124,7 +124,8 @@ def test_file_overrides_and_disables(tmp_path):
     # Every value that names something is checked at start (a typo used to give 500s later).
     ("[chat]\ndefault_model = 'deepsek'\n", "[chat] default_model: unknown model 'deepsek'"),
     ("[providers.deepseek]\nfallback = 'openai/gpt-5'\n", "[providers.deepseek] fallback: unknown model"),
-    ("[providers.deepseek]\nfallback = 'deepseek-reasoner'\n", "[providers.deepseek] fallback"),
+    ("[providers.mine]\nbase_url = 'http://127.0.0.1:9/v1'\nmodels = ['m']\nfallback = 'mine'\n",
+     "[providers.mine] fallback: 'mine' is mine's only model"),
     ("[providers.mine]\nbase_url = 'http://127.0.0.1:9/v1'\nmodels = ['m']\naliases = ['chatgpt']\n",
      "[providers.mine] aliases: 'chatgpt' already names provider 'openai'"),
     ("[providers.mine]\nbase_url = 'http://127.0.0.1:9/v1'\nmodels = ['m']\naliases = ['local']\n",

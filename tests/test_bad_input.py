@@ -59,18 +59,96 @@ async def test_malformed_json_frames(h, upstream, frame):
     await h.check()
 
 
-@pytest.mark.parametrize("frame", ["[1, 2]", '"quoted"', "42", "null", "true", '[{"type":"stop"}]'])
-async def test_non_object_json_is_refused_or_taken_as_plain_text(h, upstream, frame):
-    """Only ``{`` marks a command: other JSON is either refused or is exactly the text typed."""
+@pytest.mark.parametrize("frame", ["[1, 2]", '"quoted"', "42", "null", "true", '[{"type":"stop"}]', " 7 ", "-0.5e3",
+                                   '["a","b"]', "{}", "[]"])
+async def test_json_that_is_not_an_object_is_refused(h, upstream, frame):
+    """A frame that parses as JSON must be a command object: never a chat with that text."""
+    peer = await h.ws()
+    await refused(peer, frame)
+    untouched(h, peer)
+    assert upstream.requests == []
+    await still_works(h, peer, upstream)
+    await h.check()
+
+
+@pytest.mark.parametrize("frame", ["hello", "[not json", "[1, 2", "1 2", "NaN", "Infinity", "true story", "42 is the answer",
+                                   '"quoted" and more', "]", "nullable"])
+async def test_text_that_is_not_json_is_a_chat(h, upstream, frame):
     peer = await h.ws()
     await peer.send(frame)
-    f = await peer.answer(frame)
-    if f["type"] == "error":
-        assert f["code"] == "bad_request"
-        assert upstream.requests == []
-    else:
-        await peer.until("done")
-        assert upstream.requests[0]["body"]["messages"][-1] == {"role": "user", "content": frame}
+    assert (await peer.answer(frame))["type"] == "start"
+    await peer.until("done")
+    assert upstream.requests[0]["body"]["messages"][-1] == {"role": "user", "content": frame}
+    await h.check()
+
+
+def deep(n: int, open_: str = "[", close: str = "]", inner: str = "") -> str:
+    return open_ * n + inner + close * n
+
+
+DEEP_FRAMES = [
+    deep(5000),  # 10 kB, 5,000 deep: past the parser's recursion limit
+    deep(10000),
+    deep(5000, '{"a":', "}", "1"),
+    '{"type":"chat","message":"hi","params":' + deep(3000, '{"a":', "}", "1") + "}",
+    '{"type":"restore","history":' + deep(4000) + "}",
+    deep(40),  # under the recursion limit, over the depth bound
+    '{"type":"set","params":{"system":' + deep(40) + "}}",
+]
+
+
+@pytest.mark.parametrize("frame", DEEP_FRAMES, ids=lambda f: f"{len(f)}B")
+async def test_deeply_nested_json_frames_are_bad_request(h, upstream, frame):
+    """Was: a RecursionError that dropped the socket without a close frame (or a 10 kB chat)."""
+    peer = await h.ws()
+    f = await refused(peer, frame)
+    assert "nested" in f["message"]
+    untouched(h, peer)
+    await still_works(h, peer, upstream)
+    await h.check()
+
+
+async def test_json_nested_within_the_bound_is_read(h, upstream):
+    """What commands need (a restored turn's usage) is far inside the bound."""
+    peer = await h.ws()
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "details": {"a": {"b": [[1]]}}}
+    await peer.send({"type": "restore", "history": [{"role": "user", "content": "q"},
+                                                     {"role": "assistant", "content": "a", "usage": usage}]})
+    assert (await peer.recv())["type"] == "session"
+    await still_works(h, peer, upstream)
+    await h.check()
+
+
+@pytest.mark.parametrize("body", [deep(5000), deep(10000), deep(5000, '{"a":', "}", "1"), deep(40),
+                                  '{"message":"hi","params":' + deep(3000) + "}", '{"message":' + deep(40) + "}"],
+                         ids=lambda b: f"{len(b)}B")
+async def test_deeply_nested_json_bodies_are_bad_request(h, upstream, body):
+    for path in ("/sse", "/api/sessions"):
+        r = await h.client.post(path, data=body, headers={"Content-Type": "application/json"})
+        assert r.status == 400, (path, r.status, (await r.text())[:300])
+        f = await h.json(r)
+        assert f["code"] == "bad_request" and "nested" in f["message"], (path, f)
+    assert upstream.requests == [] and len(h.chat.sessions) == 0
+    await h.check()
+
+
+@pytest.mark.parametrize("params", [deep(1200), deep(400, '{"a":', "}", "1"), deep(40)], ids=lambda p: f"{len(p)}B")
+async def test_deeply_nested_params_in_the_sse_query_are_bad_request(h, upstream, params):
+    r = await h.client.get("/sse", params={"message": "hi", "params": params})
+    assert r.status == 400, (r.status, (await r.text())[:300])
+    f = await h.json(r)
+    assert f["code"] == "bad_request" and "nested" in f["message"], f
+    assert upstream.requests == [] and len(h.chat.sessions) == 0
+    await h.check()
+
+
+async def test_numbers_too_long_to_convert_are_bad_request(h, upstream):
+    peer = await h.ws()
+    await refused(peer, '{"type":"set","params":{"max_tokens":' + "9" * 5000 + "}}")
+    r = await h.client.post("/sse", data='{"message":"hi","params":{"max_tokens":' + "9" * 5000 + "}}",
+                            headers={"Content-Type": "application/json"})
+    assert r.status == 400 and (await h.json(r))["code"] == "bad_request"
+    assert upstream.requests == []
     await h.check()
 
 
@@ -321,14 +399,13 @@ async def test_client_supplied_destination_key_and_headers_are_never_honoured(ma
                                        "headers": '{"X-Evil": "1"}'}, headers={"X-Api-Key": client_key})
         assert s.status == 200
         await s.rest()
-        s = await h.sse("POST", json={"message": "m5", **steer})
-        assert s.status == 200
-        await s.rest()
+        r = await h.client.post("/sse", json={"message": "m5", **steer})  # unknown fields: refused by name
+        assert r.status == 400 and "base_url" in (await r.json())["message"]
         r = await h.client.post("/sse", json={"message": "m6", "params": {"base_url": evil.url}})
         assert r.status == 400
 
         assert evil.requests == [], "a client chose where a request went"
-        assert len(upstream.requests) == 4
+        assert len(upstream.requests) == 3
         allowed = {"model", "messages", "stream", "stream_options", "temperature", "top_p", "max_tokens"}
         for req in upstream.requests:
             assert req["headers"]["Authorization"] == f"Bearer {KEY}"

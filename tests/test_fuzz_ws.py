@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from conftest import extra_config
 from fake_upstream import DONE, KEEPALIVE, FakeUpstream, Script, chunk, error, from_fixture, reply
-from invariants import ConnectionClosed, Harness, clean
+from invariants import ConnectionClosed, Harness, clean, strict_json
 from nexlm.config import load_settings
 from nexlm.server import create_app
 
@@ -157,8 +157,10 @@ def kind_of(op: dict) -> tuple[str, object]:
     """How the server must read ``op``: (kind, message)."""
     if "raw" in op:
         raw = op["raw"]
-        if not raw.lstrip().startswith("{"):
-            return "chat", raw
+        try:
+            strict_json(raw)  # any JSON must be a command object; only text that is not JSON is a chat
+        except ValueError:
+            return ("junk", None) if raw.lstrip().startswith("{") else ("chat", raw)
         return "junk", None
     if "type" not in op:
         return ("chat", op["message"]) if "message" in op else ("junk", None)

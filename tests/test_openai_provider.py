@@ -5,7 +5,10 @@ the issue lists: HTTP errors, retries, refused connections, timeouts, resets, ea
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
 import socket
+import urllib.parse
 from pathlib import Path
 
 import aiohttp
@@ -89,6 +92,20 @@ def closed_port() -> int:
     return port
 
 
+@pytest.fixture(autouse=True)
+def upstream_bodies_logged(caplog):
+    """Upstream error bodies are logged at debug level (``--debug``): these tests read them."""
+    caplog.set_level(logging.DEBUG, logger="nexlm.providers.openai")
+
+
+def test_upstream_bodies_stay_out_of_the_default_log(caplog):
+    """An upstream may quote the request back: at the default level only the fact is logged."""
+    caplog.set_level(logging.INFO, logger="nexlm.providers.openai")
+    provider = OpenAIProvider(ProviderConfig(name="x", base_url="http://127.0.0.1:9/v1", models=("m",)), None)
+    provider._log_body("HTTP 500", b'{"error": {"message": "bad input: my private question"}}')
+    assert "HTTP 500" in caplog.text and "my private question" not in caplog.text
+
+
 @pytest.fixture
 async def http(upstream):  # after `upstream`, so it is closed first
     async with aiohttp.ClientSession() as session:
@@ -146,7 +163,7 @@ async def test_parse_sample_whole(name):
     assert merged(events) == SAMPLES[name]
 
 
-async def test_parse_in_stream_error():
+async def test_parse_in_stream_error(caplog):
     events = await parse(body("in-stream-error.txt"))
     assert_well_formed(events)
     assert len(events) == 2, events
@@ -154,7 +171,8 @@ async def test_parse_in_stream_error():
     err = events[1]
     assert isinstance(err, StreamError)
     assert err.code == "upstream_error"
-    assert IN_STREAM_MESSAGE in err.message
+    assert err.message == "Fake reported an error mid-reply (server_error)"  # its known type, not its words
+    assert IN_STREAM_MESSAGE in caplog.text  # those go to the log
 
 
 @pytest.mark.parametrize("name", list(SAMPLES))
@@ -257,19 +275,20 @@ async def test_parse_nothing_then_eof_is_an_error(chunks):
     assert err.code == "upstream_error"
 
 
-async def test_parse_in_stream_error_redacts_the_key():
+async def test_parse_in_stream_error_redacts_the_key(caplog):
     raw = chunk("Hi") + b'data: {"error": {"message": "key sk-secret-xyz is over quota"}}\n\n'
     events = await parse(raw)
     err = only_error(events)
     assert events[:-1] == [TextDelta("Hi")]
-    assert KEY not in err.message
-    assert "is over quota" in err.message
+    assert err.message == "Fake reported an error mid-reply"
+    assert "is over quota" in caplog.text and KEY not in caplog.text
 
 
-async def test_parse_in_stream_error_as_a_string():
+async def test_parse_in_stream_error_as_a_string(caplog):
     err = only_error(await parse(b'data: {"error": "model overloaded"}\n\n'))
     assert err.code == "upstream_error"
-    assert "model overloaded" in err.message
+    assert err.message == "Fake reported an error mid-reply"
+    assert "model overloaded" in caplog.text
 
 
 # --------------------------------------------------------------------------- stream(): the request
@@ -340,26 +359,34 @@ async def test_stream_in_stream_error_sample(upstream, make):
     err = only_error(events)
     assert events[:-1] == [TextDelta("Partial ")]
     assert err.code == "upstream_error"
-    assert IN_STREAM_MESSAGE in err.message
+    assert IN_STREAM_MESSAGE not in err.message
 
 
 # --------------------------------------------------------------------------- stream(): HTTP errors
 
-@pytest.mark.parametrize("script, status, code, upstream_message, retryable", [
+@pytest.mark.parametrize("script, status, code, upstream_message, retryable, message", [
     pytest.param(lambda: from_fixture("error-429.txt"), 429, "rate_limited", "Rate limit reached for requests",
-                 True, id="429-fixture"),
+                 True, "Fake answered 429: rate limited (rate_limit_exceeded)", id="429-fixture"),
     pytest.param(lambda: from_fixture("deepseek-error-402.txt"), 402, "upstream_error", "Insufficient Balance",
-                 False, id="402-fixture"),
+                 False, "Fake answered 402: payment required (check the account's balance)", id="402-fixture"),
     pytest.param(lambda: from_fixture("llamacpp-server-error-500.txt"), 500, "upstream_error",
-                 "1 validation error", True, id="500-fixture"),
+                 "1 validation error", True, "Fake answered 500: internal server error", id="500-fixture"),
     pytest.param(lambda: error(400, "Invalid value for 'temperature'"), 400, "upstream_error",
-                 "Invalid value for 'temperature'", False, id="400"),
+                 "Invalid value for 'temperature'", False, "Fake answered 400: the request was refused", id="400"),
     pytest.param(lambda: error(401, "Authentication Fails"), 401, "upstream_error", "Authentication Fails",
-                 False, id="401"),
+                 False, "Fake answered 401: the API key was refused", id="401"),
     pytest.param(lambda: error(503, "Server overloaded"), 503, "upstream_error", "Server overloaded",
-                 True, id="503"),
+                 True, "Fake answered 503: service unavailable", id="503"),
+    pytest.param(lambda: error(429, "You exceeded your current quota", err_type="insufficient_quota"), 429,
+                 "rate_limited", "You exceeded your current quota", True,
+                 "Fake answered 429: rate limited (insufficient_quota)", id="429-quota"),
+    pytest.param(lambda: error(404, "The model `m` does not exist", err_type="<b>free text</b>"), 404,
+                 "upstream_error", "does not exist", False, "Fake answered 404: not found (check the model name)",
+                 id="404-unknown-type"),
 ])
-async def test_http_error(upstream, make, script, status, code, upstream_message, retryable):
+async def test_http_error(upstream, make, caplog, script, status, code, upstream_message, retryable, message):
+    """Users get the label, the status and fixed words (and a known error type); the upstream's own
+    text goes to the log only."""
     upstream.push(script(), reply("must not be reached"))
     events = await run(make())
     assert len(events) == 1, events
@@ -368,9 +395,8 @@ async def test_http_error(upstream, make, script, status, code, upstream_message
     assert err.code == code
     assert err.status == status
     assert err.retryable is retryable
-    assert upstream_message in err.message
-    assert str(status) in err.message
-    assert KEY not in err.message
+    assert err.message == message
+    assert upstream_message in caplog.text
     assert len(upstream.requests) == 1
 
 
@@ -381,13 +407,100 @@ async def test_http_429_fixture_retry_after_is_reported(upstream, make):
 
 
 @pytest.mark.parametrize("status", [400, 401, 402, 429, 500, 503])
-async def test_http_error_message_never_contains_the_key(upstream, make, status):
+async def test_http_error_message_never_contains_the_key(upstream, make, caplog, status):
     upstream.push(error(status, f"Incorrect API key provided: {KEY}. Key {KEY} is invalid."))
     [err] = await run(make())
     assert isinstance(err, StreamError)
-    assert KEY not in err.message
-    assert "Incorrect API key provided" in err.message
-    assert str(status) in err.message
+    assert KEY not in err.message and "Incorrect API key provided" not in err.message
+    assert err.message.startswith(f"Fake answered {status}: ")
+    assert "Incorrect API key provided" in caplog.text and KEY not in caplog.text
+
+
+LONG_KEY = "sk-proj-" + "".join(f"{i:02d}Qz{chr(65 + i % 26)}{chr(97 + i * 7 % 26)}" for i in range(26))[:156]
+HEADER_SECRET = "azure-hdr-4f1e9c2b7d6a"
+
+
+def traces(secret: str, text: str) -> list[str]:
+    """Runs of 8+ characters of ``secret`` (any case), or of its base64 / hex / URL-encoded /
+    spaced-out forms, found in ``text``: what must never be logged or shown."""
+    low, found = text.lower(), []
+    compact = "".join(c for c in low if c.isalnum())
+    raw = secret.encode()
+    forms = [(secret, 8), (raw.hex(), 16), (urllib.parse.quote(secret, safe=""), 8)]
+    forms += [(base64.b64encode(raw[i:]).decode()[:-4], 12) for i in range(3)]
+    forms += [(base64.urlsafe_b64encode(raw[i:]).decode()[:-4], 12) for i in range(3)]
+    for form, n in forms:
+        f = form.lower()
+        found += [f[i:i + n] for i in range(len(f) - n + 1) if f[i:i + n] in low]
+        fc = "".join(c for c in f if c.isalnum())
+        found += [fc[i:i + n] for i in range(len(fc) - n + 1) if fc[i:i + n] in compact]
+    return found
+
+
+def hostile_bodies(secret: str) -> list[bytes]:
+    b64 = base64.b64encode(secret.encode()).decode()
+    return [
+        ("x" * 84 + " invalid key " + secret + " and more").encode(),  # plain text: the old cut fell inside it
+        ("Incorrect API key provided: " + secret[:116] + "*" * 20).encode(),  # the upstream itself shows a prefix
+        f'{{"error": {{"message": "bad credentials {b64}", "type": "invalid_request_error"}}}}'.encode(),
+        f'{{"error": {{"message": "key {" ".join(secret)}"}}}}'.encode(),  # spaced out
+        f'{{"error": {{"message": "key {secret[:40]}\n{secret[40:90]}"}}}}'.encode(),  # split over lines
+        f'{{"error": {{"message": "key {secret.upper()} / {secret.encode().hex()}"}}}}'.encode(),
+        f'{{"error": {{"message": "{urllib.parse.quote(secret, safe="")}", "code": "{secret[5:30]}"}}}}'.encode(),
+        f'{{"detail": "Basic {base64.b64encode(("user:" + secret).encode()).decode()}"}}'.encode(),
+    ]
+
+
+@pytest.mark.parametrize("status", [401, 429, 500])
+@pytest.mark.parametrize("i", range(8))
+async def test_http_error_bodies_leak_no_part_of_a_long_key(upstream, make, caplog, status, i):
+    """A 164-character key: no run of 8 of its characters, in any encoding, in the message or the log."""
+    caplog.set_level(logging.DEBUG)
+    assert len(LONG_KEY) == 164
+    upstream.push(Script(status=status, body=hostile_bodies(LONG_KEY)[i]))
+    [err] = await run(make(api_key=LONG_KEY))
+    assert err.message.startswith(f"Fake answered {status}: "), err.message
+    assert traces(LONG_KEY, err.message) == [], err.message
+    assert f"fake: HTTP {status}: " in caplog.text  # the body was logged ...
+    assert traces(LONG_KEY, caplog.text) == [], caplog.text  # ... without the key
+
+
+@pytest.mark.parametrize("i", range(8))
+async def test_http_error_bodies_leak_no_configured_header_value(upstream, make, caplog, i):
+    caplog.set_level(logging.DEBUG)
+    upstream.push(Script(status=403, body=hostile_bodies(HEADER_SECRET)[i]))
+    [err] = await run(make(headers={"api-key": HEADER_SECRET}))
+    assert err.message == "Fake answered 403: access was denied"
+    assert traces(HEADER_SECRET, caplog.text) == [], caplog.text
+
+
+@pytest.mark.parametrize("i", range(8))
+async def test_in_stream_errors_leak_no_part_of_a_long_key(upstream, make, caplog, i):
+    caplog.set_level(logging.DEBUG)
+    text = hostile_bodies(LONG_KEY)[i].decode()
+    payload = text if text.startswith("{") else '{"error": {"message": "%s"}}' % text
+    upstream.push(Script([chunk("Hi"), b"data: " + payload.encode() + b"\n\n"]))
+    events = await run(make(api_key=LONG_KEY))
+    err = only_error(events)
+    assert traces(LONG_KEY, err.message) == [] and traces(LONG_KEY, caplog.text) == [], caplog.text
+
+
+async def test_error_messages_never_name_the_base_url(http, caplog):
+    """Not in a refusal, a timeout or a failed request: users see the label only."""
+    caplog.set_level(logging.DEBUG)
+    port = closed_port()
+    base = f"http://127.0.0.1:{port}/internal/v1?api-version=SECRET-Q"
+    [err] = await run(OpenAIProvider(config(base), http))
+    assert err.message == "Cannot reach Fake: connection refused"
+    [err] = await run(OpenAIProvider(config(f"http://nexlm-no-such-host.invalid:{port}/internal/v1"), http))
+    assert err.message.startswith("Cannot reach Fake: "), err.message
+    assert "invalid" not in err.message and str(port) not in err.message and "internal" not in err.message
+    assert "SECRET-Q" not in caplog.text
+
+
+async def test_a_deeply_nested_chunk_is_a_malformed_chunk_not_a_crash():
+    err = only_error(await parse(chunk("Hi") + b"data: " + b"[" * 5000 + b"]" * 5000 + b"\n\n"))
+    assert err.code == "upstream_error" and "malformed" in err.message
 
 
 async def test_http_error_with_non_json_body(upstream, make):
@@ -430,7 +543,7 @@ async def test_retries_exhausted(upstream, make):
     [err] = await run(make(max_retries=2))
     assert err.code == "upstream_error"
     assert err.status == 503
-    assert "busy 2" in err.message
+    assert err.message == "Fake answered 503: service unavailable"
     assert len(upstream.requests) == 3
 
 
@@ -450,10 +563,8 @@ async def test_connection_refused(http):
     [err] = await run(p)
     assert err.code == "upstream_error"
     assert err.retryable is True
-    assert f"127.0.0.1:{port}" in err.message
-    # The OS reason, not asyncio's "connect call failed (host, port)" wording.
-    assert "refused" in err.message.lower(), err.message
-    assert "Fake" in err.message
+    # The OS reason, not asyncio's "connect call failed (host, port)" wording, and never the base_url.
+    assert err.message == "Cannot reach Fake: connection refused"
 
 
 async def test_reset_mid_stream(upstream, make):
@@ -493,7 +604,7 @@ async def test_connect_timeout(http):
                                    idle_timeout=5.0), http)
         [err] = await run(p, timeout=2.0)
         assert err.code == "upstream_timeout"
-        assert "Fake" in err.message
+        assert err.message == "Fake did not respond in time"
     finally:
         filler.close()
         listener.close()

@@ -285,11 +285,48 @@ async def test_api_key_never_reaches_a_client_or_a_log(make_harness, upstream, c
         assert r.status == 200, path
     assert upstream.requests[0]["headers"]["Authorization"] == f"Bearer {CANARY}"  # it is really used
     everything = h.received()
-    assert "Incorrect API key provided" in everything  # the upstream's message did arrive ...
+    assert "Incorrect API key provided" not in everything  # clients get fixed words ...
+    assert "Incorrect API key provided" in caplog.text  # ... the log gets the upstream's ...
     assert CANARY not in everything  # ... without the key
     for rec in caplog.records:
         text = rec.getMessage() + (caplog.handler.format(rec) if rec.exc_info else "")
         assert CANARY not in text, f"the API key is in a log line: {rec.name}: {text[:200]}"
+    await h.check()
+
+
+LONG_CANARY = "sk-proj-CANARY" + "".join(f"{i:03d}Xq" for i in range(40))[:150]
+
+
+def key_runs(secret: str, text: str) -> list[str]:
+    """Every run of 8 characters of ``secret`` (any case, also base64-encoded) found in ``text``."""
+    import base64
+    low = text.lower()
+    forms = [secret] + [base64.b64encode(secret[i:].encode()).decode()[:-4] for i in range(3)]
+    return [f[i:i + 8] for f in forms for i in range(len(f) - 7) if f[i:i + 8].lower() in low]
+
+
+async def test_a_long_key_leaks_no_prefix_to_clients_or_logs(make_harness, upstream, caplog):
+    """Was: the upstream's text was cut to 200 characters before redaction, so a 164-character key
+    straddling the cut reached users as a 116-character prefix."""
+    import base64
+    caplog.set_level(logging.DEBUG)
+    assert len(LONG_CANARY) == 164
+    h = await make_harness(f'[providers.fake]\napi_key = "{LONG_CANARY}"')
+    upstream.push(
+        Script(status=401, body=("x" * 84 + " Incorrect API key provided: " + LONG_CANARY).encode()),
+        error(401, "bad credentials " + base64.b64encode(LONG_CANARY.encode()).decode()),
+        error(429, "key " + " ".join(LONG_CANARY)),
+        Script([ROLE, chunk("some text "), f'data: {{"error": {{"message": "bad key {LONG_CANARY[:50]}"}}}}\n\n'.encode()]),
+    )
+    for transport in ("ws", "sse", "ws", "sse"):
+        conn = await h.start(transport)
+        await conn.until("done")
+    errors = [f["message"] for c in h.conns for f in c.frames if f["type"] == "error"]
+    assert errors == ["fake answered 401: the API key was refused", "fake answered 401: the API key was refused",
+                      "fake answered 429: rate limited", "fake reported an error mid-reply"], errors
+    assert key_runs(LONG_CANARY, h.received()) == []
+    assert "Incorrect API key provided" in caplog.text  # the upstream's words are in the log, without the key
+    assert key_runs(LONG_CANARY, caplog.text) == [], caplog.text
     await h.check()
 
 
@@ -611,3 +648,117 @@ async def test_login_sessions_expire_and_are_capped(make_harness, upstream):
     assert (await h.client.get("/api/models", cookies={"nexlm_token": third})).status == 401, "expired"
     assert len(h.app[__import__("nexlm.security").security.GUARD].logins) <= 2
     await h.check()
+
+
+# ---------------------------------------------------------------------------- log forging
+
+def access_log_line(method: str, path: str, **kw) -> str:
+    from aiohttp import web
+
+    from app import AccessLogger
+    logger = logging.getLogger("test.access.forging")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        AccessLogger(logger, "").log(make_mocked_request(method, path, **kw), web.Response(status=404), 0.01)
+    finally:
+        logger.removeHandler(handler)
+    [record] = records
+    return record.getMessage()
+
+
+@pytest.mark.parametrize("path", [
+    "/x%0a1999-12-31 23:59:59,000 INFO nexlm.chat: FORGED", "/x%0d%0aFORGED", "/%1b[2J%1b[31mFORGED",
+    "/x%e2%80%a8FORGED", "/x%c2%85FORGED", "/x%e2%80%aeFORGED", "/%00FORGED",
+])
+def test_access_log_escapes_control_characters(path):
+    line = access_log_line("GET", path)
+    assert "FORGED" in line
+    assert line.isprintable() and "\u2028" not in line and "\u202e" not in line, repr(line)
+
+
+def test_access_log_shortens_session_ids_in_paths():
+    sid = "Zk3vQ9xLr2mWp8tYb4nCj6"
+    for method, path in (("GET", f"/api/sessions/{sid}"), ("DELETE", f"/api/sessions/{sid}"),
+                         ("POST", f"/api/sessions/{sid}/stop"), ("GET", f"/web/api/sessions/{sid}")):
+        line = access_log_line(method, path)
+        assert sid not in line and sid[:7] not in line, line
+        assert f"/api/sessions/{sid[:6]}…" in line, line
+
+
+async def test_real_server_log_has_no_forged_lines_session_ids_or_queries(upstream, tmp_path):
+    """``python app.py``'s own stderr, with its access logger and aiohttp's request-error logging."""
+    import os
+    import sys
+    from pathlib import Path
+
+    import aiohttp
+
+    from conftest import extra_config
+    from invariants import free_port
+    root = Path(__file__).resolve().parent.parent
+    cfg = tmp_path / "nexlm.toml"
+    cfg.write_text(extra_config(upstream.url, ""))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NEXLM_", "DEEPSEEK_", "OPENAI_", "LOCAL_LLM", "LOCAL_MODEL"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(root / "app.py"), "--config", str(cfg), "--port", str(port),
+        cwd=root, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    secret = "MY-PRIVATE-QUESTION-2718"
+    try:
+        async with asyncio.timeout(15):
+            assert b"NexLM is running" in await proc.stdout.readline()
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as cs:
+            async with cs.post(base + "/api/sessions", json={}) as r:
+                assert r.status == 201
+                sid = (await r.json())["session"]
+            for path in (f"/api/sessions/{sid}", f"/api/sessions/{sid}/stop"):
+                async with cs.request("POST" if path.endswith("stop") else "GET", base + path) as r:
+                    assert r.status == 200
+            ws = await cs.ws_connect(f"{base}/ws?session={sid}")
+            assert (await ws.receive_json(timeout=5))["session"] == sid
+            await ws.close()
+            for raw_path in ("/nope%0a1999-12-31%2023:59:59,000%20INFO%20nexlm.chat:%20FORGED-LINE",
+                             "/nope%1b[2J%1b]0;FORGED-TITLE%07", "/nope%e2%80%a8FORGED-LS"):
+                async with cs.get(yarl_url(base + raw_path)) as r:
+                    assert r.status == 404
+            async with cs.get(f"{base}/sse", params={"message": secret, "session": sid}) as r:
+                await r.read()
+        # An over-long request line: the HTTP parser refuses it, and aiohttp logs the refusal.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /sse?session={sid}&message={secret}{'x' * 9000} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status_line = await reader.readline()
+        assert b" 400 " in status_line, status_line
+        writer.close()
+        # Raw control bytes in the request line itself.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /nope\x1b[31mRAW-ESC HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(5):
+            await reader.readline()
+        writer.close()
+        await asyncio.sleep(0.2)
+    finally:
+        proc.terminate()
+        async with asyncio.timeout(10):
+            await proc.wait()
+    log = (await proc.stderr.read()).decode("utf-8", "replace")
+    lines = log.splitlines()
+    assert any("/api/sessions/" in line for line in lines), log  # the access log is on
+    assert not any(line.lstrip().startswith(("1999-12-31", "FORGED", "0;")) for line in lines), log
+    assert "\x1b" not in log and "\u2028" not in log and "\x07" not in log, repr(log[-2000:])
+    assert sid not in log and sid[:7] not in log, f"a full session id in the log:\n{log}"
+    assert secret not in log, f"message text (a query string) in the log:\n{log}"
+    assert "Traceback" not in log, log
+
+
+def yarl_url(text: str):
+    from yarl import URL
+    return URL(text, encoded=True)

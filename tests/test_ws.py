@@ -274,7 +274,8 @@ async def test_upstream_error_becomes_error_then_done(connect, upstream, client)
     frames = await ws.until("done")
     assert [f["type"] for f in frames] == ["start", "error", "done"]
     err = frames[1]
-    assert err["code"] == "upstream_error" and "Insufficient Balance" in err["message"] and "402" in err["message"]
+    assert err["code"] == "upstream_error"
+    assert err["message"] == "fake answered 402: payment required (check the account's balance)"
     assert err["reply"] == frames[0]["reply"]
     assert "sk-test-secret-key-123" not in str(frames)
     assert frames[-1]["finish_reason"] == "error"

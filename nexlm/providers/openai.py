@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import socket
 import urllib.request
 from typing import AsyncIterator
 
@@ -24,7 +25,9 @@ import orjson
 from yarl import URL
 
 from ..config import ProviderConfig
+from ..logsafe import printable
 from .base import ChatRequest, Finish, ProviderEvent, ReasoningDelta, StreamError, TextDelta, Usage
+from .redact import Redactor
 from .sse import SSEDecoder
 from .watchdog import Watchdog
 
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 MAX_ERROR_BODY = 16384
-MAX_MESSAGE_CHARS = 400
+MAX_LOGGED_BODY = 1000  # characters of an upstream's error body in the log, after redaction
 
 
 class OpenAIProvider:
@@ -47,9 +50,10 @@ class OpenAIProvider:
         self.label = config.label or config.name
         self._http = http
         self._url = config.base_url.rstrip("/") + "/chat/completions"
-        self._where = URL(config.base_url).with_user(None).with_password(None).with_query(None)
-        # The key and any configured header values (e.g. an Azure "api-key") are secrets.
-        self._secrets = tuple(v for v in (config.resolved_key(), *config.headers.values()) if len(v) >= 6)
+        # The key and any configured header values (e.g. an Azure "api-key") are secrets. What an
+        # upstream says goes to the log only, through the redactor; users get the label, the
+        # status and a fixed reason, never the upstream's text or the base_url.
+        self._redact = Redactor(v for v in (config.resolved_key(), *config.headers.values()) if len(v) >= 6)
         # Only the connect bound is aiohttp's; first-token and idle are the Watchdog's.
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout or None)
         self._proxy = env_proxy(config.base_url)
@@ -84,33 +88,30 @@ class OpenAIProvider:
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    def _redact(self, text: str) -> str:
-        """Upstream messages are shown to users: make sure no secret survives in them."""
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "***")
-        if len(text) > MAX_MESSAGE_CHARS:
-            text = text[: MAX_MESSAGE_CHARS - 1] + "…"
-        return text
+    def _log_body(self, what: str, raw: bytes | str) -> None:
+        """An upstream's own words, for the operator: redacted whole, then escaped and cut.
+
+        The body goes to the debug log only: upstreams quote the request back (llama.cpp's
+        500 echoes the input), and logs carry no message text unless ``--debug``."""
+        text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+        log.warning("%s: %s (%d bytes; the body is logged with --debug)", self.name, what, len(text))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %s: %s", self.name, what, printable(self._redact(text.strip()), MAX_LOGGED_BODY) or "(empty)")
 
     async def _http_error(self, resp: aiohttp.ClientResponse) -> StreamError:
         try:
             raw = await resp.content.read(MAX_ERROR_BODY)
         except (aiohttp.ClientError, asyncio.TimeoutError):
             raw = b""
-        detail = _error_detail(raw) or resp.reason or "no details"
         status = resp.status
-        if status == 401 or status == 403:
-            hint = f" Check {self.config.api_key_env}." if self.config.api_key_env else ""
-            msg = f"{self.label} refused the request (HTTP {status}): {detail}.{hint}"
-        elif status == 429:
-            msg = f"{self.label} is rate limiting requests (HTTP 429): {detail}"
-        else:
-            msg = f"{self.label} returned HTTP {status}: {detail}"
+        self._log_body(f"HTTP {status}", raw)
+        msg = f"{self.label} answered {status}: {_status_reason(status)}{_known_token(_error_object(raw))}"
+        if status in (401, 403) and self.config.api_key_env:
+            msg += f"; check {self.config.api_key_env}"
         retry_after = _retry_after(resp.headers.get("Retry-After"))
         return StreamError(
             code="rate_limited" if status == 429 else "upstream_error",
-            message=self._redact(msg),
+            message=msg,
             status=status,
             retryable=status in RETRYABLE_STATUS,
             retry_after=retry_after,
@@ -129,19 +130,11 @@ class OpenAIProvider:
                 resp = await self._http.post(self._url, data=body, headers=headers, timeout=self._timeout,
                                              proxy=self._proxy, allow_redirects=False)
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
-                failure = StreamError(
-                    "upstream_error",
-                    self._redact(f"Cannot reach {self.label} at {self._where}: {_reason(exc)}"),
-                    retryable=True,
-                )
+                failure = StreamError("upstream_error", f"Cannot reach {self.label}: {_reason(exc)}", retryable=True)
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-                failure = StreamError(
-                    "upstream_timeout",
-                    f"{self.label} at {self._where} did not respond in time",
-                    retryable=True,
-                )
+                failure = StreamError("upstream_timeout", f"{self.label} did not respond in time", retryable=True)
             except aiohttp.ClientError as exc:
-                failure = StreamError("upstream_error", self._redact(f"Request to {self.label} failed: {_reason(exc)}"))
+                failure = StreamError("upstream_error", f"The request to {self.label} failed: {_reason(exc)}")
             else:
                 if resp.status < 300:
                     return resp
@@ -231,8 +224,9 @@ class OpenAIProvider:
                         failure = StreamError("upstream_error", f"{self.label} sent a malformed chunk")
                         break
                     if obj.get("error") is not None:
-                        failure = StreamError("upstream_error", self._redact(
-                            f"{self.label} reported an error mid-reply: {_error_text(obj['error'])}"))
+                        self._log_body("error mid-reply", data.decode("utf-8", errors="replace"))
+                        failure = StreamError("upstream_error", f"{self.label} reported an error mid-reply"
+                                                                f"{_known_token(obj['error'])}")
                         break
                     if obj.get("usage"):
                         usage = obj["usage"]
@@ -351,31 +345,62 @@ def _loads(data: bytes):
         pass
     try:
         return _strict_fallback(data.decode("utf-8", errors="replace"))
-    except ValueError:
+    except (ValueError, RecursionError):  # orjson stops at 1024 levels, the stdlib at the stack's limit
         return None
 
-def _error_text(err) -> str:
-    if isinstance(err, dict):
-        return str(err.get("message") or err.get("type") or err.get("code") or "unknown error")
-    return str(err)
+# What users are told about an HTTP error: fixed words per status, never the upstream's text.
+_STATUS_REASONS = {
+    400: "the request was refused",
+    401: "the API key was refused",
+    402: "payment required (check the account's balance)",
+    403: "access was denied",
+    404: "not found (check the model name)",
+    408: "the request timed out",
+    409: "conflict",
+    413: "the request is too large",
+    422: "the request was refused",
+    429: "rate limited",
+    500: "internal server error",
+    502: "bad gateway",
+    503: "service unavailable",
+    504: "gateway timeout",
+    529: "overloaded",
+}
+
+# Error ``code`` / ``type`` values of OpenAI-compatible APIs that are safe and useful to show.
+_KNOWN_TOKENS = frozenset({
+    "authentication_error", "billing_hard_limit_reached", "content_filter", "content_policy_violation",
+    "context_length_exceeded", "insufficient_quota", "invalid_api_key", "model_not_found", "not_found_error",
+    "overloaded_error", "permission_error", "rate_limit_error", "rate_limit_exceeded", "server_error",
+    "string_above_max_length", "tokens", "requests", "unsupported_parameter", "unsupported_value",
+    "unsupported_country_region_territory",
+})
 
 
-def _error_detail(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace").strip()
-    if not text:
-        return ""
+def _status_reason(status: int) -> str:
+    if status in _STATUS_REASONS:
+        return _STATUS_REASONS[status]
+    return "the request was refused" if status < 500 else "server error"
+
+
+def _error_object(raw: bytes):
+    """The ``error`` member of an error body, if it is JSON."""
     try:
-        obj = json.loads(text)
-    except ValueError:
-        return text.splitlines()[0][:200]
-    if isinstance(obj, dict):
-        if "error" in obj:
-            return _error_text(obj["error"])
-        if "message" in obj:
-            return str(obj["message"])
-        if "detail" in obj:
-            return str(obj["detail"])
-    return text[:200]
+        obj = json.loads(raw.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError):
+        return None
+    return obj.get("error") if isinstance(obj, dict) else None
+
+
+def _known_token(err) -> str:
+    """`` (insufficient_quota)`` when the upstream's error names a known ``code`` or ``type``, else ``""``."""
+    if not isinstance(err, dict):
+        return ""
+    for field in ("code", "type"):
+        value = err.get(field)
+        if isinstance(value, str) and value in _KNOWN_TOKENS:
+            return f" ({value})"
+    return ""
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -389,7 +414,24 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _reason(exc: BaseException) -> str:
-    os_error = getattr(exc, "os_error", None)
-    if isinstance(os_error, OSError) and os_error.errno:
+    """A short fixed reason for a failed request: never ``str(exc)``, which names the host and port."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "its TLS certificate was not accepted"
+    if isinstance(exc, (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError)):
+        return "the TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return "the proxy cannot be reached"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    os_error = getattr(exc, "os_error", None) or (exc if isinstance(exc, OSError) else None)
+    if isinstance(os_error, socket.gaierror):
+        return "its host name does not resolve"
+    if isinstance(os_error, OSError) and os_error.errno and os_error.errno > 0:
         return os.strerror(os_error.errno).lower()  # "connection refused", not asyncio's wording
-    return str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "base_url is not a valid URL"
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return "the connection failed"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "the answer was not valid HTTP"
+    return type(exc).__name__

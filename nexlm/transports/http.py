@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from ..chat import Chat, ChatError
+from . import clientjson
 from .common import CHAT, REGISTRY, WEBSOCKETS, identity
 from .sse import json_error
 
@@ -30,9 +31,11 @@ async def create_session(request: web.Request) -> web.Response:
     """
     chat: Chat = request.app[CHAT]
     try:
-        body = await request.json() if request.can_read_body else {}
-    except ValueError:
+        body = clientjson.loads(await request.read()) if request.can_read_body else {}
+    except clientjson.NotJSON:
         return json_error("bad_request", "The request body is not valid JSON.", 400)
+    except clientjson.RefusedJSON as exc:
+        return json_error("bad_request", f"The request body is refused: {exc}.", 400)
     if not isinstance(body, dict):
         return json_error("bad_request", "The request body must be a JSON object.", 400)
     owner, client = identity(request)

@@ -9,13 +9,12 @@ tells the browser to stop reconnecting.
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 from aiohttp_sse import sse_response
 
 from ..chat import Chat, ChatError
 from ..events import Outbox, error_event, sse_frame
+from . import clientjson
 from .common import CHAT, identity, parse_after
 
 PARAM_QUERY_KEYS = ("temperature", "top_p", "max_tokens", "system")
@@ -27,10 +26,7 @@ def json_error(code: str, message: str, status: int) -> web.Response:
 
 async def _fields(request: web.Request) -> dict:
     if request.method == "POST":
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ChatError("bad_request", "The request body is not valid JSON.") from None
+        body = _json(await request.read(), "The request body")
         if not isinstance(body, dict):
             raise ChatError("bad_request", "The request body must be a JSON object.")
         return _post_fields(body)
@@ -39,10 +35,7 @@ async def _fields(request: web.Request) -> dict:
     if "index" in q:
         fields["index"] = _number("max_tokens", q["index"])  # an integer
     if "params" in q:
-        try:
-            fields["params"] = json.loads(q["params"])
-        except ValueError:
-            raise ChatError("bad_request", "params is not valid JSON.") from None
+        fields["params"] = _json(q["params"], "params")
     else:
         params = {}
         for key in PARAM_QUERY_KEYS:
@@ -76,6 +69,15 @@ def _post_fields(body: dict) -> dict:
     fields = {k: v for k, v in body.items() if k not in top}
     fields["params"] = {**params, **top}
     return fields
+
+
+def _json(data: str | bytes, what: str):
+    try:
+        return clientjson.loads(data)
+    except clientjson.NotJSON:
+        raise ChatError("bad_request", f"{what} is not valid JSON.") from None
+    except clientjson.RefusedJSON as exc:
+        raise ChatError("bad_request", f"{what} is refused: {exc}.") from None
 
 
 def _number(key: str, raw: str):

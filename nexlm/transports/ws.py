@@ -12,6 +12,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..chat import Chat, ChatError
 from ..events import Outbox, encode, error_event
+from . import clientjson
 from .common import CHAT, SETTINGS, WEBSOCKETS, identity, parse_after
 
 log = logging.getLogger(__name__)
@@ -73,15 +74,17 @@ async def _write(ws: web.WebSocketResponse, outbox: Outbox) -> None:
 
 
 def _parse(data: str) -> dict:
-    """A frame as a command. Plain text is a chat message; ``{...}`` must be a valid command."""
-    if not data.lstrip().startswith("{"):
-        return {"type": "chat", "message": data}
+    """A frame as a command. Text that is not JSON is a chat message; JSON must be a command object."""
     try:
-        frame = json.loads(data)
-    except ValueError:
-        raise ChatError("bad_request", "The frame starts with '{' but is not valid JSON.") from None
+        frame = clientjson.loads(data)
+    except clientjson.NotJSON:
+        if data.lstrip().startswith("{"):
+            raise ChatError("bad_request", "The frame starts with '{' but is not valid JSON.") from None
+        return {"type": "chat", "message": data}
+    except clientjson.RefusedJSON as exc:
+        raise ChatError("bad_request", f"The frame's JSON is refused: {exc}.") from None
     if not isinstance(frame, dict):
-        raise ChatError("bad_request", "A command must be a JSON object.")
+        raise ChatError("bad_request", "A JSON frame must be a command object; text that is not JSON is a chat message.")
     if "type" not in frame:
         if "message" in frame:  # the seed's frame: {"modelType": "deepseek", "message": "..."}
             return {"type": "chat", "message": frame["message"], "model": frame.get("modelType", frame.get("model"))}
