@@ -267,7 +267,7 @@ def test_error_shown_inline(server, make_page):
     wait_idle(page)
     err = page.locator("article.msg.assistant .msg-error")
     expect(err).to_be_visible()
-    expect(err).to_contain_text("fake upstream was told to fail")
+    expect(err).to_contain_text("answered 500: internal server error")  # never the upstream's own words
     expect(page.locator("article.msg.assistant .badge")).to_have_text("Failed")
     page.errors.check()
 
