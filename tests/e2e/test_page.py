@@ -267,7 +267,9 @@ def test_error_shown_inline(server, make_page):
     wait_idle(page)
     err = page.locator("article.msg.assistant .msg-error")
     expect(err).to_be_visible()
-    expect(err).to_contain_text("fake upstream was told to fail")
+    # the provider's label and status, never the upstream's own words (docs/protocol.md)
+    expect(err).to_contain_text("fake answered 500")
+    expect(err).not_to_contain_text("fake upstream was told to fail")
     expect(page.locator("article.msg.assistant .badge")).to_have_text("Failed")
     page.errors.check()
 
