@@ -5,6 +5,7 @@
 import { t } from './i18n.js';
 import { Chat } from './conversation.js';
 import { exportJson, exportMarkdown } from './export.js';
+import { paramsForServer } from './history.js';
 import { createTransport } from './transport.js';
 import { announce, download, humanCode } from './dom.js';
 import { HTTP, sessionUrl } from './net.js';
@@ -139,7 +140,7 @@ export function createController(makeViews) {
 
   function onSession(f) {
     const seed = chat.sessionFrame(f, app.transport.requested);
-    if (seed && app.transport.restore(seed, { model: chat.conv.model, params: chat.conv.params })) {
+    if (seed && app.transport.restore(seed, { model: chat.conv.model, params: paramsForServer(chat.conv.params) })) {
       chat.restoring = true;
       return; // the server answers with a new `session` frame: continue there
     }

@@ -137,9 +137,10 @@ export class SseTransport {
 
   /**
    * The session as a `session` frame: its history, or an empty one from no session when the
-   * server forgot it (the page then restores it). Follows its running reply, if any.
+   * server forgot it (the page then restores it), and its running reply followed. `quiet`
+   * (before a turn, whose own stream opens with the session): only a forgotten one is told.
    */
-  async check(session) {
+  async check(session, quiet = false) {
     this.requested = session || null;
     if (!session) {
       this.checking = false;
@@ -160,7 +161,7 @@ export class SseTransport {
     }
     this.checking = false;
     if (r.status === 404) this.emitSession({ session: null });
-    if (!r.ok) return;
+    if (!r.ok || quiet) return;
     const data = await r.json();
     this.emitSession(data);
     if (data.running) await this.follow('dropped');
@@ -174,7 +175,7 @@ export class SseTransport {
     if (!this.ready) return false;
     const { session } = this.hooks.position();
     // First make sure the server still has the session (else it is restored before the turn).
-    this.enqueue(() => this.check(session)).then(() => this.enqueue(() => this.post(cmd)));
+    this.enqueue(() => this.check(session, true)).then(() => this.enqueue(() => this.post(cmd)));
     return true;
   }
 

@@ -23,8 +23,6 @@
 import { WsTransport } from './transport-ws.js';
 import { SseTransport } from './transport-sse.js';
 
-export { WsTransport, SseTransport };
-
 export function createTransport(kind, hooks) {
   return kind === 'sse' ? new SseTransport(hooks) : new WsTransport(hooks);
 }

@@ -16,7 +16,6 @@ export function createThread(chat) {
   let followFrame = 0;
 
   const following = (m) => Boolean(chat.streaming && chat.streaming.msg === m);
-  const viewOf = (m) => views.get(m) || null;
 
   function rerender() {
     const msgs = chat.conv.messages;
@@ -372,6 +371,6 @@ export function createThread(chat) {
   }, { passive: true });
   ui.jump.addEventListener('click', () => toBottom(true));
 
-  return { rerender, replace, viewOf, pendingBadge, queued, delta, reasoning, errorInReply, finish,
+  return { rerender, pendingBadge, queued, delta, reasoning, errorInReply, finish,
     renderNotices, toBottom, follow, startEdit };
 }

@@ -152,6 +152,16 @@ test('edit replaces the message and everything after it, at its server index', (
   assert.equal(chat.streaming.resumed, false);
 });
 
+test('an edit is accepted by the session frame that opens its own stream (SSE)', () => {
+  const chat = chatWith([u('q1'), a('a1'), u('q2'), a('a2')]);
+  chat.edit(0, 'edited', 0);
+  chat.pending.sent = true;
+  chat.applySession({ type: 'session', session: 's1', history: [u('edited')], running: { reply: 'r3', model: 'm' } });
+  assert.equal(chat.pending, null);
+  assert.deepEqual(contents(chat), ['user:edited', 'assistant:']);
+  assert.equal(chat.streaming.reply, 'r3');
+});
+
 test('a refused edit puts everything back and gives its text back', () => {
   const chat = chatWith([u('q1'), a('a1')]);
   chat.edit(0, 'changed', 0);
