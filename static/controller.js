@@ -104,10 +104,9 @@ export function createController(makeViews) {
   function switchTransport(kind) {
     if (kind === app.kind) return;
     app.kind = kind;
-    chat.handshake = false;
+    chat.leaving();
     store.setPref('transport', kind);
     if (app.transport) app.transport.close();
-    if (chat.streaming) chat.streaming.msg.streaming = 'resuming';
     connectTransport();
   }
 
@@ -141,7 +140,7 @@ export function createController(makeViews) {
   function onSession(f) {
     const seed = chat.sessionFrame(f, app.transport.requested);
     if (seed && app.transport.restore(seed, { model: chat.conv.model, params: paramsForServer(chat.conv.params) })) {
-      chat.restoring = true;
+      chat.restoreSent();
       return; // the server answers with a new `session` frame: continue there
     }
     const { restored } = chat.applySession(f);
@@ -225,7 +224,7 @@ export function createController(makeViews) {
   }
 
   function addNotice(n) {
-    chat.notices.push(n);
+    chat.addNotice(n);
     thread.renderNotices();
     if (!n.info) announce(n.message);
     thread.follow();
@@ -236,7 +235,7 @@ export function createController(makeViews) {
   /** Send the pending turn if we can; each pending turn is sent at most once per connection. */
   function flush() {
     const cmd = chat.command();
-    if (cmd && app.transport && app.transport.ready && !chat.restoring) chat.pending.sent = app.transport.turn(cmd);
+    if (cmd && app.transport && app.transport.ready && !chat.restoring) chat.sending(app.transport.turn(cmd));
     composer.render();
   }
 
@@ -307,14 +306,14 @@ export function createController(makeViews) {
 
   function setModel(value) {
     if (!value) return;
-    chat.conv.model = value;
+    chat.choose({ model: value });
     if (chat.conv.messages.length) save();
     app.transport.set({ type: 'set', model: value });
   }
 
   /** New parameters for this conversation (from the settings dialog) and the transport chosen. */
   function setParams(params, kind) {
-    chat.conv.params = params;
+    chat.choose({ params });
     save();
     chrome.header();
     app.transport.set(chat.settingsCommand(true));

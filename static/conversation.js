@@ -46,6 +46,26 @@ export class Chat {
     this.restoring = false;
   }
 
+  /** The transport is being replaced: the reply streaming now is picked up by the next one. */
+  leaving() {
+    this.handshake = false;
+    if (this.streaming) this.streaming.msg.streaming = 'resuming';
+  }
+
+  /** A `restore` was sent: the pending turn waits for its answer. */
+  restoreSent() { this.restoring = true; }
+
+  /** The pending turn was handed to the transport (`sent`: it took it). */
+  sending(sent) { if (this.pending) this.pending.sent = Boolean(sent); }
+
+  addNotice(n) { this.notices.push(n); }
+
+  /** This conversation's model or parameters (from the picker or the settings dialog). */
+  choose({ model, params }) {
+    if (model !== undefined) this.conv.model = model;
+    if (params !== undefined) this.conv.params = params;
+  }
+
   /** Reply events carry a rising `seq`: true the first time a seq is seen (resume may replay). */
   fresh(f) {
     if (typeof f.seq !== 'number') return true;

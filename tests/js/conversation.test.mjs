@@ -85,7 +85,7 @@ test('a pending turn is sent once, and again once only when the connection lost 
   assert.equal(chat.submit('q3', 0), false, 'one turn at a time');
   const cmd = chat.command();
   assert.deepEqual(cmd, { type: 'chat', message: 'q2', params: paramsForServer({}) });
-  chat.pending.sent = true;
+  chat.sending(true);
   assert.equal(chat.command(), null, 'never twice on one connection');
   // a `session` frame on the same connection (the answer to a `set`) changes nothing
   chat.applySession({ type: 'session', session: 's1', history: [u('q1'), a('a1')] });
@@ -94,7 +94,7 @@ test('a pending turn is sent once, and again once only when the connection lost 
   handshake(chat, { session: 's1', history: [{ role: 'user', content: 'q1' }, a('a1')] });
   assert.deepEqual(chat.command(), cmd);
   assert.deepEqual(contents(chat), ['user:q1', 'assistant:a1', 'user:q2']);
-  chat.pending.sent = true;
+  chat.sending(true);
   // this time it arrived: the history has it, so it is not sent a third time
   handshake(chat, { session: 's1', history: [u('q1'), a('a1'), u('q2')] });
   assert.equal(chat.pending, null);
@@ -105,7 +105,7 @@ test('a pending turn is sent once, and again once only when the connection lost 
 test('a turn whose request failed is not resent when the history shows it arrived', () => {
   const chat = chatWith([]);
   chat.submit('hello', 0);
-  chat.pending.sent = true;
+  chat.sending(true);
   chat.turnLost();
   assert.equal(chat.pending.sent, false);
   assert.equal(chat.pending.unsure, true);
@@ -124,7 +124,7 @@ test('a forgotten session asks for a restore of the finished turns, then continu
   assert.equal(chat.streaming, null, 'the lost reply is finished locally');
   assert.equal(chat.conv.session, 's2');
   assert.equal(chat.conv.lastSeq, 0, 'seq starts again in a new session');
-  chat.restoring = true;
+  chat.restoreSent();
   const { restored } = chat.applySession({ type: 'session', session: 's2', history: seed, seq: 0 });
   assert.equal(restored, true);
   assert.equal(chat.restoring, false);
@@ -144,7 +144,7 @@ test('edit replaces the message and everything after it, at its server index', (
   assert.equal(chat.edit(2, 'q1 edited', 0), 'ok');
   assert.deepEqual(contents(chat), ['user:old', 'assistant:old a', 'user:q1 edited']);
   assert.deepEqual(chat.command(), { type: 'edit', index: 0, message: 'q1 edited', params: paramsForServer({}) });
-  chat.pending.sent = true;
+  chat.sending(true);
   chat.fresh({ seq: 7 });
   chat.start({ type: 'start', reply: 'r2', model: 'm', seq: 7 }, 5);
   assert.deepEqual(contents(chat), ['user:old', 'assistant:old a', 'user:q1 edited', 'assistant:']);
@@ -155,7 +155,7 @@ test('edit replaces the message and everything after it, at its server index', (
 test('an edit is accepted by the session frame that opens its own stream (SSE)', () => {
   const chat = chatWith([u('q1'), a('a1'), u('q2'), a('a2')]);
   chat.edit(0, 'edited', 0);
-  chat.pending.sent = true;
+  chat.sending(true);
   chat.applySession({ type: 'session', session: 's1', history: [u('edited')], running: { reply: 'r3', model: 'm' } });
   assert.equal(chat.pending, null);
   assert.deepEqual(contents(chat), ['user:edited', 'assistant:']);
@@ -165,7 +165,7 @@ test('an edit is accepted by the session frame that opens its own stream (SSE)',
 test('a refused edit puts everything back and gives its text back', () => {
   const chat = chatWith([u('q1'), a('a1')]);
   chat.edit(0, 'changed', 0);
-  chat.pending.sent = true;
+  chat.sending(true);
   assert.deepEqual(chat.error({ type: 'error', code: 'busy', message: 'no' }), { kind: 'refused', revertedText: 'changed' });
   assert.deepEqual(contents(chat), ['user:q1', 'assistant:a1']);
   assert.equal(chat.pending, null);
@@ -176,7 +176,7 @@ test('regenerate drops the last reply; its own stream (SSE) settles it', () => {
   assert.equal(chat.regenerate(0), true);
   assert.deepEqual(contents(chat), ['user:q1']);
   assert.deepEqual(chat.command(), { type: 'regenerate', params: paramsForServer({}) });
-  chat.pending.sent = true;
+  chat.sending(true);
   chat.applySession({ type: 'session', session: 's1', history: [u('q1')], running: { reply: 'r2', model: 'm' } });
   assert.equal(chat.pending, null);
   assert.equal(chat.streaming.reply, 'r2');
@@ -188,7 +188,7 @@ test('regenerate drops the last reply; its own stream (SSE) settles it', () => {
 test('done finishes the reply with server timing and usage', () => {
   const chat = chatWith([]);
   chat.submit('q', 100);
-  chat.pending.sent = true;
+  chat.sending(true);
   chat.start({ reply: 'r1', model: 'm' }, 150);
   chat.reasoning({ reply: 'r1', content: 'hmm' }, 200);
   const { thinkEnded } = chat.delta({ reply: 'r1', content: 'A' }, 400);
