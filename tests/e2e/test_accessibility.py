@@ -59,3 +59,42 @@ def test_no_wcag_violations(server, make_page, theme, lang):
     reply = violations(page)
     assert not reply, f"after a streamed reply ({theme}, {lang}):\n" + "\n".join(reply)
     page.errors.check()
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_no_wcag_violations_in_other_states(server, make_page, theme):
+    """The rest of what a user meets: an inline error, the export menu, editing a message, the
+    settings dialog, the phone layout with its sidebar open, and the embedded page."""
+    found = []
+
+    def audit(page, what):
+        found.extend(f"{what}: {v}" for v in violations(page))
+
+    def ready(page):
+        expect(page.locator("#conn")).to_have_attribute("data-state", "online", timeout=15000)
+        return page
+
+    page = ready(make_page(server.url, bypass_csp=True, color_scheme=theme, reduced_motion="reduce"))
+    page.locator("#input").fill("fail now")
+    page.locator("#input").press("Enter")
+    page.wait_for_function(IDLE, timeout=20000)
+    expect(page.locator(".msg-error")).to_be_visible()
+    audit(page, "an error")
+    page.get_by_role("button", name="Export", exact=True).click()
+    audit(page, "the export menu")
+    page.keyboard.press("Escape")
+    first = page.locator("article.msg.user").first
+    first.hover()
+    first.get_by_role("button", name="Edit and resend").click()
+    audit(page, "editing")
+    page.keyboard.press("Escape")
+    page.get_by_role("button", name="Settings").click()
+    audit(page, "the settings dialog")
+    page.keyboard.press("Escape")
+
+    phone = ready(make_page(server.url, bypass_csp=True, color_scheme=theme, viewport={"width": 375, "height": 740}))
+    phone.locator("#open-sidebar").click()
+    audit(phone, "the phone sidebar")
+    audit(ready(make_page(server.url + "?embed=1", bypass_csp=True, color_scheme=theme)), "embedded")
+    assert not found, f"{theme}:\n" + "\n".join(found)
+    page.errors.check()
