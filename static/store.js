@@ -64,18 +64,13 @@ export function newConversation() {
 /** Save a conversation (only once it has something in it); the index is newest first. */
 export function saveConversation(conv) {
   if (!conv.messages.length) return;
-  const stored = { ...conv, messages: conv.messages.filter((m) => !m.pending).map(stripTransient) };
+  const stored = { ...conv, messages: conv.messages.filter((m) => !m.pending) };
   write(`conv.${conv.id}`, stored);
   const index = listConversations().filter((c) => c.id !== conv.id);
   index.push({ id: conv.id, title: conv.title, updated: conv.updated });
   index.sort((a, b) => (b.updated || 0) - (a.updated || 0));
   for (const old of index.splice(MAX_CONVERSATIONS)) localStorage.removeItem(`${P}conv.${old.id}`);
   write('index', index);
-}
-
-function stripTransient(m) {
-  const { el, view, ...rest } = m;
-  return rest;
 }
 
 export function deleteConversation(id) {

@@ -267,7 +267,9 @@ def test_error_shown_inline(server, make_page):
     wait_idle(page)
     err = page.locator("article.msg.assistant .msg-error")
     expect(err).to_be_visible()
-    expect(err).to_contain_text("answered 500: internal server error")  # never the upstream's own words
+    # the provider's label and status, never the upstream's own words (docs/protocol.md)
+    expect(err).to_contain_text("fake answered 500")
+    expect(err).not_to_contain_text("fake upstream was told to fail")
     expect(page.locator("article.msg.assistant .badge")).to_have_text("Failed")
     page.errors.check()
 
@@ -470,6 +472,45 @@ def test_sse_mode(server, fake, make_page):
     page.locator("#stop").click()
     wait_idle(page)
     expect(page.locator("article.msg")).to_have_count(6)
+    page.errors.check()
+
+
+def test_sse_edit_and_regenerate_stay_in_the_session(server, fake, make_page):
+    """Over SSE, regenerate and edit are POST /sse's own types on the same session: nothing is
+    seeded anew, and the upstream sees the same context as over the WebSocket."""
+    page = make_page(server.url)
+    page.evaluate("() => localStorage.setItem('nexlm.pref.transport', JSON.stringify('sse'))")
+    page.reload()
+    online(page)
+    expect(page.locator("#conn-text")).to_contain_text("SSE")
+    send(page, "sse first")
+    wait_idle(page)
+    send(page, "sse second")
+    wait_idle(page)
+    session = conv(page)["session"]
+    before = len(upstream_requests(fake, "sse second"))
+    page.locator("article.msg.assistant").last.hover()
+    page.get_by_role("button", name="Regenerate this reply").click()
+    wait_idle(page)
+    regenerated = upstream_requests(fake, "sse second")
+    assert len(regenerated) == before + 1
+    assert [m["content"] for m in regenerated[-1]["messages"]] == ["sse first", "Echo: sse first", "sse second"]
+    expect(page.locator("article.msg")).to_have_count(4)
+
+    first = page.locator("article.msg.user").first
+    first.hover()
+    first.get_by_role("button", name="Edit and resend").click()
+    page.locator(".edit-input").fill("sse edited")
+    page.get_by_role("button", name="Save & send").click()
+    wait_idle(page)
+    expect(page.locator("article.msg")).to_have_count(2)
+    expect(replies(page).last).to_have_text("Echo: sse edited")
+    assert conv(page)["session"] == session
+    status, data = server.session(session)
+    assert [(h["role"], h["content"]) for h in data["history"]] == [
+        ("user", "sse edited"), ("assistant", "Echo: sse edited")]
+    req = upstream_requests(fake, "sse edited")[-1]
+    assert [m["content"] for m in req["messages"] if m["role"] == "user"] == ["sse edited"]
     page.errors.check()
 
 

@@ -1,0 +1,103 @@
+// The conversation list (kept in the browser) and the sidebar's open/closed state.
+
+import { t, getLang } from '../i18n.js';
+import { $, el, iconButton } from '../dom.js';
+import * as store from '../store.js';
+
+const NARROW = '(max-width: 860px)';
+
+function relTime(ts) {
+  const d = new Date(ts);
+  const locale = getLang() === 'zh' ? 'zh-CN' : 'en';
+  return d.toDateString() === new Date().toDateString()
+    ? d.toLocaleTimeString(locale, { hour: '2-digit', minute: '2-digit' })
+    : d.toLocaleDateString(locale, { month: 'short', day: 'numeric' });
+}
+
+function setArmed(del, armed) {
+  del.dataset.armed = armed ? '1' : '';
+  del.classList.toggle('armed', armed);
+  const label = t(armed ? 'confirmDelete' : 'deleteConversation');
+  del.setAttribute('aria-label', label);
+  del.title = label;
+}
+
+export function createSidebar(app, { embed }) {
+  const ui = { app: $('app'), sidebar: $('sidebar'), scrim: $('scrim'), list: $('conv-list'), empty: $('conv-empty'),
+    newChat: $('new-chat'), open: $('open-sidebar'), close: $('close-sidebar') };
+
+  function render() {
+    if (embed) return;
+    const current = app.chat.conv && app.chat.conv.id;
+    const items = store.listConversations().map((c) => {
+      const li = el('li', 'conv-item');
+      const open = el('button', 'conv-open');
+      open.type = 'button';
+      open.dataset.id = c.id;
+      if (c.id === current) {
+        li.classList.add('active');
+        open.setAttribute('aria-current', 'page');
+      }
+      open.append(el('span', 'conv-name', c.title || t('untitled')), el('span', 'conv-time', relTime(c.updated || Date.now())));
+      const del = iconButton('trash', t('deleteConversation'), 'delete-conv', 'icon-btn small conv-del');
+      del.dataset.id = c.id;
+      li.append(open, del);
+      return li;
+    });
+    ui.list.replaceChildren(...items);
+    ui.empty.hidden = items.length > 0;
+  }
+
+  const visible = () => ui.app.classList.contains('sidebar-visible');
+
+  function openNarrow() {
+    ui.app.classList.add('sidebar-visible');
+    ui.scrim.hidden = false;
+    ui.open.setAttribute('aria-expanded', 'true');
+    (ui.sidebar.querySelector('[aria-current="page"]') || ui.newChat).focus();
+  }
+
+  function closeOnNarrow() {
+    if (!visible()) return;
+    ui.app.classList.remove('sidebar-visible');
+    ui.scrim.hidden = true;
+    ui.open.setAttribute('aria-expanded', 'false');
+  }
+
+  /** Wire the list to `actions` = {open(id), remove(id)}. */
+  function bind(actions) {
+    ui.list.addEventListener('click', (e) => {
+      const del = e.target.closest('.conv-del');
+      if (del) {
+        if (del.dataset.armed === '1') {
+          actions.remove(del.dataset.id);
+          return;
+        }
+        setArmed(del, true); // the first click only arms it
+        window.setTimeout(() => { if (del.isConnected) setArmed(del, false); }, 3000);
+        return;
+      }
+      const open = e.target.closest('.conv-open');
+      if (open) actions.open(open.dataset.id);
+    });
+    ui.open.addEventListener('click', () => {
+      if (window.matchMedia(NARROW).matches) {
+        if (visible()) closeOnNarrow();
+        else openNarrow();
+        return;
+      }
+      const hidden = ui.app.classList.toggle('sidebar-collapsed');
+      store.setPref('sidebar', hidden ? 'hidden' : 'shown');
+      ui.open.setAttribute('aria-expanded', String(!hidden));
+    });
+    ui.close.addEventListener('click', () => {
+      closeOnNarrow();
+      ui.open.focus();
+    });
+    ui.scrim.addEventListener('click', closeOnNarrow);
+    if (store.getPref('sidebar', 'shown') === 'hidden' && !embed) ui.app.classList.add('sidebar-collapsed');
+    ui.open.setAttribute('aria-expanded', String(!ui.app.classList.contains('sidebar-collapsed')));
+  }
+
+  return { render, bind, visible, closeOnNarrow };
+}
