@@ -21,7 +21,8 @@ from yarl import URL
 from .config import MAX_TOKEN_CHARS, Settings
 from .events import error_event
 from .logins import FailureThrottle, LoginSessions
-from .transports.common import GROUPS, PRINCIPAL, client_address, from_trusted_proxy, request_scheme
+from .appkeys import GROUPS, GUARD, PRINCIPAL
+from .clients import client_address, from_trusted_proxy, request_scheme
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,6 @@ def origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
     if origin in allowed:
         return True
     return same_origin(origin, request)
-
-
-GUARD = web.AppKey("guard", object)
 
 
 def _digest(value: str) -> bytes:
