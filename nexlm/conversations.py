@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 from . import wire
 from .config import Settings
-from .context import context, params as turn_params
+from .context import context
+from .context import params as turn_params
 from .engine import Turn
 from .eventlog import EventLog
 from .events import Outbox
-from .limits import LimitError, Limiter
+from .limits import Limiter, LimitError
 from .providers.base import ChatRequest, StreamError
 from .providers.registry import ModelError, Registry, Resolved
 from .records import Conversation

@@ -21,13 +21,21 @@ import jinja2
 from aiohttp import WSCloseCode, web
 
 from . import __version__
+from .appkeys import (
+    CONVERSATIONS,
+    GUARD,
+    HTTP,
+    LOOP_LAG,
+    REGISTRY,
+    SETTINGS,
+    WEBSOCKETS,
+)
 from .config import Settings
+from .conversations import Conversations
 from .looplag import LoopLag
 from .providers.registry import Registry
 from .security import Guard
 from .transports import http, sse, ws
-from .appkeys import CONVERSATIONS, GUARD, HTTP, LOOP_LAG, REGISTRY, SETTINGS, WEBSOCKETS
-from .conversations import Conversations
 
 log = logging.getLogger(__name__)
 

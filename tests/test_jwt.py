@@ -27,7 +27,7 @@ from conftest import extra_config
 from fake_upstream import reply
 from invariants import make_harness  # noqa: F401  (fixture)
 from nexlm.config import ConfigError, load_settings
-from nexlm.security import GUARD
+from nexlm.appkeys import GUARD
 from nexlm.server import create_app
 from nexlm.appkeys import GROUPS, PRINCIPAL
 

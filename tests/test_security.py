@@ -501,7 +501,7 @@ def freeze(h, what: str = "throttle") -> FakeClock:
     import nexlm.security as security
 
     clock = FakeClock()
-    key = getattr(security, "GUARD", None)
+    key = getattr(__import__("nexlm.appkeys").appkeys, "GUARD", None)
     if key is not None:
         setattr(getattr(h.app[key], what), "clock", clock)
     return clock
@@ -646,7 +646,7 @@ async def test_login_sessions_expire_and_are_capped(make_harness, upstream):
     assert (await h.client.get("/api/models", cookies={"nexlm_token": third})).status == 200
     clock.now += 61
     assert (await h.client.get("/api/models", cookies={"nexlm_token": third})).status == 401, "expired"
-    assert len(h.app[__import__("nexlm.security").security.GUARD].logins) <= 2
+    assert len(h.app[__import__("nexlm.appkeys").appkeys.GUARD].logins) <= 2
     await h.check()
 
 
