@@ -1,0 +1,36 @@
+"""The shape of the code, checked: no import cycles, transports only on the facade and the
+encoders, no module over ~400 lines (tools/import_graph.py prints the graph)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "import_graph.py")
+import_graph = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(import_graph)
+
+MAX_LINES = 420  # "under ~400": a docstring's worth of slack, no more
+
+
+def test_no_cycles_and_transports_use_only_the_facade():
+    eager, _ = import_graph.graph()
+    assert "nexlm.conversations" in eager and "nexlm.transports.ws" in eager
+    assert import_graph.problems(eager) == []
+
+
+def test_the_checks_can_fail():
+    """A cycle and a transport reaching into the store are both reported."""
+    fake = {"nexlm.a": {"nexlm.b"}, "nexlm.b": {"nexlm.a"},
+            "nexlm.transports.ws": {"nexlm.store", "nexlm.conversations"}}
+    found = import_graph.problems(fake)
+    assert any("cycle" in f and "nexlm.a" in f for f in found)
+    assert any("nexlm.transports.ws imports nexlm.store" in f for f in found)
+    assert not any("nexlm.conversations" in f and "imports" in f for f in found)
+
+
+def test_no_module_is_too_long():
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "nexlm").rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
