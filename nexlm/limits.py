@@ -60,6 +60,10 @@ class Limiter:
         self._running[client] = self._running.get(client, 0) + 1
         self.running_total += 1
 
+    def running_clients(self) -> int:
+        """Clients with a reply running (a public view for the invariants)."""
+        return len(self._running)
+
     def release_reply(self, client: str) -> None:
         n = self._running.get(client, 0) - 1
         if n > 0:

@@ -18,10 +18,11 @@ import aiohttp_jinja2
 from aiohttp import web
 from yarl import URL
 
+from .appkeys import GROUPS, PRINCIPAL
+from .clients import client_address, from_trusted_proxy, request_scheme
 from .config import MAX_TOKEN_CHARS, Settings
 from .events import error_event
 from .logins import FailureThrottle, LoginSessions
-from .transports.common import GROUPS, PRINCIPAL, client_address, from_trusted_proxy, request_scheme
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,6 @@ def origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
     return same_origin(origin, request)
 
 
-GUARD = web.AppKey("guard", object)
-
-
 def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
 
@@ -118,7 +116,9 @@ class Guard:
         self.user_header = settings.auth.trusted_user_header
         self.jwt = None
         if settings.auth.jwt.enabled:
-            from .jwt_auth import JwtVerifier  # PyJWT is needed only when JWTs are configured
+            from .jwt_auth import (
+                JwtVerifier,  # PyJWT is needed only when JWTs are configured
+            )
 
             self.jwt = JwtVerifier(settings.auth.jwt)
         self.required = bool(self.tokens or self.jwt)

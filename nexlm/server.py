@@ -21,13 +21,21 @@ import jinja2
 from aiohttp import WSCloseCode, web
 
 from . import __version__
-from .chat import Chat
+from .appkeys import (
+    CONVERSATIONS,
+    GUARD,
+    HTTP,
+    LOOP_LAG,
+    REGISTRY,
+    SETTINGS,
+    WEBSOCKETS,
+)
 from .config import Settings
+from .conversations import Conversations
 from .looplag import LoopLag
 from .providers.registry import Registry
-from .security import GUARD, Guard
+from .security import Guard
 from .transports import http, sse, ws
-from .transports.common import CHAT, REGISTRY, SETTINGS, WEBSOCKETS
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +43,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # Module scripts must be served as JavaScript (nosniff): not every system's mime.types knows .mjs.
 mimetypes.add_type("text/javascript", ".mjs")
 mimetypes.add_type("text/javascript", ".js")
-HTTP = web.AppKey("http", aiohttp.ClientSession)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -47,7 +54,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[GUARD] = guard
     app[WEBSOCKETS] = weakref.WeakSet()
-    app[http.LOOP_LAG] = LoopLag()
+    app[LOOP_LAG] = LoopLag()
     app.on_response_prepare.append(guard.on_prepare)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(ROOT / "templates"), autoescape=True)
 
@@ -112,10 +119,10 @@ async def _resources(app: web.Application):
         app[HTTP] = session
         registry = Registry(settings, session)
         app[REGISTRY] = registry
-        chat = Chat(settings, registry)
-        app[CHAT] = chat
+        chat = Conversations(settings, registry)
+        app[CONVERSATIONS] = chat
         sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
-        lag = asyncio.create_task(app[http.LOOP_LAG].run(), name="loop lag")
+        lag = asyncio.create_task(app[LOOP_LAG].run(), name="loop lag")
         try:
             yield
         finally:
@@ -128,12 +135,7 @@ async def _resources(app: web.Application):
 
 async def _shutdown(app: web.Application) -> None:
     """SIGTERM/SIGINT: running replies finish or stop within the grace, then clients are told to reconnect."""
-    chat = app[CHAT]
-    await chat.close(app[SETTINGS].server.shutdown_grace_seconds)
-    # Closing each outbox lets its writer flush the final events, then close with 1001.
-    for s in chat.sessions:
-        for outbox in list(s.listeners):
-            outbox.close()
+    await app[CONVERSATIONS].close(app[SETTINGS].server.shutdown_grace_seconds)
     socks = list(app[WEBSOCKETS])
     if socks:
         await asyncio.gather(*(_close(s) for s in socks), return_exceptions=True)

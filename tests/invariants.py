@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 from aiohttp import WSMsgType
 
-from nexlm.transports.common import CHAT
+from nexlm.appkeys import CONVERSATIONS
 
 NEXLM_DIR = str(Path(__file__).resolve().parent.parent / "nexlm")
 APP_TASKS = ("session sweeper", "loop lag")  # the app's own long-lived tasks
@@ -323,12 +323,23 @@ class SSEStream(Conn):
 
 # ---------------------------------------------------------------------------- the harness
 
+class _Probe:
+    def __init__(self, chat, sid: str) -> None:
+        self._chat, self._sid = chat, sid
+
+    def __getattr__(self, name):
+        view = self._chat.view(self._sid)
+        if view is None:
+            raise AssertionError(f"session {self._sid[:6]} is gone")
+        return getattr(view, name)
+
+
 class Harness:
     def __init__(self, client, upstream) -> None:
         self.client = client
         self.upstream = upstream
         self.app = client.app
-        self.chat = client.app[CHAT]
+        self.chat = client.app[CONVERSATIONS]
         self.settings = self.chat.settings
         self.baseline = set(asyncio.all_tasks())
         self.accepted: dict[str, list[str]] = defaultdict(list)
@@ -345,8 +356,9 @@ class Harness:
         self.accepted[sid].append(clean(message))
 
     def session(self, sid: str):
-        """The session, looked up without touching it (``SessionStore.get`` counts as activity)."""
-        return next((s for s in self.chat.sessions if s.id == sid), None)
+        """The session as the server sees it now, looked up without counting as activity; each
+        attribute read looks again (tests poll ``s.seq``, ``s.reply``...). ``None`` once it is gone."""
+        return None if self.chat.view(sid) is None else _Probe(self.chat, sid)
 
     def history(self, sid: str) -> list[dict]:
         s = self.session(sid)
@@ -417,15 +429,14 @@ class Harness:
         chat = self.chat
 
         def pending():
-            running = [s.id[:6] for s in chat.sessions if s.reply is not None]
-            timers = [s.id[:6] for s in chat.sessions if s.grace_timer is not None]
-            return (f"replies running in {running}, grace timers in {timers}, reply tasks {len(chat._tasks)}, "
-                    f"upstream open {self.upstream.open}, limiter total {chat.limiter.running_total}")
+            return f"{chat.stats()}, upstream open {self.upstream.open}"
 
-        await eventually(
-            lambda: not chat._tasks and all(s.reply is None and s.grace_timer is None for s in chat.sessions)
-            and self.upstream.open == 0 and chat.limiter.running_total == 0,
-            timeout, pending)
+        def settled():
+            st = chat.stats()
+            return (st["reply_tasks"] == st["replies_running"] == st["grace_timers"] == st["limiter_running"] == 0
+                    and self.upstream.open == 0)
+
+        await eventually(settled, timeout, pending)
 
     async def check(self, settle: float | None = None) -> None:
         await self.settle(settle)
@@ -444,14 +455,13 @@ class Harness:
             self._check_connection(c)
         for c in self.conns:
             await c.close()
-        await eventually(lambda: all(not s.listeners for s in self.chat.sessions), 3.0,
-                         lambda: "listeners left: " + str({s.id[:6]: len(s.listeners) for s in self.chat.sessions
-                                                           if s.listeners}))
+        await eventually(lambda: self.chat.stats()["listeners"] == 0, 3.0,
+                         lambda: f"listeners left: {self.chat.stats()}")
         await self.settle()
         self._check_histories()
-        limiter = self.chat.limiter
-        assert limiter.running_total == 0 and not limiter._running, "reply slots leaked in the limiter"
-        assert len(self.chat.sessions) <= self.settings.chat.max_sessions
+        stats = self.chat.stats()
+        assert stats["limiter_running"] == 0 and stats["limiter_clients"] == 0, "reply slots leaked in the limiter"
+        assert stats["sessions"] <= self.settings.chat.max_sessions
         await eventually(lambda: not nexlm_tasks(self.baseline), 3.0,
                          lambda: "tasks left behind: " + ", ".join(
                              f"{t.get_name()} {_stack_files(t)[-1:]}" for t in nexlm_tasks(self.baseline)))
@@ -484,7 +494,7 @@ class Harness:
                                  f"(closed by the server with {c.close_code})")
 
     def _check_histories(self) -> None:
-        for s in self.chat.sessions:
+        for s in self.chat.views():
             roles = [t["role"] for t in s.history]
             assert roles == ["user", "assistant"] * (len(roles) // 2), \
                 f"session {s.id[:6]}: history roles {roles} (a turn left streaming or recorded twice?)"

@@ -128,7 +128,7 @@ async def test_deeply_nested_json_bodies_are_bad_request(h, upstream, body):
         assert r.status == 400, (path, r.status, (await r.text())[:300])
         f = await h.json(r)
         assert f["code"] == "bad_request" and "nested" in f["message"], (path, f)
-    assert upstream.requests == [] and len(h.chat.sessions) == 0
+    assert upstream.requests == [] and h.chat.stats()["sessions"] == 0
     await h.check()
 
 
@@ -138,7 +138,7 @@ async def test_deeply_nested_params_in_the_sse_query_are_bad_request(h, upstream
     assert r.status == 400, (r.status, (await r.text())[:300])
     f = await h.json(r)
     assert f["code"] == "bad_request" and "nested" in f["message"], f
-    assert upstream.requests == [] and len(h.chat.sessions) == 0
+    assert upstream.requests == [] and h.chat.stats()["sessions"] == 0
     await h.check()
 
 

@@ -27,9 +27,9 @@ from conftest import extra_config
 from fake_upstream import reply
 from invariants import make_harness  # noqa: F401  (fixture)
 from nexlm.config import ConfigError, load_settings
-from nexlm.security import GUARD
+from nexlm.appkeys import GUARD
 from nexlm.server import create_app
-from nexlm.transports.common import GROUPS, PRINCIPAL
+from nexlm.appkeys import GROUPS, PRINCIPAL
 
 SECRET = "a-shared-secret-of-more-than-32-bytes-0123456789"
 ENV = {"NEXLM_TEST_JWT_SECRET": SECRET}
@@ -105,10 +105,10 @@ async def refused(h, path: str = "/api/models", **kw) -> None:
 
 
 async def ws_refused(h, path: str = "/ws", **kw) -> int:
-    before = len(h.chat.sessions)
+    before = h.chat.stats()["sessions"]
     with pytest.raises(WSServerHandshakeError) as exc:
         await h.client.ws_connect(path, **kw)
-    assert len(h.chat.sessions) == before, "a session was created before the refusal"
+    assert h.chat.stats()["sessions"] == before, "a session was created before the refusal"
     return exc.value.status
 
 
@@ -293,7 +293,7 @@ async def test_refused_tokens(make_harness, upstream, keys, tmp_path, caplog, na
     assert await ws_refused(h, headers=bearer(token)) == 401
     assert await ws_refused(h, f"/ws?token={token}") == 401
     await refused(h, headers={"Cookie": f"AUTH-TOKEN={token}"})
-    assert upstream.requests == [] and len(h.chat.sessions) == 0
+    assert upstream.requests == [] and h.chat.stats()["sessions"] == 0
     assert token not in ours(caplog), "the token is in a log line"
     assert any("JWT refused" in r.getMessage() for r in caplog.records), "the reason was not logged"
     await h.check()

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from fake_upstream import DONE, Script, chunk, error, reply
-from nexlm.transports.common import CHAT
+from nexlm.appkeys import CONVERSATIONS
 
 
 def parse_stream(text: str) -> list[tuple[str, dict, str | None]]:
@@ -242,8 +242,8 @@ async def test_create_seeded_session_over_http(client, upstream):
 
 
 async def test_a_refused_first_chat_leaves_no_session_behind(client, upstream):
-    chat = client.app[CHAT]
+    chat = client.app[CONVERSATIONS]
     for params in ({"message": "x", "model": "nope"}, {"message": "x", "temperature": "9"}, {"message": " "}):
         r = await client.get("/sse", params=params)
         assert r.status in (400, 404)
-    assert len(chat.sessions) == 0
+    assert chat.stats()["sessions"] == 0

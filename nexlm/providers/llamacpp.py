@@ -40,19 +40,31 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import concurrent.futures
-import importlib
-import importlib.util
-import os
 import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 
 from ..config import ProviderConfig
-from .base import ChatRequest, Finish, ProviderEvent, Queued, StreamError, TextDelta, Usage
-from .gguf import DEFAULT_PACKAGED, INSTALL_HINT, PACKAGED, LoadError, packaged_missing, packaged_model_path, selfcheck
+from .base import (
+    ChatRequest,
+    Finish,
+    ProviderEvent,
+    Queued,
+    StreamError,
+    TextDelta,
+    Usage,
+)
+from .gguf import DEFAULT_PACKAGED, INSTALL_HINT, LoadError, packaged_missing
+from .llamacpp_load import (  # noqa: F401
+    _chat_format,
+    _fold_system,
+    _load_model,
+    _Model,
+    _module_missing,
+)
+from .workers import _Handoff, _join, _lower_priority, _Slot, _start_thread
 
 DEFAULT_MAX_TOKENS = 512
 # llama-cpp-python's own defaults for chat completions.
@@ -62,237 +74,6 @@ TOP_K = 40
 MIN_P = 0.05
 REPEAT_PENALTY = 1.1
 _PREFILL_CHUNK = 64  # prompt tokens per decode call: the stop latency while reading the prompt
-WORKER_NICE = 5  # added to the niceness of generation threads; 0 leaves it alone
-
-def _import_llama_cpp():
-    """``llama_cpp``, or ``LoadError`` saying how to install it."""
-    try:
-        return importlib.import_module("llama_cpp")
-    except ImportError as exc:
-        raise LoadError(f"llama-cpp-python is not installed ({INSTALL_HINT}): {exc}") from None
-    except OSError as exc:  # the shared library is there but does not load
-        raise LoadError(f"llama-cpp-python is installed but its library does not load: {exc}") from None
-
-def _module_missing(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is None
-    except (ImportError, ValueError):
-        return True
-
-def _n_threads(configured: int) -> int:
-    if configured > 0:
-        return configured
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-# ------------------------------------------------------------------ prompt
-
-class _Captured(Exception):
-    def __init__(self, kwargs: dict):
-        super().__init__("captured")
-        self.kwargs = kwargs
-
-
-class _PromptCapture:
-    """Stands in for ``Llama`` in a llama-cpp-python chat handler to get its prompt.
-
-    The library keeps its chat formats (named ones like ``gemma``, and the
-    GGUF's own Jinja template) behind completion handlers that tokenize the
-    formatted prompt and then call ``create_completion``. Running the handler
-    against this object yields the exact prompt tokens and stop strings the
-    library would use, without starting its generation, which cannot be
-    stopped within one token or report token counts while streaming.
-    """
-
-    verbose = False
-
-    def __init__(self, llm: Any):
-        self._llm = llm
-
-    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
-        return self._llm.tokenize(text, add_bos=add_bos, special=special)
-
-    def create_completion(self, **kwargs: Any) -> None:
-        raise _Captured(kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._llm, name)
-
-
-def _fold_system(messages: list[dict]) -> list[dict]:
-    """Gemma has no system role (the library's format drops it): prepend it to the first user turn,
-    as Gemma's own template does."""
-    system = "\n\n".join(str(m.get("content") or "") for m in messages if m.get("role") == "system")
-    rest = [dict(m) for m in messages if m.get("role") != "system"]
-    if not system:
-        return rest
-    for m in rest:
-        if m.get("role") == "user":
-            m["content"] = f"{system}\n\n{m.get('content') or ''}"
-            return rest
-    return [{"role": "user", "content": system}, *rest]
-
-
-@dataclass
-class _Model:
-    llm: Any
-    llama_cpp: Any
-    handler: Callable[..., Any]
-    chat_format: str
-    n_ctx: int
-
-    def prompt(self, messages: list[dict]) -> tuple[list[int], list[str]]:
-        if self.chat_format == "gemma":
-            messages = _fold_system(messages)
-        try:
-            self.handler(llama=_PromptCapture(self.llm), messages=messages)
-        except _Captured as got:
-            stop = got.kwargs.get("stop") or []
-            return list(got.kwargs["prompt"]), [stop] if isinstance(stop, str) else [s for s in stop if s]
-        raise LoadError(f"chat_format {self.chat_format!r} is not supported by the embedded provider")
-
-    def ends_turn(self, token: int) -> bool:
-        """End-of-generation tokens, and any other control token (``<start_of_turn>``,
-        ``<|im_start|>``...): a base model that starts a new turn has finished its reply."""
-        lc = self.llama_cpp
-        try:
-            vocab = self.llm._model.vocab
-            return bool(lc.llama_vocab_is_eog(vocab, token)
-                        or lc.llama_vocab_get_attr(vocab, token) & lc.LLAMA_TOKEN_ATTR_CONTROL)
-        except AttributeError:  # another llama-cpp-python version
-            return token == self.llm.token_eos()
-
-
-def _chat_format(config: ProviderConfig) -> str:
-    """The configured chat format, else the packaged model's own ("" : the GGUF's template)."""
-    if config.chat_format or config.model_path:
-        return config.chat_format
-    return PACKAGED[config.packaged or DEFAULT_PACKAGED].chat_format
-
-
-def _load_model(config: ProviderConfig) -> tuple[_Model, Path]:
-    """Blocking: resolve, self-check and load the model. Raises ``LoadError``."""
-    llama_cpp = _import_llama_cpp()
-    if config.model_path:
-        path = Path(config.model_path).expanduser()
-        if not path.is_file():
-            raise LoadError(f"model file not found: {path}")
-    else:
-        path = packaged_model_path(config.packaged or DEFAULT_PACKAGED)
-    threads = _n_threads(config.n_threads)
-    selfcheck(path, config.n_ctx, threads)
-    try:
-        llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=config.n_ctx, n_threads=threads, n_threads_batch=threads,
-            chat_format=_chat_format(config) or None, verbose=False,
-        )
-    except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError with little detail
-        raise LoadError(f"cannot load {path}: {exc}") from None
-    try:
-        handler = (
-            llm.chat_handler
-            or llm._chat_handlers.get(llm.chat_format)
-            or llama_cpp.llama_chat_format.get_chat_completion_handler(llm.chat_format)
-        )
-    except ValueError as exc:
-        llm.close()
-        raise LoadError(f"chat_format {config.chat_format!r}: {exc}") from None
-    model = _Model(llm=llm, llama_cpp=llama_cpp, handler=handler, chat_format=llm.chat_format or "",
-                   n_ctx=llm.n_ctx())
-    try:
-        model.prompt([{"role": "user", "content": "hi"}])
-    except LoadError:
-        llm.close()
-        raise
-    return model, path
-
-
-# ------------------------------------------------------------------ thread -> loop
-
-class _Handoff:
-    """Worker thread -> event loop. ``put`` from the thread, ``get_all`` on the loop.
-
-    The thread appends under a lock and schedules one wake-up only if none is
-    pending; the loop takes everything that accumulated. Tokens arriving faster
-    than the loop drains them are batched instead of queued as callbacks.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._items: list[ProviderEvent] = []
-        self._wake_pending = False
-        self._ready = asyncio.Event()
-
-    def put(self, item: ProviderEvent) -> None:
-        with self._lock:
-            self._items.append(item)
-            if self._wake_pending:
-                return
-            self._wake_pending = True
-        try:
-            self._loop.call_soon_threadsafe(self._ready.set)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
-
-    def wake(self) -> None:
-        """On the loop: let ``get_all`` return even with nothing new."""
-        self._ready.set()
-
-    async def get_all(self) -> list[ProviderEvent]:
-        await self._ready.wait()
-        self._ready.clear()
-        with self._lock:
-            items, self._items = self._items, []
-            self._wake_pending = False
-        return items
-
-
-def _start_thread(
-    name: str, fn: Callable[..., Any], *args: Any
-) -> tuple[concurrent.futures.Future, threading.Thread]:
-    """Run ``fn(*args)`` in a new daemon thread; its result or exception lands in the future.
-
-    Daemon, so a generation never keeps the interpreter from exiting; the
-    provider's exit hook still stops running generations and waits for them
-    briefly, so none is inside llama.cpp while the model is freed.
-    """
-    fut: concurrent.futures.Future = concurrent.futures.Future()
-
-    def run() -> None:
-        if not fut.set_running_or_notify_cancel():
-            return
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future
-            fut.set_exception(exc)
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    return fut, thread
-
-
-async def _join(done: asyncio.Future, thread: threading.Thread) -> None:
-    """Wait until the worker behind ``done`` has ended, even if cancelled meanwhile.
-
-    Releasing the model while its thread still decodes would let the next
-    request use the context concurrently; so a cancellation here is held back
-    until the thread is gone (one token at most), then re-raised.
-    """
-    interrupted = False
-    while not done.done():
-        try:
-            await asyncio.wait({done})
-        except asyncio.CancelledError:
-            interrupted = True
-    # The thread has handed over its result; all that is left is its return from run(),
-    # microseconds, so this join does not hold up the loop.
-    thread.join(timeout=1.0)
-    if interrupted:
-        raise asyncio.CancelledError
 
 
 class _StopStrings:
@@ -335,22 +116,6 @@ class _Job:
     max_tokens: int
     stop: threading.Event
     put: Callable[[ProviderEvent], None]
-
-
-def _lower_priority() -> None:
-    """Make the calling thread (and the OpenMP threads it starts, which inherit it) yield to the loop.
-
-    On Linux ``nice`` is per thread: the event loop's thread keeps its priority,
-    so when a 10 ms timer or a socket wakes it, the scheduler runs it ahead of
-    llama.cpp's compute threads instead of behind them.
-    """
-    if WORKER_NICE <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICE))
-    except OSError:
-        pass
 
 
 def _generate(model: _Model, job: _Job) -> None:
@@ -430,56 +195,6 @@ def _generate_inner(model: _Model, job: _Job) -> None:
     job.put(Usage({"prompt_tokens": n_prompt, "completion_tokens": produced,
                    "total_tokens": n_prompt + produced}))
     job.put(Finish(reason))
-
-
-# ------------------------------------------------------------------ the one slot
-
-class _Ticket:
-    __slots__ = ("granted", "moved")
-
-    def __init__(self) -> None:
-        self.granted = False
-        self.moved = asyncio.Event()  # set when the ticket is granted or moves up the queue
-
-
-class _Slot:
-    """One holder at a time, the others in arrival order, each able to ask its place."""
-
-    def __init__(self) -> None:
-        self._holder: _Ticket | None = None
-        self._queue: list[_Ticket] = []
-
-    def take(self) -> _Ticket:
-        t = _Ticket()
-        if self._holder is None and not self._queue:
-            self._holder, t.granted = t, True
-        else:
-            self._queue.append(t)
-        return t
-
-    def ahead(self, t: _Ticket) -> int:
-        """How many are before ``t``: the holder and those queued earlier."""
-        return self._queue.index(t) + (self._holder is not None)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
-    def leave(self, t: _Ticket) -> None:
-        """Give the slot up (or the place in the queue); everyone behind moves up."""
-        if self._holder is t:
-            self._holder = None
-            if self._queue:
-                nxt = self._queue.pop(0)
-                self._holder, nxt.granted = nxt, True
-        elif t in self._queue:
-            self._queue.remove(t)
-        else:
-            return
-        if self._holder is not None:
-            self._holder.moved.set()
-        for other in self._queue:
-            other.moved.set()
 
 
 # ------------------------------------------------------------------ provider

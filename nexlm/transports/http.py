@@ -6,21 +6,21 @@ import asyncio
 
 from aiohttp import web
 
-from ..chat import Chat, ChatError
+from ..appkeys import CONVERSATIONS, LOOP_LAG, REGISTRY, WEBSOCKETS
+from ..clients import identity
+from ..conversations import Conversations
+from ..validation import ChatError
 from . import clientjson
-from .common import CHAT, REGISTRY, WEBSOCKETS, identity
 from .sse import json_error
-
-LOOP_LAG = web.AppKey("loop_lag", object)
 
 
 async def models(request: web.Request) -> web.Response:
     return web.json_response(request.app[REGISTRY].listing())
 
 
-def _session(request: web.Request):
+async def _session(request: web.Request):
     owner, _ = identity(request)
-    return request.app[CHAT].find(request.match_info["sid"], owner)
+    return await request.app[CONVERSATIONS].find(request.match_info["sid"], owner)
 
 
 async def create_session(request: web.Request) -> web.Response:
@@ -29,7 +29,7 @@ async def create_session(request: web.Request) -> web.Response:
     For clients without a WebSocket (SSE behind a strict proxy) that need to restore a
     conversation after a server restart.
     """
-    chat: Chat = request.app[CHAT]
+    chat: Conversations = request.app[CONVERSATIONS]
     try:
         body = clientjson.loads(await request.read()) if request.can_read_body else {}
     except clientjson.NotJSON:
@@ -39,39 +39,34 @@ async def create_session(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         return json_error("bad_request", "The request body must be a JSON object.", 400)
     owner, client = identity(request)
-    session, _ = chat.open_session(None, owner, client)
     try:
-        chat.configure(session, body.get("model"), body.get("params"))
-        if body.get("history"):
-            chat.restore(session, body["history"])
+        session = await chat.create_seeded(owner, client, body.get("model"), body.get("params"),
+                                           body.get("history") or None)
     except ChatError as exc:
-        chat.sessions.remove(session.id, "deleted")
         return json_error(exc.code, exc.message, exc.status)
-    return web.json_response(session.public(), status=201)
+    return web.json_response(chat.public(session), status=201)
 
 
 async def get_session(request: web.Request) -> web.Response:
-    s = _session(request)
+    s = await _session(request)
     if s is None:
         return json_error("not_found", "No such session (it may have expired).", 404)
-    return web.json_response(s.public())
+    return web.json_response(request.app[CONVERSATIONS].public(s))
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    chat: Chat = request.app[CHAT]
-    s = _session(request)
+    s = await _session(request)
     if s is None:
         return json_error("not_found", "No such session (it may have expired).", 404)
-    await chat.stop(s, "stopped")
-    chat.sessions.remove(s.id, "deleted")
+    await request.app[CONVERSATIONS].delete(s)
     return web.json_response({"deleted": s.id})
 
 
 async def stop(request: web.Request) -> web.Response:
-    s = _session(request)
+    s = await _session(request)
     if s is None:
         return json_error("not_found", "No such session (it may have expired).", 404)
-    stopped = await request.app[CHAT].stop(s, "stopped")
+    stopped = await request.app[CONVERSATIONS].stop(s, "stopped")
     return web.json_response({"stopped": stopped})
 
 
@@ -81,11 +76,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Counters for operators and the benchmark: sessions, replies, tasks, loop lag."""
-    chat: Chat = request.app[CHAT]
+    stats = request.app[CONVERSATIONS].stats()
     lag = request.app[LOOP_LAG]
     return web.json_response({
-        "sessions": len(chat.sessions),
-        "replies_running": chat.limiter.running_total,
+        "sessions": stats["sessions"],
+        "sessions_live": stats["live"],
+        "replies_running": stats["limiter_running"],
         "websockets": len(request.app[WEBSOCKETS]),
         "tasks": len(asyncio.all_tasks()),
         "loop_lag_ms": lag.snapshot(reset=request.query.get("reset") == "1"),

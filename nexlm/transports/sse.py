@@ -12,10 +12,13 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from ..chat import Chat, ChatError
+from ..appkeys import CONVERSATIONS
+from ..clients import identity
+from ..conversations import Conversations
 from ..events import Outbox, error_event, sse_frame
+from ..validation import ChatError
 from . import clientjson
-from .common import CHAT, identity, parse_after
+from .common import parse_after
 
 PARAM_QUERY_KEYS = ("temperature", "top_p", "max_tokens", "system")
 
@@ -88,7 +91,7 @@ def _number(key: str, raw: str):
 
 
 async def sse(request: web.Request) -> web.StreamResponse:
-    chat: Chat = request.app[CHAT]
+    chat: Conversations = request.app[CONVERSATIONS]
     owner, client = identity(request)
     try:
         fields = await _fields(request)
@@ -102,13 +105,13 @@ async def sse(request: web.Request) -> web.StreamResponse:
         sid = fields.get("session")
         if sid is not None and not isinstance(sid, str):
             raise ChatError("bad_request", "session must be a string")
-        session = chat.find(sid, owner) if sid else None
+        session = await chat.find(sid, owner) if sid else None
 
         if after is not None:
             # A reconnect: resume, never generate.
             if session is None or not chat.can_resume(session, after):
                 return web.Response(status=204)
-            return await _stream(request, chat, session, after, session.recent[-1].id)
+            return await _stream(request, chat, session, after, chat.last_reply(session))
 
         kind = fields.get("type", "chat")
         message = fields.get("message")
@@ -123,29 +126,23 @@ async def sse(request: web.Request) -> web.StreamResponse:
         elif kind != "chat":
             raise ChatError("bad_request", f"Unknown type {str(kind)[:40]!r} (chat, regenerate or edit).")
         elif message is None or message == "":
-            if session is not None and session.reply is not None:  # watch the running reply
-                start = session.reply.log[0]["seq"] - 1
-                return await _stream(request, chat, session, start, session.reply.id)
+            since = chat.running_since(session) if session is not None else None
+            if since is not None:  # watch the running reply
+                return await _stream(request, chat, session, since, chat.last_reply(session))
             raise ChatError("bad_request", "message is required")
+        elif session is None:
+            session, reply = await chat.send_new(owner, client, message, model, params)
         else:
-            if session is None:
-                session, _ = chat.open_session(None, owner, client)
-                try:
-                    reply = chat.send(session, message, model, params)
-                except ChatError:
-                    chat.sessions.remove(session.id, "deleted")  # refused: nobody will ever know its id
-                    raise
-            else:
-                reply = chat.send(session, message, model, params)
+            reply = chat.send(session, message, model, params)
     except ChatError as exc:
         return json_error(exc.code, exc.message, exc.status)
-    return await _stream(request, chat, session, reply.log[0]["seq"] - 1, reply.id)
+    return await _stream(request, chat, session, chat.running_since(session), reply.id)
 
 
-async def _stream(request: web.Request, chat: Chat, session, after: int, reply_id: str) -> web.StreamResponse:
+async def _stream(request: web.Request, chat: Conversations, session, after: int, reply_id: str) -> web.StreamResponse:
     """``session`` first (its id is what the client has so far), then the reply until its ``done``."""
     outbox = Outbox()
-    frame = session.frame()
+    frame = chat.frame(session)
     outbox.put(frame)
     chat.attach(session, outbox, after)
     try:

@@ -10,10 +10,13 @@ import logging
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..chat import Chat, ChatError
+from ..appkeys import CONVERSATIONS, SETTINGS, WEBSOCKETS
+from ..clients import identity
+from ..conversations import Conversations
 from ..events import Outbox, encode, error_event
+from ..validation import ChatError
 from . import clientjson
-from .common import CHAT, SETTINGS, WEBSOCKETS, identity, parse_after
+from .common import parse_after
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +24,7 @@ MAX_QUEUED = 256  # events waiting for one client before its commands are no lon
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
-    chat: Chat = request.app[CHAT]
+    chat: Conversations = request.app[CONVERSATIONS]
     settings = request.app[SETTINGS]
     try:
         after = parse_after(request.query.get("after"))
@@ -35,9 +38,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     )
     await ws.prepare(request)
     owner, client = identity(request)
-    session, existed = chat.open_session(request.query.get("session"), owner, client)
+    session, existed = await chat.open(request.query.get("session"), owner, client)
     outbox = Outbox()
-    outbox.put(session.frame())
+    outbox.put(chat.frame(session))
     chat.attach(session, outbox, after if existed else None)
     request.app[WEBSOCKETS].add(ws)
     writer = asyncio.create_task(_write(ws, outbox), name=f"ws writer {session.id[:6]}")
@@ -92,7 +95,7 @@ def _parse(data: str) -> dict:
     return frame
 
 
-async def _command(chat: Chat, session, outbox: Outbox, data: str) -> None:
+async def _command(chat: Conversations, session, outbox: Outbox, data: str) -> None:
     """Run one command; refusals become an error frame and the socket stays open."""
     try:
         frame = _parse(data)
@@ -103,17 +106,17 @@ async def _command(chat: Chat, session, outbox: Outbox, data: str) -> None:
             await chat.stop(session)
         elif kind == "set":
             chat.configure(session, frame.get("model"), frame.get("params"))
-            session.broadcast(session.frame())
+            chat.broadcast_frame(session)
         elif kind == "reset":
             await chat.reset(session)
-            session.broadcast(session.frame())
+            chat.broadcast_frame(session)
         elif kind == "regenerate":
             chat.regenerate(session, frame.get("model"), frame.get("params"))
         elif kind == "edit":
             chat.edit(session, frame.get("index"), frame.get("message"), frame.get("model"), frame.get("params"))
         elif kind == "restore":
             chat.restore(session, frame.get("history"))
-            outbox.put(session.frame())
+            outbox.put(chat.frame(session))
         elif kind == "ping":
             outbox.put({"type": "pong"})
         else:

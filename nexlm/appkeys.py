@@ -1,0 +1,30 @@
+"""Every application and request key, in one place (typed, as aiohttp wants them).
+
+Shared resources live on the app under these keys, opened and closed in
+``server._resources``; nothing is a module-level singleton.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import aiohttp
+from aiohttp import web
+
+from .config import Settings
+from .conversations import Conversations
+from .looplag import LoopLag
+from .providers.registry import Registry
+
+SETTINGS = web.AppKey("settings", Settings)
+CONVERSATIONS = web.AppKey("conversations", Conversations)
+REGISTRY = web.AppKey("registry", Registry)
+WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+LOOP_LAG = web.AppKey("loop_lag", LoopLag)
+GUARD = web.AppKey("guard", object)
+
+# Set by the auth middleware: the principal (token id or trusted user) or None when auth is off.
+PRINCIPAL = web.RequestKey("principal", object)
+# ... and the user's groups (from a JWT's groups claim; empty otherwise), for per-group rules.
+GROUPS = web.RequestKey("groups", tuple)

@@ -1,0 +1,382 @@
+"""The one facade every front door talks to: conversations, their turns, their listeners.
+
+Transports (/ws, /sse, the HTTP API) hold a ``Live`` handle and call methods
+here; they never reach into the store, the event log or a reply. Durable data
+(``records.Conversation``) lives in the ``store``; what is live in this process
+(running replies, listeners, timers) lives beside it (``runner``, ``eventlog``)
+only while it is in use, so an idle conversation costs one stored record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from . import wire
+from .config import Settings
+from .context import context
+from .context import params as turn_params
+from .engine import Turn
+from .eventlog import EventLog
+from .events import Outbox
+from .limits import Limiter, LimitError
+from .providers.base import ChatRequest, StreamError
+from .providers.registry import ModelError, Registry, Resolved
+from .records import Conversation
+from .runner import Live, Reply, Runner
+from .store import MemoryStore, StoreFull
+from .validation import ChatError, check_history, check_message, check_params
+
+log = logging.getLogger(__name__)
+
+BUSY = "A reply is still streaming; stop it or wait for it to finish."
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """A read-only look at one conversation (metrics, tests): no handle to anything live."""
+
+    id: str
+    owner: str | None
+    model: str
+    params: dict
+    history: list[dict]
+    seq: int
+    reply: str | None  # the running reply's id
+    listeners: tuple[int, ...]  # each listener's queued events
+    grace_timer: bool
+
+
+class Conversations:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.limiter = Limiter(settings.limits)
+        self.events = EventLog()
+        self.live: dict[str, Live] = {}  # conversations in use in this process
+        self.store = MemoryStore(settings.chat.session_ttl_seconds, settings.chat.max_sessions,
+                                 settings.limits.max_sessions_per_client, in_use=self._in_use)
+        self.runner = Runner(self.events, self.limiter, settings.limits.max_history_messages,
+                             on_commit=self._commit, on_released=self._release_listeners)
+        self._dirty: set[str] = set()  # live records changed since they were last written
+        self.closing = False
+
+    def _in_use(self, cid: str) -> bool:
+        live = self.live.get(cid)
+        return live is not None and (live.reply is not None or bool(self.events.listeners(cid)))
+
+    # ------------------------------------------------------------ lookup
+
+    async def open(self, sid: str | None, owner: str | None, client: str) -> tuple[Live, bool]:
+        """The conversation ``sid`` if it exists and belongs to ``owner``, else a new one."""
+        if sid:
+            live = await self.find(sid, owner)
+            if live is not None:
+                return live, True
+        return await self.create(owner, client), False
+
+    async def find(self, sid, owner: str | None) -> Live | None:
+        """A conversation by id, as its owner sees it: another owner's does not exist."""
+        if not isinstance(sid, str):
+            return None
+        live = self.live.get(sid)
+        if live is None:
+            conv = await self.store.get(sid)
+            if conv is None:
+                return None
+            live = self.live.setdefault(sid, Live(conv))  # another lookup may have won meanwhile
+        else:
+            self.store.touch(sid)
+        return live if live.conv.owner == owner else None
+
+    async def create(self, owner: str | None, client: str) -> Live:
+        conv = Conversation(owner, client, self.registry.default_model())
+        try:
+            evicted = await self.store.add(conv)
+        except StoreFull as exc:
+            raise ChatError(exc.code, exc.message, 503, 5) from None
+        for cid in evicted:
+            self._dropped(cid, "session limit reached")
+        live = self.live[conv.id] = Live(conv)
+        return live
+
+    async def create_seeded(self, owner: str | None, client: str, model=None, params=None,
+                            history=None) -> Live:
+        """A new conversation with a model, params and a history (``POST /api/sessions``),
+        all checked before it exists."""
+        probe = Conversation(owner, client, self.registry.default_model())
+        probe.model, probe.params = self._choice(probe, model, params)
+        seeded = check_history(self.settings.limits, history) if history is not None else []
+        live = await self.create(owner, client)
+        live.conv.model, live.conv.params, live.conv.history = probe.model, probe.params, seeded
+        self._commit(live)
+        return live
+
+    async def delete(self, live: Live) -> None:
+        await self.runner.stop(live, "stopped")
+        await self.store.delete(live.id)
+        self._dropped(live.id, "deleted")
+
+    def _dropped(self, cid: str, why: str) -> None:
+        """The store no longer has ``cid``: end its reply, then tell its listeners and let them go."""
+        live = self.live.get(cid)
+        if live is None:
+            return
+        log.info("session %s.. removed: %s", cid[:6], why)
+        live.closed = why
+        if live.reply is None or not self.runner.cancel(live.reply, "interrupted"):
+            self._release_listeners(live)
+        # else: the runner sends the reply's done first, then releases the listeners.
+
+    def _release_listeners(self, live: Live) -> None:
+        if live.closed != "deleted":
+            self.events.broadcast(live.id, wire.error(
+                "session_expired", f"This conversation was closed on the server ({live.closed})."))
+        for outbox in self.events.release(live.id):
+            outbox.close()
+        self.live.pop(live.id, None)
+        self._dirty.discard(live.id)
+
+    def _commit(self, live: Live) -> None:
+        self._dirty.add(live.id)
+        self.store.touch(live.id)
+
+    # ------------------------------------------------------------ choices
+
+    def _resolve(self, model: str) -> Resolved:
+        try:
+            return self.registry.resolve(model)
+        except ModelError as exc:
+            raise ChatError(exc.code, exc.message, 404 if exc.code == "unknown_model" else 503) from None
+
+    def _choice(self, conv: Conversation, model=None, params=None) -> tuple[str, dict]:
+        """The model and params a ``set`` would give the conversation; raises, changes nothing."""
+        new_model = conv.model
+        if model is not None:
+            if not isinstance(model, str):
+                raise ChatError("bad_request", "model must be a string")
+            new_model = self._resolve(model).id
+        new_params = conv.params
+        if params is not None:
+            checked = check_params(self.settings.limits, params)
+            new_params = {k: v for k, v in {**conv.params, **checked}.items() if v is not None}
+        return new_model, new_params
+
+    def configure(self, live: Live, model=None, params=None) -> None:
+        """Apply a ``set``: all of it or, on any error, none of it."""
+        live.conv.model, live.conv.params = self._choice(live.conv, model, params)
+        self._commit(live)
+
+    def restore(self, live: Live, history) -> None:
+        """Seed an empty conversation with a client's copy of it (after a restart)."""
+        if live.reply is not None or live.conv.history:
+            raise ChatError("bad_request", "restore works only on a new, empty session")
+        live.conv.history = check_history(self.settings.limits, history)
+        self._commit(live)
+
+    async def reset(self, live: Live) -> None:
+        await self.runner.stop(live, "stopped")
+        live.conv.history.clear()
+        self.events.forget(live.id)
+        self._commit(live)
+
+    # ------------------------------------------------------------ turns
+
+    def _admit(self, live: Live, model=None, params=None) -> Resolved:
+        """Check everything a new reply needs; only when all pass, apply model/params and take a slot."""
+        if self.closing:
+            raise ChatError("shutting_down", "The server is restarting; try again in a moment.", 503)
+        if live.reply is not None:
+            raise ChatError("busy", BUSY, 409)
+        new_model, new_params = self._choice(live.conv, model, params)
+        resolved = self._resolve(new_model)
+        try:
+            self.limiter.take_message(live.conv.client)
+            self.limiter.acquire_reply(live.conv.client)
+        except LimitError as exc:
+            raise ChatError(exc.code, exc.message, 429 if exc.code == "rate_limited" else 503) from None
+        live.conv.model, live.conv.params = new_model, new_params
+        return resolved
+
+    def send(self, live: Live, message, model=None, params=None) -> Reply:
+        """Accept a user message and start its reply. Raises ``ChatError`` if refused."""
+        message = check_message(self.settings.limits, message)
+        resolved = self._admit(live, model, params)
+        live.conv.history.append({"role": "user", "content": message})
+        return self._launch(live, resolved)
+
+    async def send_new(self, owner: str | None, client: str, message, model=None,
+                       params=None) -> tuple[Live, Reply]:
+        """A first message without a conversation (``POST /sse``): everything is checked before
+        the conversation exists, so a refusal leaves nothing behind."""
+        message = check_message(self.settings.limits, message)
+        probe = Live(Conversation(owner, client, self.registry.default_model()))
+        self._admit(probe, model, params)  # takes a reply slot: give it back if the store refuses
+        try:
+            live = await self.create(owner, client)
+        except ChatError:
+            self.limiter.release_reply(client)
+            raise
+        live.conv.model, live.conv.params = probe.conv.model, probe.conv.params
+        live.conv.history.append({"role": "user", "content": message})
+        return live, self._launch(live, self._resolve(live.conv.model))
+
+    def regenerate(self, live: Live, model=None, params=None) -> Reply:
+        """Replace the last reply with a new one."""
+        if live.reply is not None:
+            raise ChatError("busy", BUSY, 409)
+        h = live.conv.history
+        if len(h) < 2 or h[-1]["role"] != "assistant":
+            raise ChatError("bad_request", "There is no reply to regenerate yet.")
+        resolved = self._admit(live, model, params)
+        h.pop()
+        return self._launch(live, resolved)
+
+    def edit(self, live: Live, index, message, model=None, params=None) -> Reply:
+        """Replace the user message at ``index`` (and everything after it) and answer it."""
+        message = check_message(self.settings.limits, message)
+        if live.reply is not None:
+            raise ChatError("busy", BUSY, 409)
+        h = live.conv.history
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(h) \
+                or h[index]["role"] != "user":
+            raise ChatError("bad_request", "index must point at one of your messages in the history")
+        resolved = self._admit(live, model, params)
+        del h[index:]
+        h.append({"role": "user", "content": message})
+        return self._launch(live, resolved)
+
+    def _launch(self, live: Live, resolved: Resolved) -> Reply:
+        conv = live.conv
+        conv.updated = time.time()
+        if not conv.title:
+            conv.title = next((m["content"][:80] for m in conv.history if m["role"] == "user"), "")
+        request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
+        self._commit(live)
+        return self.runner.launch(live, Turn(resolved, request, self._fallback_for))
+
+    def _fallback_for(self, resolved: Resolved, failure: StreamError) -> Resolved | None:
+        """The provider's ``fallback`` model, for a failure worth another try."""
+        if not (failure.retryable or failure.code in ("upstream_timeout", "provider_unavailable")):
+            return None
+        cfg = self.settings.providers.get(resolved.provider.name)
+        if cfg is None or not cfg.fallback:
+            return None
+        try:
+            fallback = self.registry.resolve(cfg.fallback)
+        except ModelError:
+            return None
+        return fallback if fallback.id != resolved.id else None
+
+    async def stop(self, live: Live, reason: str = "stopped") -> bool:
+        return await self.runner.stop(live, reason)
+
+    # ------------------------------------------------------------ listeners and views
+
+    def frame(self, live: Live) -> dict:
+        return wire.session(live.conv, live.reply)
+
+    def public(self, live: Live) -> dict:
+        """``GET /api/sessions/{id}``."""
+        f = self.frame(live)
+        del f["type"]
+        return f
+
+    def broadcast_frame(self, live: Live) -> None:
+        self.events.broadcast(live.id, self.frame(live))
+
+    def attach(self, live: Live, outbox: Outbox, after: int | None = None) -> None:
+        """Add a listener; replay what it missed: the events after ``after``, or the running reply."""
+        self.runner.listener_back(live)
+        self.live.setdefault(live.id, live)
+        self.events.subscribe(live.id, outbox, after, live.reply.id if live.reply else None)
+        self.store.touch(live.id)
+
+    def detach(self, live: Live, outbox: Outbox) -> None:
+        """Remove a listener. The last one leaving starts the resume grace (or stops the reply)."""
+        left = self.events.unsubscribe(live.id, outbox)
+        self.store.touch(live.id)
+        if left == 0:
+            self.runner.nobody_listening(live, self.settings.chat.resume_grace_seconds, self.closing)
+
+    def can_resume(self, live: Live, after: int) -> bool:
+        """Is there anything to follow after ``after``: a running reply, or missed events?"""
+        return live.reply is not None or self.events.missed(live.id, after)
+
+    def last_reply(self, live: Live) -> str | None:
+        return self.events.last_reply(live.id)
+
+    def running_since(self, live: Live) -> int | None:
+        """The seq just before the running reply's ``start`` (to follow it from the beginning)."""
+        if live.reply is None:
+            return None
+        first = self.events.first_seq(live.id, live.reply.id)
+        return None if first is None else first - 1
+
+    # ------------------------------------------------------------ housekeeping
+
+    async def housekeeping_once(self, now: float | None = None) -> None:
+        """Expire idle conversations, drop old replay logs, and let go of what is no longer live."""
+        for cid in self.store.expire(now):
+            self._dropped(cid, "expired")
+        keep = max(self.settings.chat.resume_grace_seconds, 5.0)
+        self.events.forget_old(keep, self._in_use, now)
+        for cid, live in list(self.live.items()):
+            # Nothing running, nobody listening, nothing kept to resume: the record is all it needs.
+            if not self._in_use(cid) and self.events.last_reply(cid) is None:
+                await self._write_back(live)
+                if not self._in_use(cid):  # (the write may have yielded)
+                    self.live.pop(cid, None)
+
+    async def _write_back(self, live: Live) -> None:
+        if live.id in self._dirty:
+            self._dirty.discard(live.id)
+            await self.store.put(live.conv)
+
+    async def housekeeping(self) -> None:
+        interval = max(1.0, min(30.0, self.settings.chat.session_ttl_seconds / 4,
+                                self.settings.chat.resume_grace_seconds or 30.0))
+        while True:
+            await asyncio.sleep(interval)
+            await self.housekeeping_once()
+
+    async def close(self, grace: float, cancel_wait: float | None = None) -> None:
+        """Let running replies finish for up to ``grace`` seconds, then interrupt the rest."""
+        self.closing = True
+        await self.runner.close(grace, list(self.live.values()), cancel_wait)
+        for live in list(self.live.values()):
+            await self._write_back(live)
+            # Closing each outbox lets its writer flush the final events, then close with 1001.
+            for outbox in list(self.events.listeners(live.id)):
+                outbox.close()
+
+    # ------------------------------------------------------------ stats
+
+    def view(self, sid: str) -> View | None:
+        live = self.live.get(sid)
+        conv = live.conv if live is not None else self.store.peek(sid)
+        if conv is None:
+            return None
+        return View(conv.id, conv.owner, conv.model, dict(conv.params), [dict(t) for t in conv.history], conv.seq,
+                    live.reply.id if live is not None and live.reply is not None else None,
+                    tuple(len(o) for o in self.events.listeners(sid)),
+                    live is not None and live.grace_timer is not None)
+
+    def views(self) -> list[View]:
+        return [v for sid in dict.fromkeys([*self.store.ids(), *self.live]) if (v := self.view(sid)) is not None]
+
+    def stats(self) -> dict:
+        """A public view for metrics and the test invariants, whatever the store."""
+        lives = list(self.live.values())
+        return {
+            "sessions": len(self.store),
+            "live": len(lives),
+            "replies_running": sum(live.reply is not None for live in lives),
+            "grace_timers": sum(live.grace_timer is not None for live in lives),
+            "listeners": sum(len(self.events.listeners(live.id)) for live in lives),
+            "reply_tasks": len(self.runner.tasks),
+            "limiter_running": self.limiter.running_total,
+            "limiter_clients": self.limiter.running_clients(),
+        }

@@ -1,0 +1,130 @@
+"""The turn engine: one reply from a provider, as an async iterator of typed chat events.
+
+It owns what every front door needs the same way: the provider loop, the
+provider's ``fallback`` model (once, before any text), and timing. It knows
+nothing of sessions, listeners or wire formats: /ws and /sse encode its events
+into NexLM's JSON, other front doors into theirs. A caller may wait for the
+first event before it commits HTTP headers, so a failure before the first token
+can still be a real status.
+
+A turn's events: ``Queued`` notices (single-slot models), ``Text``/``Reasoning``
+deltas, then exactly one ``Failed`` (followed by nothing) or nothing at all
+before the iterator ends; ``turn.result`` then says how it ended. Cancelling
+the task that iterates closes the provider stream, which closes the upstream
+request; ``turn.result`` is still filled in by the caller's ``stop``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Union
+
+from .providers.base import ChatRequest, Finish, Queued, ReasoningDelta, StreamError, TextDelta, Usage
+from .providers.registry import Resolved
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """The reply waits for a one-at-a-time model: ``ahead`` replies are before it."""
+
+    ahead: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The upstream failed (after any fallback): a protocol error code and a message for people."""
+
+    code: str
+    message: str
+    status: int | None = None
+    retry_after: float | None = None
+
+
+TurnEvent = Union[Text, Reasoning, Waiting, Failed]
+
+
+class Turn:
+    """One reply. Iterate it once; read ``model``, ``usage``, ``finish``, ``timing()`` and
+    ``fallback`` as it goes and when it ends (also after a cancellation)."""
+
+    __slots__ = ("resolved", "request", "model", "usage", "finish", "fallback", "started", "first_token",
+                 "provider", "_fallback_to")
+
+    def __init__(self, resolved: Resolved, request: ChatRequest,
+                 fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None) -> None:
+        self.resolved = resolved
+        self.request = request
+        self.model = resolved.id  # changes when the fallback answers
+        self.provider = resolved.provider
+        self.usage: dict | None = None
+        self.finish: str | None = None  # "stop", "length", "error", ... once ended by the upstream
+        self.fallback: dict | None = None  # {"from", "to", "reason"}
+        self.started = time.monotonic()
+        self.first_token: float | None = None
+        self._fallback_to = fallback_to
+
+    def timing(self, now: float | None = None) -> dict:
+        now = time.monotonic() if now is None else now
+        return {
+            "ttft_ms": None if self.first_token is None else round((self.first_token - self.started) * 1000, 1),
+            "total_ms": round((now - self.started) * 1000, 1),
+        }
+
+    async def __aiter__(self) -> AsyncIterator[TurnEvent]:
+        resolved, request, streamed = self.resolved, self.request, False
+        while True:
+            stream = resolved.provider.stream(request)
+            failure: StreamError | None = None
+            try:
+                async for ev in stream:
+                    kind = type(ev)
+                    if kind is TextDelta:
+                        if self.first_token is None:
+                            self.first_token = time.monotonic()
+                        streamed = True
+                        yield Text(ev.text)
+                    elif kind is ReasoningDelta:
+                        if self.first_token is None:
+                            self.first_token = time.monotonic()
+                        streamed = True
+                        yield Reasoning(ev.text)
+                    elif kind is Usage:
+                        self.usage = ev.data
+                    elif kind is Finish:
+                        self.finish = ev.reason
+                    elif kind is StreamError:
+                        failure = ev
+                    elif kind is Queued:
+                        yield Waiting(ev.ahead)
+            finally:
+                await stream.aclose()
+            if failure is None:
+                if self.finish is None:  # a provider breaking its contract: say so rather than "stop"
+                    self.finish = "error"
+                return
+            nxt = None
+            if not streamed and self.fallback is None and self._fallback_to is not None:
+                nxt = self._fallback_to(resolved, failure)
+            if nxt is None:
+                self.finish = "error"
+                yield Failed(failure.code, failure.message, failure.status, failure.retry_after)
+                return
+            self.fallback = {"from": resolved.id, "to": nxt.id, "reason": failure.message}
+            log.info("%s failed (%s), falling back to %s", resolved.id, failure.code, nxt.id)
+            resolved = nxt
+            request = ChatRequest(nxt.model, request.messages, request.params)
+            self.model, self.provider = nxt.id, nxt.provider

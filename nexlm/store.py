@@ -1,0 +1,141 @@
+"""Where conversation records live: an async interface, and its in-memory implementation.
+
+The facade (``conversations``) reads a record when a conversation becomes live
+and writes it back when something durable changes (a turn committed, a setting,
+a reset); nothing is written per token. Caps and expiry never touch a
+conversation in use (a running reply or a listener): ``in_use`` says which.
+
+``MemoryStore`` keeps each record serialized, least recently used first, with an
+idle TTL, a global cap and a per-client cap. Making room evicts idle records
+only, oldest first; when none is idle a new conversation is refused
+(``StoreFull``), so a flood of new sessions never ends someone's live one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Callable, Protocol
+
+from .records import Conversation
+
+
+class StoreFull(Exception):
+    """No room for a new conversation: every one in the way is in use."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Store(Protocol):
+    async def get(self, cid: str) -> Conversation | None: ...
+    async def add(self, conv: Conversation) -> list[str]:
+        """Store a new record, evicting idle ones past the caps (their ids are returned)."""
+    async def put(self, conv: Conversation) -> None: ...
+    async def delete(self, cid: str) -> bool: ...
+    def touch(self, cid: str) -> None: ...
+    def peek(self, cid: str) -> Conversation | None:
+        """Read without counting as activity (metrics, tests)."""
+    def ids(self) -> list[str]: ...
+    def expire(self, now: float | None = None) -> list[str]: ...
+    def __len__(self) -> int: ...
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    def __init__(self, ttl: float, max_sessions: int, max_per_client: int,
+                 in_use: Callable[[str], bool]) -> None:
+        self.ttl = ttl
+        self.max_sessions = max(1, max_sessions)
+        self.max_per_client = max(1, max_per_client)
+        self._in_use = in_use
+        # id -> (record, client, last active): a tuple of atomic values, which the GC does not track
+        self._rows: OrderedDict[str, tuple[bytes, str, float]] = OrderedDict()
+        self._per_client: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    async def get(self, cid: str) -> Conversation | None:
+        row = self._rows.get(cid) if isinstance(cid, str) else None
+        if row is None:
+            return None
+        self.touch(cid)
+        return Conversation.loads(row[0])
+
+    def peek(self, cid: str) -> Conversation | None:
+        row = self._rows.get(cid)
+        return None if row is None else Conversation.loads(row[0])
+
+    def ids(self) -> list[str]:
+        return list(self._rows)
+
+    async def add(self, conv: Conversation) -> list[str]:
+        evicted = []
+        if self._per_client.get(conv.client, 0) >= self.max_per_client:
+            oldest = self._oldest_idle(conv.client)
+            if oldest is None:
+                raise StoreFull("busy", f"You have {self.max_per_client} conversations in use; "
+                                        "close one and try again.")
+            self._drop(oldest)
+            evicted.append(oldest)
+        while len(self._rows) >= self.max_sessions:
+            oldest = self._oldest_idle(None)
+            if oldest is None:
+                raise StoreFull("overloaded", "The server has too many conversations in use right now. "
+                                              "Try again shortly.")
+            self._drop(oldest)
+            evicted.append(oldest)
+        self._rows[conv.id] = (conv.dumps(), conv.client, time.monotonic())
+        self._per_client[conv.client] = self._per_client.get(conv.client, 0) + 1
+        return evicted
+
+    def _oldest_idle(self, client: str | None) -> str | None:
+        for cid, (_, c, _) in self._rows.items():
+            if (client is None or c == client) and not self._in_use(cid):
+                return cid
+        return None
+
+    async def put(self, conv: Conversation) -> None:
+        if conv.id in self._rows:
+            self._rows[conv.id] = (conv.dumps(), conv.client, time.monotonic())
+            self._rows.move_to_end(conv.id)
+
+    def touch(self, cid: str) -> None:
+        row = self._rows.get(cid)
+        if row is not None:
+            self._rows[cid] = (row[0], row[1], time.monotonic())
+            self._rows.move_to_end(cid)
+
+    async def delete(self, cid: str) -> bool:
+        return self._drop(cid)
+
+    def _drop(self, cid: str) -> bool:
+        row = self._rows.pop(cid, None)
+        if row is None:
+            return False
+        n = self._per_client.get(row[1], 1) - 1
+        if n > 0:
+            self._per_client[row[1]] = n
+        else:
+            self._per_client.pop(row[1], None)
+        return True
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Forget records not in use and quiet for ``ttl``; least recently used first, so the
+        scan stops at the first one still fresh."""
+        now = time.monotonic() if now is None else now
+        stale = []
+        for cid, (_, _, last) in self._rows.items():
+            if now - last <= self.ttl:
+                break
+            if not self._in_use(cid):
+                stale.append(cid)
+        for cid in stale:
+            self._drop(cid)
+        return stale
+
+    async def close(self) -> None:
+        return None
