@@ -1,6 +1,6 @@
 """Hooks and fixtures for the container tests: opt-in gating, podman checks, build options.
 
-These tests build images (each build compiles llama.cpp, 5-15 minutes on 2 cores), so they
+These tests build images (each build compiles llama.cpp: 15-25 minutes on 2 shared cores), so they
 run only when asked: NEXLM_CONTAINER_TESTS=1 python -m pytest tests/container -v
 Asked for, they fail (never skip) when podman or debootstrap is missing.
 
