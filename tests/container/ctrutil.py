@@ -1,10 +1,23 @@
-"""Helpers for the container tests (see README.md here)."""
+"""Helpers and fixtures for the container tests (see README.md here).
+
+These tests build images (each build compiles llama.cpp: 15-25 minutes on 2 shared cores), so
+they run only when asked: NEXLM_CONTAINER_TESTS=1 python -m pytest tests/container -v -s
+Asked for, they fail (never skip) when podman, runc or debootstrap is missing.
+
+Machine-specific settings reach the builds only as podman options (nothing is written into an
+image): --network host, the machine's CA bundle mounted over the container's, and a pip config
+made from this machine's (its index and CA settings) mounted at /etc/pip.conf.
+
+(No conftest.py here on purpose: tests/ modules do `from conftest import ...`, and a second
+conftest module would shadow tests/conftest.py.)
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -28,6 +41,9 @@ CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # Debian's path, in the images
 RUN_OPTS = ["--runtime", "runc", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 BUILD_OPTS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
+# Every test module here: pytestmark = MARKS
+MARKS = [pytest.mark.container, pytest.mark.slow, pytest.mark.skipif(not ENABLED, reason=SKIP_REASON)]
+
 
 def podman(*args: str, timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout,
@@ -39,7 +55,7 @@ def base_image(flavor: str) -> str:
     name = f"localhost/nexlm-{'debian12-stock' if flavor == 'stock' else 'python311-slim'}"
     if podman("image", "exists", name, check=False).returncode != 0:
         t0 = time.monotonic()
-        proc = subprocess.run(["bash", str(BUILD_BASE), flavor, name], capture_output=True, text=True,
+        proc = subprocess.run(["bash", str(BUILD_BASE), flavor, name], capture_output=True, text=True, check=False,
                               timeout=1800, stdin=subprocess.DEVNULL)
         assert proc.returncode == 0, f"build_base.sh {flavor} failed:\n{proc.stderr[-3000:]}"
         print(f"\nbase image {name} assembled in {time.monotonic() - t0:.0f} s")
@@ -48,7 +64,7 @@ def base_image(flavor: str) -> str:
 
 def host_pip_settings() -> dict[str, str]:
     try:
-        out = subprocess.run(["python3", "-m", "pip", "config", "list"], capture_output=True,
+        out = subprocess.run(["python3", "-m", "pip", "config", "list"], capture_output=True, check=False,
                              text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
@@ -80,6 +96,7 @@ def wait_healthy(url: str, timeout: float, alive=lambda: True, logs=lambda: "") 
     """Poll GET url/healthz until it answers 200; return the seconds it took."""
     t0 = time.monotonic()
     last = ""
+    pause = 0.1  # growing to 2 s: a long install is not polled with podman several times a second
     while time.monotonic() - t0 < timeout:
         try:
             if get_json(f"{url}/healthz", timeout=2).get("status") == "ok":
@@ -88,7 +105,8 @@ def wait_healthy(url: str, timeout: float, alive=lambda: True, logs=lambda: "") 
             last = repr(exc)
         if not alive():
             pytest.fail(f"the server exited before /healthz answered ({last}):\n{logs()[-4000:]}")
-        time.sleep(0.25)
+        time.sleep(pause)
+        pause = min(2.0, pause * 1.5)
     pytest.fail(f"/healthz did not answer within {timeout:.0f} s ({last}):\n{logs()[-4000:]}")
 
 
@@ -146,3 +164,30 @@ def is_running(name: str) -> bool:
 def logs(name: str) -> str:
     p = podman("logs", name, check=False)
     return p.stdout + p.stderr
+
+
+@pytest.fixture(scope="session")
+def podman_ready():
+    missing = [t for t in ("podman", "runc", "debootstrap") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"NEXLM_CONTAINER_TESTS=1 but {', '.join(missing)} not found "
+                    f"(apt-get install -y podman runc debootstrap)")
+
+
+@pytest.fixture(scope="session")
+def build_mounts(tmp_path_factory) -> list[str]:
+    """podman options that let a RUN step reach the registries the way this machine does."""
+    settings = host_pip_settings()
+    lines = ["[global]", f"cert = {CA_BUNDLE}"]
+    for key in ("index-url", "extra-index-url", "trusted-host"):
+        # Local file:// indexes of this machine do not exist in a container.
+        urls = [u for u in settings.get(key, "").split() if not u.startswith("file:")]
+        if urls:
+            lines.append(f"{key} = {' '.join(urls)}")
+    lines.append(f"default-timeout = {settings.get('default-timeout', settings.get('timeout', '120'))}")
+    conf = tmp_path_factory.mktemp("pipconf") / "pip.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    ca = os.environ.get("PIP_CERT") or settings.get("cert") or CA_BUNDLE
+    return ["--network", "host", "--volume", f"{ca}:{CA_BUNDLE}:ro", "--volume", f"{conf}:/etc/pip.conf:ro"]
+
+

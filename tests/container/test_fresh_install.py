@@ -12,18 +12,32 @@ import re
 import shlex
 import time
 
-import pytest
-from ctrutil import (
-    ROOT, RUN_OPTS, assert_good_reply, base_image, container, free_port, get_json,
-    is_running, logs, podman, sse_chat, wait_healthy,
+from ctrutil import (  # noqa: F401  (build_mounts, podman_ready: fixtures)
+    MARKS,
+    ROOT,
+    RUN_OPTS,
+    assert_good_reply,
+    base_image,
+    build_mounts,
+    container,
+    free_port,
+    get_json,
+    is_running,
+    logs,
+    podman,
+    podman_ready,
+    sse_chat,
+    wait_healthy,
 )
+
+pytestmark = MARKS
 
 INSTALL_TIMEOUT = 3600  # the llama.cpp compile: about 4 minutes on 2 idle cores, far more when shared
 
 
 def readme_first_command() -> str:
     """The first shell block of README.md (its install-and-run command)."""
-    block = re.search(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    block = re.search(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
     assert block, "README.md has no ```sh block"
     lines = [ln for ln in block.group(1).splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     assert len(lines) == 1, f"README's first block should be one command: {lines}"
@@ -31,7 +45,7 @@ def readme_first_command() -> str:
     return lines[0].strip()
 
 
-def test_debians_own_pip_cannot_read_requirements(podman_ready, build_mounts):
+def test_debians_own_pip_cannot_read_requirements(podman_ready, build_mounts):  # noqa: F811 (fixtures)
     """Why README's command updates pip first: Debian 12's venv pip stops at once."""
     image = base_image("stock")
     proc = podman("run", "--rm", *RUN_OPTS, "--network", "none", "-v", f"{ROOT}:/src:ro", image,
@@ -42,7 +56,7 @@ def test_debians_own_pip_cannot_read_requirements(podman_ready, build_mounts):
     assert proc.returncode != 0 and "no such option: --config-settings" in out, out
 
 
-def test_readme_first_command_on_fresh_debian12(podman_ready, build_mounts, tmp_path):
+def test_readme_first_command_on_fresh_debian12(podman_ready, build_mounts, tmp_path):  # noqa: F811 (fixtures)
     image = base_image("stock")
     command = readme_first_command()
     port = free_port()

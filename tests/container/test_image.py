@@ -11,17 +11,33 @@ import json
 import time
 
 import pytest
-from ctrutil import (
-    BUILD_OPTS, ROOT, RUN_OPTS, assert_good_reply, base_image, container, free_port, get_json, is_running,
-    logs, podman, sse_chat, wait_healthy,
+from ctrutil import (  # noqa: F401  (build_mounts, podman_ready: fixtures)
+    BUILD_OPTS,
+    MARKS,
+    ROOT,
+    RUN_OPTS,
+    assert_good_reply,
+    base_image,
+    build_mounts,
+    container,
+    free_port,
+    get_json,
+    is_running,
+    logs,
+    podman,
+    podman_ready,
+    sse_chat,
+    wait_healthy,
 )
+
+pytestmark = MARKS
 
 IMAGE = "localhost/nexlm-test:latest"
 BUILD_TIMEOUT = 3600
 
 
 @pytest.fixture(scope="module")
-def image(podman_ready, build_mounts):
+def image(podman_ready, build_mounts):  # noqa: F811 (fixtures)
     base = base_image("slim")
     t0 = time.monotonic()
     # --format docker keeps the HEALTHCHECK (the OCI format has none).
