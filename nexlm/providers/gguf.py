@@ -22,12 +22,12 @@ from pathlib import Path
 
 _SELFCHECK_TIMEOUT = 300.0
 
-INSTALL_HINT = "pip install -r requirements.txt"
+INSTALL_HINT = "python -m pip install -U pip && python -m pip install -r requirements.txt"
 # Drop the installed build and pip's cached wheel of it (the cache ignores build settings),
 # then build again with the settings in requirements.txt.
 REBUILD_HINT = (
     "pip uninstall -y llama-cpp-python && pip cache remove llama_cpp_python && "
-    "pip install -r requirements.txt"
+    "python -m pip install -U pip && python -m pip install -r requirements.txt"
 )
 
 
