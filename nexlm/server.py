@@ -27,7 +27,7 @@ from .looplag import LoopLag
 from .providers.registry import Registry
 from .security import Guard
 from .transports import http, sse, ws
-from .transports.common import CHAT, REGISTRY, SETTINGS, WEBSOCKETS
+from .transports.common import CHAT, REGISTRY, SETTINGS, STREAMS, WEBSOCKETS
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[WEBSOCKETS] = weakref.WeakSet()
+    app[STREAMS] = set()
     app[http.LOOP_LAG] = LoopLag()
     app.on_response_prepare.append(guard.on_prepare)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(ROOT / "templates"), autoescape=True)

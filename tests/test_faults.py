@@ -1049,3 +1049,75 @@ async def test_sigterm_with_an_sse_reply_and_an_idle_socket(upstream, tmp_path):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# ---------------------------------------------------------------------------- hostile clients (issue 10)
+
+def queued_bytes(outbox) -> int:
+    """What the server holds for one connection: the outbox's own count (queued + being written),
+    or, where it keeps none, the encoded size of what is queued."""
+    if hasattr(outbox, "bytes"):
+        return outbox.bytes
+    from nexlm.events import encode
+    return sum(len(encode(e)) for e in outbox._items)
+
+
+def shrink_send_buffers(h) -> None:
+    """Loopback sockets buffer megabytes; shrink the server side's as a slow network would."""
+    for conn in h.client.server.runner.server.connections:
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+
+async def read_to_close(raw: RawWS, timeout: float = 5.0) -> int | None:
+    """Read a raw WebSocket until the server closes it: the close code, or None for a cut connection."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                op, payload = await raw.recv(timeout)
+                if op == 0x8:
+                    return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+
+
+async def test_lagging_listener_under_a_set_flood_is_bounded_then_closed(make_harness, upstream):
+    """One connection attaches and stops reading; another sends ``set`` in a loop, each answered with a
+    ``session`` frame carrying the whole history to every listener. The lagging listener's queue stays
+    bounded (session frames coalesce), a reply that pushes it past ``max_queued_bytes`` closes it with
+    1013, and it comes back with ``after=``."""
+    limit = 65536
+    h = await make_harness(f"[limits]\nmax_queued_bytes = {limit}")
+    history = [{"role": "user", "content": "q" * 5000}, {"role": "assistant", "content": "a" * 5000}] * 2
+    r = await h.client.post("/api/sessions", json={"history": history})
+    sid = (await h.json(r))["session"]
+    h.nonlinear.add(sid)
+    lagger = await RawWS.connect(h.client.port, f"/ws?session={sid}", rcvbuf=4096)
+    try:
+        shrink_send_buffers(h)
+        s = h.session(sid)
+        (lag_box,) = s.listeners
+        busy = await h.ws(f"/ws?session={sid}")
+        most = 0
+        for i in range(300):
+            await busy.send({"type": "set", "params": {"temperature": (i % 20) / 10}})
+            await busy.until("session")
+            most = max(most, queued_bytes(lag_box))
+        assert most <= 2 * limit, f"{most} bytes queued for a listener that does not read (bound {limit})"
+        # A reply's deltas push it over the bound: it is dropped, the reply is not slowed.
+        seq_before = s.seq
+        pieces = [f"p{i:03d}" + "x" * 996 for i in range(200)]
+        steps = [ROLE] + [s for p in pieces for s in (chunk(p), 0.002)] + [chunk(finish="stop"), usage_chunk(), DONE]
+        upstream.push(Script(steps))  # paced, so the reading connection keeps up
+        assert (await busy.chat("go"))["type"] == "start"
+        await busy.until("done", timeout=10)
+        await eventually(lambda: lag_box not in s.listeners, 3, "the lagging listener was never dropped")
+        assert queued_bytes(lag_box) == 0, "a dropped listener's queue was not freed"
+        code = await read_to_close(lagger)
+        assert code in (None, 1013), f"closed with {code}"
+        # It comes back and gets exactly what it missed.
+        back = await h.ws(f"/ws?session={sid}&after={seq_before}")
+        frames = await back.until("done")
+        assert "".join(f["content"] for f in frames if f["type"] == "delta") == "".join(pieces)
+    finally:
+        await lagger.close()
+    await h.check()

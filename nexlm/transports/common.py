@@ -14,6 +14,16 @@ SETTINGS = web.AppKey("settings", Settings)
 CHAT = web.AppKey("chat", Chat)
 REGISTRY = web.AppKey("registry", Registry)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
+STREAMS = web.AppKey("streams", set)  # transports of open /ws and /sse streams, cut at shutdown if they hang
+
+CLOSE_DEADLINE = 1.0  # seconds the end of a stream (a close frame) may take to go out before the connection is cut
+
+
+def cut(transport) -> None:
+    """Drop a connection at once, buffers and all (``close`` would wait for a peer that never reads)."""
+    if transport is not None:
+        transport.abort()
+
 
 # Set by the auth middleware: the principal (token id or trusted user) or None when auth is off.
 PRINCIPAL = web.RequestKey("principal", object)

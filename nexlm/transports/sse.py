@@ -9,6 +9,7 @@ tells the browser to stop reconnecting.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from aiohttp import web
@@ -16,7 +17,7 @@ from aiohttp_sse import sse_response
 
 from ..chat import Chat, ChatError
 from ..events import Outbox, error_event, sse_frame
-from .common import CHAT, identity, parse_after
+from .common import CHAT, CLOSE_DEADLINE, SETTINGS, STREAMS, cut, identity, parse_after
 
 PARAM_QUERY_KEYS = ("temperature", "top_p", "max_tokens", "system")
 
@@ -117,10 +118,18 @@ async def sse(request: web.Request) -> web.StreamResponse:
 
 async def _stream(request: web.Request, chat: Chat, session, after: int, reply_id: str) -> web.StreamResponse:
     """``session`` first (its id is what the client has so far), then the reply until its ``done``."""
-    outbox = Outbox()
+    transport = request.transport
+    timers: list[asyncio.TimerHandle] = []
+
+    def overflowed() -> None:  # too far behind: the stream ends (the client resumes with Last-Event-ID)
+        timers.append(asyncio.get_running_loop().call_later(CLOSE_DEADLINE, cut, transport))
+
+    outbox = Outbox(overflowed)
     frame = session.frame()
     outbox.put(frame)
     chat.attach(session, outbox, after)
+    outbox.bound(request.app[SETTINGS].limits.max_queued_bytes)
+    request.app[STREAMS].add(transport)
     try:
         async with sse_response(request, allow_all_methods=True, sep="\n") as resp:
             while batch := await outbox.get():
@@ -137,4 +146,7 @@ async def _stream(request: web.Request, chat: Chat, session, after: int, reply_i
     finally:
         chat.detach(session, outbox)
         outbox.close()
+        for timer in timers:
+            timer.cancel()
+        request.app[STREAMS].discard(transport)
     return resp
