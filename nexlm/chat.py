@@ -22,7 +22,7 @@ from .events import Outbox, error_event
 from .limits import LimitError, Limiter
 from .providers.base import ChatRequest, Finish, Params, ReasoningDelta, StreamError, TextDelta, Usage
 from .providers.registry import ModelError, Registry, Resolved
-from .sessions import RECENT_REPLIES, Session, SessionStore
+from .sessions import RECENT_REPLIES, Session, SessionLimit, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,12 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 class ChatError(Exception):
     """A refused request: ``code`` is the protocol's error code, ``message`` is for people."""
 
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
+    def __init__(self, code: str, message: str, status: int = 400, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.retry_after = retry_after  # seconds; a Retry-After header on HTTP
 
 
 class Reply:
@@ -89,13 +90,23 @@ class Chat:
     # ------------------------------------------------------------ sessions
 
     def open_session(self, sid: str | None, owner: str | None, client: str) -> tuple[Session, bool]:
-        """The session ``sid`` if it exists and belongs to ``owner``, else a new one."""
+        """The session ``sid`` if it exists and belongs to ``owner``, else a new one.
+
+        A new one counts against the client's ``sessions_per_minute`` (``rate_limited``, 429) and
+        needs room in the store (``overloaded``/``busy``, 503, when every session is in use)."""
         if sid:
             s = self.sessions.get(sid)
             if s is not None and s.owner == owner:
                 return s, True
+        try:
+            self.limiter.take_session(client)
+        except LimitError as exc:
+            raise ChatError(exc.code, exc.message, 429, exc.retry_after) from None
         s = Session(owner, client, self.registry.default_model(), {})
-        return self.sessions.add(s), False
+        try:
+            return self.sessions.add(s), False
+        except SessionLimit as exc:
+            raise ChatError(exc.code, exc.message, 503, 5) from None
 
     def find(self, sid: str | None, owner: str | None) -> Session | None:
         """A session by id, as its owner sees it: another owner's session does not exist."""
@@ -259,7 +270,7 @@ class Chat:
             self.limiter.take_message(session.client)
             self.limiter.acquire_reply(session.client)
         except LimitError as exc:
-            raise ChatError(exc.code, exc.message, 429 if exc.code == "rate_limited" else 503) from None
+            raise ChatError(exc.code, exc.message, 429 if exc.code == "rate_limited" else 503, exc.retry_after) from None
         session.model, session.params = new_model, new_params
         return resolved
 

@@ -1,9 +1,14 @@
-"""The in-memory session store: conversation state, bounded by idle TTL and an LRU cap.
+"""The in-memory session store: conversation state, bounded by idle TTL and caps.
 
 A session holds the model and parameters chosen for it, its history, the
 connections listening to it, and at most one running reply. The store owns no
 tasks of its own but the sweeper the app starts and stops; ending a reply is
 the chat layer's job, which the store asks for through ``on_evict``.
+
+The caps (``[chat] max_sessions``, ``[limits] max_sessions_per_client``) make
+room by evicting idle sessions only (no running reply, no listener), least
+recently used first; when none is idle the new session is refused
+(``SessionLimit``): a flood of new sessions never ends someone's live one.
 """
 
 from __future__ import annotations
@@ -84,6 +89,19 @@ class Session:
         return f
 
 
+class SessionLimit(Exception):
+    """No room for a new session: every session in the way is in use."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def idle(s: Session) -> bool:
+    return s.reply is None and not s.listeners
+
+
 class SessionStore:
     """Sessions by id, least recently used first."""
 
@@ -103,11 +121,18 @@ class SessionStore:
         return iter(list(self._sessions.values()))
 
     def add(self, session: Session) -> Session:
+        """Store a new session, evicting idle ones past the caps; ``SessionLimit`` if none is idle."""
         if self._per_client.get(session.client, 0) >= self.max_per_client:
-            oldest = next(s for s in self._sessions.values() if s.client == session.client)
+            oldest = next((s for s in self._sessions.values() if s.client == session.client and idle(s)), None)
+            if oldest is None:
+                raise SessionLimit("busy", f"You have {self.max_per_client} conversations in use; "
+                                           "close one and try again.")
             self.remove(oldest.id, "too many sessions for this client")
         while len(self._sessions) >= self.max_sessions:
-            oldest = next(iter(self._sessions.values()))
+            oldest = next((s for s in self._sessions.values() if idle(s)), None)
+            if oldest is None:
+                raise SessionLimit("overloaded", "The server has too many conversations in use right now. "
+                                                 "Try again shortly.")
             self.remove(oldest.id, "session limit reached")
         self._sessions[session.id] = session
         self._per_client[session.client] = self._per_client.get(session.client, 0) + 1

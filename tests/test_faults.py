@@ -787,29 +787,108 @@ async def test_two_sse_posts_at_once_on_one_session(h, upstream):
 # ---------------------------------------------------------------------------- eviction
 
 @pytest.mark.parametrize("cap", ["max_sessions", "max_sessions_per_client"])
-async def test_eviction_mid_reply_ends_that_reply_cleanly(make_harness, upstream, cap):
+async def test_caps_never_evict_a_live_session(make_harness, upstream, cap):
+    """Past a cap, a new session takes an idle one's place; while every session is in use (a reply
+    running, or a listener), the newcomer is refused with an error frame and 1013, never the live
+    one killed (issue 10: it used to be evicted mid-reply, ``done: interrupted``)."""
     extra = "[chat]\nmax_sessions = 2" if cap == "max_sessions" else "[limits]\nmax_sessions_per_client = 1"
     h = await make_harness(extra)
     upstream.push(Script([ROLE, chunk("so far"), "hang"]))
     a = await h.start("ws")
     rid = a.first["reply"]
     await a.until("delta")
-    others = [await h.ws() for _ in range(2)]  # more sessions than the cap allows
+    if cap == "max_sessions":
+        await h.ws()  # the second of two: the cap is reached
+    refused = await h.client.ws_connect("/ws")
+    err = await refused.receive_json(timeout=5)
+    assert err["type"] == "error" and err["code"] == ("overloaded" if cap == "max_sessions" else "busy"), err
+    msg = await refused.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1013, msg
+    assert h.session(a.sid) is not None and h.session(a.sid).reply is not None, "a live session was evicted"
+    await a.stop()
+    done = await a.until("done", reply=rid)
+    assert done[-1]["finish_reason"] == "stopped"
+    # Once nobody uses it, it is the one that makes room.
+    await a.close()
+    await eventually(lambda: not h.session(a.sid).listeners, 2, "still attached")
     h.gone.add(a.sid)
-    if cap == "max_sessions_per_client":
-        h.gone.add(others[0].sid)
-    await upstream.wait_closed(1, timeout=1)
-    assert h.session(a.sid) is None
-    code = await a.expect_close()
-    assert code == 1001
-    assert any(f["type"] == "error" and f["code"] == "session_expired" for f in a.frames)
-    done = [f for f in a.frames if f["type"] == "done" and f["reply"] == rid]
-    assert len(done) == 1, f"the evicted session's client never got the end of its reply: {a.frames}"
-    assert done[0]["finish_reason"] == "interrupted"
-    # The survivors work.
-    live = others[-1]
-    assert (await live.chat("still fine"))["type"] == "start"
-    await live.until("done")
+    newcomer = await h.ws()
+    assert h.session(a.sid) is None and h.session(newcomer.sid) is not None
+    assert (await newcomer.chat("still fine"))["type"] == "start"
+    await newcomer.until("done")
+    await h.check()
+
+
+async def test_session_cap_evicts_idle_sessions_oldest_first(make_harness, upstream):
+    h = await make_harness("[chat]\nmax_sessions = 3")
+    idle = [(await h.json(await h.client.post("/api/sessions", json={})))["session"] for _ in range(2)]
+    live = await h.ws()
+    newer = await h.ws()  # makes room: the oldest idle one goes
+    assert h.session(idle[0]) is None and h.session(idle[1]) is not None
+    third = await h.ws()
+    assert h.session(idle[1]) is None
+    h.gone.update(idle)
+    r = await h.client.post("/api/sessions", json={})  # all three are in use now
+    assert r.status == 503 and (await h.json(r))["code"] == "overloaded" and "Retry-After" in r.headers
+    stream = await h.sse("POST", json={"message": "hi"})
+    assert stream.status == 503 and stream.error["code"] == "overloaded"
+    assert all(h.session(p.sid) is not None for p in (live, newer, third))
+    assert len(h.chat.sessions) == 3
+    await h.check()
+
+
+async def test_a_session_flood_from_several_addresses_never_evicts_a_live_session(make_harness, upstream):
+    """Issue 10: 120 ``POST /api/sessions`` from three addresses evicted a streaming session."""
+    h = await make_harness("[chat]\nmax_sessions = 20\n[limits]\nsessions_per_minute = 10")
+    upstream.push(Script([ROLE, chunk("so far"), "hang"]))
+    victim = await h.start("ws", "mine")
+    rid = victim.first["reply"]
+    await victim.until("delta")
+    statuses: list[int] = []
+
+    async def flood(addr: str) -> None:
+        connector = aiohttp.TCPConnector(local_addr=(addr, 0))
+        async with aiohttp.ClientSession(connector=connector) as cs:
+            for _ in range(40):
+                async with cs.post(h.client.make_url("/api/sessions"), json={}) as r:
+                    statuses.append(r.status)
+                    body = await r.read()
+                    h.http_raw.append(body)
+                    if r.status == 429:
+                        assert strict_json(body.decode())["code"] == "rate_limited"
+                        assert int(r.headers["Retry-After"]) >= 1
+
+    await asyncio.gather(*(flood(f"127.0.0.{i}") for i in (2, 3, 4)))
+    assert h.session(victim.sid) is not None and h.session(victim.sid).reply is not None, \
+        "the flood evicted a live session"
+    assert statuses.count(201) == 30 and statuses.count(429) == 90, sorted(set(statuses))
+    assert len(h.chat.sessions) <= 20
+    await victim.stop()
+    frames = await victim.until("done", reply=rid)
+    assert frames[-1]["finish_reason"] == "stopped" and victim.text(rid) == "so far"
+    await h.check()
+
+
+async def test_creating_sessions_is_rate_limited_per_client(make_harness, upstream):
+    h = await make_harness("[limits]\nsessions_per_minute = 3")
+    sids = [(await h.json(await h.client.post("/api/sessions", json={})))["session"] for _ in range(3)]
+    r = await h.client.post("/api/sessions", json={})
+    assert r.status == 429 and (await h.json(r))["code"] == "rate_limited"
+    assert 1 <= int(r.headers["Retry-After"]) <= 20
+    refused = await h.client.ws_connect("/ws")  # a WebSocket gets a clear error, then a close
+    err = await refused.receive_json(timeout=5)
+    assert err["type"] == "error" and err["code"] == "rate_limited"
+    msg = await refused.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1013
+    stream = await h.sse("POST", json={"message": "hi"})
+    assert stream.status == 429 and stream.error["code"] == "rate_limited"
+    back = await h.ws(f"/ws?session={sids[0]}")  # an existing session is no new one
+    assert back.sid == sids[0]
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=connector) as cs:  # another client is not affected
+        async with cs.post(h.client.make_url("/api/sessions"), json={}) as r:
+            assert r.status == 201
+            h.http_raw.append(await r.read())
     await h.check()
 
 

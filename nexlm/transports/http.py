@@ -36,7 +36,10 @@ async def create_session(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         return json_error("bad_request", "The request body must be a JSON object.", 400)
     owner, client = identity(request)
-    session, _ = chat.open_session(None, owner, client)
+    try:
+        session, _ = chat.open_session(None, owner, client)
+    except ChatError as exc:
+        return json_error(exc.code, exc.message, exc.status, exc.retry_after)
     try:
         chat.configure(session, body.get("model"), body.get("params"))
         if body.get("history"):

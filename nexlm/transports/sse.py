@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 from aiohttp import web
 from aiohttp_sse import sse_response
@@ -22,8 +23,9 @@ from .common import CHAT, CLOSE_DEADLINE, SETTINGS, STREAMS, cut, identity, pars
 PARAM_QUERY_KEYS = ("temperature", "top_p", "max_tokens", "system")
 
 
-def json_error(code: str, message: str, status: int) -> web.Response:
-    return web.json_response(error_event(code, message), status=status)
+def json_error(code: str, message: str, status: int, retry_after: float | None = None) -> web.Response:
+    headers = None if retry_after is None else {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    return web.json_response(error_event(code, message), status=status, headers=headers)
 
 
 async def _fields(request: web.Request) -> dict:
@@ -112,7 +114,7 @@ async def sse(request: web.Request) -> web.StreamResponse:
             else:
                 reply = chat.send(session, message, model, params)
     except ChatError as exc:
-        return json_error(exc.code, exc.message, exc.status)
+        return json_error(exc.code, exc.message, exc.status, exc.retry_after)
     return await _stream(request, chat, session, reply.log[0]["seq"] - 1, reply.id)
 
 
