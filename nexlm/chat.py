@@ -526,8 +526,9 @@ class Chat:
 
     # ------------------------------------------------------------ shutdown
 
-    async def close(self, grace: float) -> None:
-        """Let running replies finish for up to ``grace`` seconds, then interrupt the rest."""
+    async def close(self, grace: float, cancel_wait: float | None = 1.0) -> None:
+        """Let running replies finish for up to ``grace`` seconds, then interrupt the rest (and wait
+        up to ``cancel_wait`` seconds for them to record their turn: shutdown has a deadline)."""
         self.closing = True
         tasks = set(self._tasks)
         if tasks and grace > 0:
@@ -536,7 +537,7 @@ class Chat:
             if s.reply is not None:
                 self._cancel(s.reply, "interrupted")
         if self._tasks:
-            await asyncio.wait(set(self._tasks))
+            await asyncio.wait(set(self._tasks), timeout=cancel_wait)
 
 
 def _params(params: dict) -> Params:

@@ -1200,3 +1200,63 @@ async def test_lagging_listener_under_a_set_flood_is_bounded_then_closed(make_ha
     finally:
         await lagger.close()
     await h.check()
+
+
+async def test_sigterm_exits_within_the_grace_whatever_clients_do(upstream, tmp_path):
+    """Issue 10: one client that never reads made the exit take 20 s against a 5 s grace (Docker sends
+    SIGKILL at 10 s). ``python app.py`` must exit within grace + 2 s, and a client that reads still gets
+    its final ``done`` and close 1001."""
+    grace = 1.0
+    big = [ROLE] + [chunk("x" * 2000) for _ in range(3000)] + ["hang"]  # 6 MB, then nothing
+    upstream.push(Script(big), Script(big), Script([ROLE, chunk("one "), "hang"]))
+    cfg = tmp_path / "nexlm.toml"
+    cfg.write_text(extra_config(upstream.url, f"[server]\nshutdown_grace_seconds = {grace}\n"
+                                              "[limits]\nmax_queued_bytes = 0\nmax_replies_per_client = 4"))  # no bound: they stay
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NEXLM_", "DEEPSEEK_", "OPENAI_", "LOCAL_LLM", "LOCAL_MODEL"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "app.py"), "--config", str(cfg), "--port", str(port),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    raw = None
+    try:
+        async with asyncio.timeout(15):
+            assert b"NexLM is running" in await proc.stdout.readline()
+        raw = await RawWS.connect(port, rcvbuf=4096)  # reads nothing from here on
+        await raw.send_json({"type": "chat", "message": "a long one"})
+        await upstream.wait_requests(1)
+        sse_sock = socket.socket()  # an event stream nobody reads either
+        sse_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sse_sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sse_sock, ("127.0.0.1", port))
+        await asyncio.get_running_loop().sock_sendall(
+            sse_sock, f"GET /sse?message=long HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        await upstream.wait_requests(2)
+        async with aiohttp.ClientSession() as cs:
+            ws = await cs.ws_connect(f"http://127.0.0.1:{port}/ws")
+            assert (await ws.receive_json(timeout=5))["type"] == "session"
+            await ws.send_json({"type": "chat", "message": "short"})
+            frames = []
+            while not frames or frames[-1]["type"] != "delta":
+                frames.append(strict_json((await ws.receive(timeout=5)).data))
+            await asyncio.sleep(0.5)  # the first reply fills every buffer on the way to the non-reader
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            async with asyncio.timeout(grace + 5):
+                while (msg := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
+                    frames.append(strict_json(msg.data))
+            assert ws.close_code == 1001, f"closed with {ws.close_code}, not 1001 (going away)"
+            assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "interrupted"
+            async with asyncio.timeout(grace + 15):
+                code = await proc.wait()
+            elapsed = time.monotonic() - t0
+        assert code == 0
+        assert elapsed < grace + 2, f"exit took {elapsed:.1f} s with a {grace} s grace"
+        assert "Traceback" not in (await proc.stderr.read()).decode()
+    finally:
+        if raw is not None:
+            await raw.close()
+            sse_sock.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

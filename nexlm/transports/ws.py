@@ -53,7 +53,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     outbox.bound(settings.limits.max_queued_bytes)
     request.app[WEBSOCKETS].add(ws)
     request.app[STREAMS].add(transport)
-    writer = asyncio.create_task(_write(ws, outbox, transport), name=f"ws writer {session.id[:6]}")
+    writer = asyncio.create_task(_write(ws, outbox, transport, chat), name=f"ws writer {session.id[:6]}")
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -81,7 +81,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _write(ws: web.WebSocketResponse, outbox: Outbox, transport) -> None:
+async def _write(ws: web.WebSocketResponse, outbox: Outbox, transport, chat: Chat) -> None:
     seq = 0  # the last seq handed to the transport
     try:
         while batch := await outbox.get():
@@ -93,7 +93,7 @@ async def _write(ws: web.WebSocketResponse, outbox: Outbox, transport) -> None:
     if outbox.overflowed:  # dropped: the client resumes from what it has
         await close(ws, transport, WSCloseCode.TRY_AGAIN_LATER, f"too far behind; reconnect with after={seq}")
     else:  # closed under us (session evicted, server stopping): let the client reconnect
-        await close(ws, transport, WSCloseCode.GOING_AWAY, "session closed")
+        await close(ws, transport, WSCloseCode.GOING_AWAY, "server shutting down" if chat.closing else "session closed")
 
 
 async def close(ws: web.WebSocketResponse, transport, code: int, reason: str) -> None:
