@@ -1260,3 +1260,87 @@ async def test_sigterm_exits_within_the_grace_whatever_clients_do(upstream, tmp_
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def start_app(upstream, tmp_path, extra: str):
+    """``python app.py`` on a free port with the test config (+ ``extra``): (process, port)."""
+    cfg = tmp_path / "nexlm.toml"
+    cfg.write_text(extra_config(upstream.url, extra))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NEXLM_", "DEEPSEEK_", "OPENAI_", "LOCAL_LLM", "LOCAL_MODEL"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "app.py"), "--config", str(cfg), "--port", str(port),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(15):
+        line = await proc.stdout.readline()
+    assert b"NexLM is running" in line, line + await proc.stderr.read()
+    return proc, port
+
+
+async def silent_socket(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A connection that sends nothing, from ``source`` (any 127.x.y.z is loopback on Linux)."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def closed_by_server(sock: socket.socket, timeout: float) -> bytes | None:
+    """What the server sent before closing ``sock`` within ``timeout``; None if it is still open."""
+    data = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk_ := await asyncio.get_running_loop().sock_recv(sock, 4096):
+                data += chunk_
+    except TimeoutError:
+        return None
+    except ConnectionError:
+        pass
+    return data
+
+
+async def test_silent_connections_are_closed_and_capped_per_address(upstream, tmp_path):
+    """Issue 10: silent sockets were held ~75 s with no cap per address; 260 of them under a 256-fd
+    limit made /healthz fail. Past ``max_connections_per_address`` one address gets a 503 and a close
+    at once (the server's descriptors stay bounded), others are served, and a silent connection is
+    closed after ``header_timeout_seconds``."""
+    cap, extra_socks = 5, 40
+    proc, port = await start_app(upstream, tmp_path, "[server]\nheader_timeout_seconds = 1.5\n"
+                                                     f"max_connections_per_address = {cap}")
+    socks: list[socket.socket] = []
+    try:
+        fds = lambda: len(os.listdir(f"/proc/{proc.pid}/fd"))  # noqa: E731
+        before = fds()
+        t0 = time.monotonic()
+        held = [await silent_socket(port, "127.0.0.2") for _ in range(cap)]
+        socks += held
+        over = [await silent_socket(port, "127.0.0.2") for _ in range(extra_socks)]
+        socks += over
+        answers = await asyncio.gather(*(closed_by_server(s, 1.0) for s in over))
+        assert all(a is not None and a.startswith(b"HTTP/1.1 503") for a in answers), \
+            f"{sum(a is None for a in answers)} of {extra_socks} connections past the cap were kept open"
+        assert fds() <= before + cap + 3, f"{fds() - before} more descriptors for {cap} allowed connections"
+        async with aiohttp.ClientSession() as cs:  # another address is served meanwhile
+            async with cs.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+        # The silent ones are dropped after the header timeout, not after 75 s.
+        assert all(a is not None for a in await asyncio.gather(*(closed_by_server(s, 4.0) for s in held))), \
+            "a silent connection outlived the header timeout"
+        assert time.monotonic() - t0 < 5
+        # ... and then the address is welcome again.
+        connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(connector=connector) as cs:
+            async with cs.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await proc.wait() == 0
+        assert "Traceback" not in (await proc.stderr.read()).decode()
+    finally:
+        for s in socks:
+            s.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
