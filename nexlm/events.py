@@ -76,13 +76,15 @@ class Outbox:
     ``bytes`` counts what is queued plus the batch the writer took last (it is being written
     until the writer asks for the next one), so a peer that stops reading cannot hide its
     backlog in the writer. Adjacent deltas of a reply merge, and a ``session`` frame replaces
-    the pending older ones (only the newest matters). Past ``limit`` bytes with more than one
-    event pending the outbox overflows: it drops everything, closes, and calls ``on_overflow``
-    so the transport can end the connection; the client comes back with ``after=SEQ``.
+    the pending older ones (only the newest matters). Past ``limit`` bytes (``session`` frames
+    and what the connection got when it attached aside) the outbox overflows: it drops
+    everything, closes, and calls ``on_overflow`` so the transport can end the connection; the
+    client comes back with ``after=SEQ``.
     """
 
     __slots__ = ("_items", "_sizes", "_parts", "_waiter", "_drain_waiter", "_taken", "_sessions",
-                 "_delivered", "_slack", "bytes", "limit", "on_overflow", "overflowed", "closed")
+                 "_session_bytes", "_taken_sessions", "_delivered", "_slack", "bytes", "limit", "on_overflow",
+                 "overflowed", "closed")
 
     def __init__(self, on_overflow=None) -> None:
         self._items: list[dict] = []  # a list, not a deque: 56 bytes empty instead of 760, per connection
@@ -92,6 +94,8 @@ class Outbox:
         self._drain_waiter: asyncio.Future | None = None
         self._taken = 0  # bytes of the batch the writer took last
         self._sessions = 0  # session frames queued
+        self._session_bytes = 0  # their bytes
+        self._taken_sessions = 0  # bytes of the session frames in the batch taken last
         self._delivered = False  # has the writer taken anything yet
         self._slack = 0  # what the connection was given when it attached: not counted against the limit
         self.bytes = 0
@@ -122,11 +126,12 @@ class Outbox:
                 self._check()
                 return
         self._flush_parts()
+        n = size_of(event)
         if kind == "session":
             if self._sessions:
                 self._drop_sessions()
             self._sessions += 1
-        n = size_of(event)
+            self._session_bytes += n
         items.append(event)
         self._sizes.append(n)
         self.bytes += n
@@ -145,6 +150,7 @@ class Outbox:
             if ev["type"] == "session" and not (keep_first and i == 0):
                 self.bytes -= n
                 self._sessions -= 1
+                self._session_bytes -= n
                 continue
             items.append(ev)
             sizes.append(n)
@@ -155,16 +161,20 @@ class Outbox:
         it was given so far (its first ``session`` frame and the replay of what it missed, both
         bounded by the session's own limits) does not count, while it is being written."""
         self.limit = limit
-        self._slack = self.bytes
+        self._slack = self.bytes - self._session_bytes
 
     def _check(self) -> bool:
-        """Within the bound? Otherwise overflow. A single event is always allowed (a session frame
-        with a long history may be bigger than the bound all by itself)."""
-        if not self.limit or self.bytes - self._slack <= self.limit or len(self._items) + (self._taken > 0) <= 1:
+        """Within the bound? Otherwise overflow. ``session`` frames do not count: there are at most
+        three (the first, the newest pending, one being written), each bounded by the history limits,
+        and a long history must not get a connection dropped for asking for it. A single event is
+        always allowed."""
+        counted = self.bytes - self._slack - self._session_bytes - self._taken_sessions
+        if not self.limit or counted <= self.limit or len(self._items) + (self._taken > 0) <= 1:
             return True
         self.overflowed = True
         self._items, self._sizes, self._parts = [], [], None
         self.bytes = self._taken = self._sessions = self._slack = 0
+        self._session_bytes = self._taken_sessions = 0
         self.close()
         if self.on_overflow is not None:
             self.on_overflow()
@@ -197,8 +207,8 @@ class Outbox:
 
         Calling it again means the previous batch was written: its bytes stop counting then."""
         self.bytes -= self._taken
-        self._slack = max(0, self._slack - self._taken)
-        self._taken = 0
+        self._slack = max(0, self._slack - (self._taken - self._taken_sessions))
+        self._taken = self._taken_sessions = 0
         while not self._items:
             if self.closed:
                 return []
@@ -210,8 +220,9 @@ class Outbox:
         self._flush_parts()
         items, self._items = self._items, []
         self._taken = sum(self._sizes)
+        self._taken_sessions = self._session_bytes
         self._sizes = []
-        self._sessions = 0
+        self._sessions = self._session_bytes = 0
         self._delivered = True
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)

@@ -1344,3 +1344,39 @@ async def test_silent_connections_are_closed_and_capped_per_address(upstream, tm
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_an_event_stream_too_far_behind_ends_and_resumes(make_harness, upstream):
+    """The SSE side of the outbox bound: a stream whose client does not read is dropped once over
+    ``max_queued_bytes`` (the reply goes on for the others), and Last-Event-ID resumes it."""
+    h = await make_harness("[limits]\nmax_queued_bytes = 65536")
+    pieces = [f"p{i:03d}" + "x" * 996 for i in range(200)]
+    steps = [ROLE, chunk("first ")] + [s for p in pieces for s in (chunk(p), 0.002)] + [
+        chunk(finish="stop"), usage_chunk(), DONE]
+    upstream.push(Script(steps))
+    reader = await h.ws()
+    sid = reader.sid
+    sock = socket.socket()  # follows the session's reply over /sse and never reads
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        s = h.session(sid)
+        await reader.send({"type": "chat", "message": "go"})
+        start = await reader.answer("go")
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", h.client.port))
+        await asyncio.get_running_loop().sock_sendall(
+            sock, f"GET /sse?session={sid} HTTP/1.1\r\nHost: 127.0.0.1:{h.client.port}\r\n\r\n".encode())
+        await eventually(lambda: len(s.listeners) == 2, 2, "the event stream never attached")
+        shrink_send_buffers(h)
+        await reader.until("done", timeout=15, reply=start["reply"])
+        await eventually(lambda: len(s.listeners) == 1, 3, "the event stream that does not read was never dropped")
+        data = await closed_by_server(sock, 3)
+        assert data is not None, "the dropped stream's connection was left open"
+        # EventSource comes back with the last id it has: the rest follows.
+        back = await h.sse("GET", headers={"Last-Event-ID": str(start["seq"])}, params={"session": sid})
+        assert back.status == 200
+        await back.until("done")
+        assert back.text(start["reply"]) == "first " + "".join(pieces)
+    finally:
+        sock.close()
+    await h.check()

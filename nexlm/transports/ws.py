@@ -38,7 +38,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     try:
         session, existed = chat.open_session(request.query.get("session"), owner, client)
     except ChatError as exc:  # no session to be had (rate, cap): say why, then close
-        await ws.send_frame(encode(error_event(exc.code, exc.message)), WSMsgType.TEXT)
+        try:
+            await ws.send_frame(encode(error_event(exc.code, exc.message)), WSMsgType.TEXT)
+        except ConnectionError:
+            return ws
         await close(ws, transport, WSCloseCode.TRY_AGAIN_LATER, f"{exc.code}: try again later")
         return ws
     timers: list[asyncio.TimerHandle] = []  # set when the outbox overflows: the writer may be stuck in a send
@@ -63,7 +66,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 if len(outbox) >= MAX_QUEUED:
                     await outbox.drained(MAX_QUEUED)
             elif msg.type == WSMsgType.BINARY:
-                await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary frames are not supported")
+                await close(ws, transport, WSCloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
                 break
             # CLOSE / ERROR end the loop by themselves (aiohttp closes with 1009 on an oversized frame)
     finally:
