@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             app,
             host=server.host,
             port=server.port,
-            cap=listen.AddressCap(server.max_connections_per_address, server.trusted_proxies),
+            cap=listen.AddressCap(server.max_connections_per_address, server.trusted_proxies,
+                                  server.header_timeout_seconds),
             handler_cancellation=True,  # as in tests: a handler whose client left is cancelled
             shutdown_timeout=0.5,  # for plain requests; on_shutdown has already ended every stream
             access_log_class=AccessLogger,

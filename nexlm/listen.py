@@ -1,13 +1,16 @@
-"""The listening socket's own limit, below HTTP: open connections per client address.
+"""The listening socket's own limits, below HTTP: open connections per client address, and the
+time a new connection gets to send its first request's head.
 
 A client that opens connections and sends nothing holds a file descriptor each
-until ``[server] header_timeout_seconds``; with no cap per address, a few
-hundred of them exhaust the process's descriptors and ``/healthz`` fails for
-everyone. aiohttp has no hook between ``accept()`` and its protocol, so ``run``
-is ``web.run_app`` for one TCP site whose protocol factory counts connections
-per peer address and answers those past ``max_connections_per_address`` with a
-503 and closes them at once. Trusted proxies are exempt (every user arrives
-from their address).
+(aiohttp keeps a silent connection for its keep-alive timeout, 75 s); with no cap
+per address, a few hundred of them exhaust the process's descriptors and
+``/healthz`` fails for everyone. aiohttp has no hook between ``accept()`` and its
+protocol, so ``run`` is ``web.run_app`` for one TCP site whose protocol factory
+counts connections per peer address, answers those past
+``max_connections_per_address`` with a 503 and closes them at once (trusted
+proxies are exempt: every user arrives from their address), and closes a
+connection whose first request head is not complete within
+``header_timeout_seconds``.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\
 
 
 class AddressCap:
-    """Open connections per peer address; ``limit`` 0: no cap."""
+    """Open connections per peer address (``limit`` 0: no cap), and the header timeout (0: none)."""
 
-    def __init__(self, limit: int, exempt: Iterable[str] = ()) -> None:
+    def __init__(self, limit: int, exempt: Iterable[str] = (), header_timeout: float = 0.0) -> None:
         self.limit = limit
+        self.header_timeout = header_timeout
+        self.timed_out = 0
         self.exempt = frozenset(exempt)
         self.open: dict[str, int] = {}
         self.refused = 0
@@ -59,15 +64,19 @@ class AddressCap:
 
 
 class _Guard(asyncio.Protocol):
-    """In front of aiohttp's ``RequestHandler``: counts the connection, or refuses it."""
+    """In front of aiohttp's ``RequestHandler``: counts the connection, or refuses it; until the first
+    request head is complete it looks for its end, and drops the connection at the header timeout."""
 
-    __slots__ = ("_cap", "_factory", "_inner", "_addr")
+    __slots__ = ("_cap", "_factory", "_inner", "_addr", "_head", "_timer", "_transport")
 
     def __init__(self, cap: AddressCap, factory: Callable[[], asyncio.Protocol]) -> None:
         self._cap = cap
         self._factory = factory
         self._inner: asyncio.Protocol | None = None
         self._addr: str | None = None
+        self._head = b""  # the last 3 bytes of the first request so far (its end may be split across reads)
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport = None
 
     def connection_made(self, transport) -> None:
         peer = transport.get_extra_info("peername")
@@ -78,10 +87,27 @@ class _Guard(asyncio.Protocol):
             return
         if self._cap.limit and addr not in self._cap.exempt:
             self._addr = addr
+        if self._cap.header_timeout > 0:
+            self._transport = transport
+            self._timer = asyncio.get_running_loop().call_later(self._cap.header_timeout, self._too_slow)
         self._inner = self._factory()
         self._inner.connection_made(transport)
 
+    def _too_slow(self) -> None:
+        self._timer = None
+        self._cap.timed_out += 1
+        self._transport.abort()
+
     def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            head = self._head + data
+            if b"\r\n\r\n" in head:
+                self._timer.cancel()
+                self._timer = None
+                self._head = b""
+                self._transport = None
+            else:
+                self._head = head[-3:]
         if self._inner is not None:
             self._inner.data_received(data)
 
@@ -97,6 +123,10 @@ class _Guard(asyncio.Protocol):
             self._inner.resume_writing()
 
     def connection_lost(self, exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._transport = None
         if self._addr is not None:
             self._cap.release(self._addr)
             self._addr = None

@@ -43,9 +43,6 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[guard.middleware],
         client_max_size=settings.limits.max_frame_bytes,
-        # aiohttp closes a connection that is idle this long, and a new one's idle time lasts until its
-        # request's headers are complete: a silent or trickling client is dropped after this.
-        handler_args={"keepalive_timeout": settings.server.header_timeout_seconds or 3630.0},
     )
     app[SETTINGS] = settings
     app[WEBSOCKETS] = weakref.WeakSet()
