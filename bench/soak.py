@@ -1560,7 +1560,11 @@ class Hostile:
                     self.counts["set sent"] += 20
                     async with asyncio.timeout(60):
                         while True:
-                            ev = json.loads((await driver.receive()).data)
+                            msg = await driver.receive()
+                            if msg.type != WSMsgType.TEXT:
+                                self.counts[f"driver closed by NexLM: {driver.close_code}"] += 1
+                                return
+                            ev = json.loads(msg.data)
                             seq = max(seq, ev.get("seq") or 0)
                             if ev["type"] == "session":
                                 self.counts["session frames to the driver"] += 1
