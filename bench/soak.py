@@ -1554,10 +1554,12 @@ class Hostile:
             try:
                 while now() < self.deadline:
                     k += 1
-                    await driver.send_json({"type": "chat", "message": f"n=2000 iv=1 tag=hl{i}k{k}"})
-                    for j in range(20):
-                        await driver.send_json({"type": "set", "params": {"temperature": (j % 20) / 10}})
-                    self.counts["set sent"] += 20
+                    # 20 KB replies: the history, and so every session frame, grows by that much a turn;
+                    # loopback's socket buffers take a few MB before anything waits in NexLM
+                    await driver.send_json({"type": "chat", "message": f"n=5000 iv=0 tag=hl{i}k{k}"})
+                    for j in range(5):
+                        await driver.send_json({"type": "set", "params": {"temperature": j / 10}})
+                    self.counts["set sent"] += 5
                     async with asyncio.timeout(60):
                         while True:
                             msg = await driver.receive()
@@ -1575,6 +1577,11 @@ class Hostile:
                             elif ev["type"] == "done":
                                 self.counts[f"driver reply done: {ev['finish_reason']}"] += 1
                                 break
+                    try:  # a ping (masked, empty): writing is how a socket that never reads learns of a reset
+                        lag.write(b"\x89\x80\x00\x00\x00\x00")
+                        await asyncio.sleep(0)
+                    except OSError:
+                        pass
                     if lag.is_closing() or lag.transport.is_closing():
                         self.counts["lagger dropped by NexLM (too far behind)"] += 1
                         lag.close()

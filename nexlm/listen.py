@@ -190,7 +190,9 @@ async def _serve(app, host, port, cap, print_fn, kwargs) -> None:
     runner = _Runner(app, cap, handle_signals=True, **kwargs)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        # A deeper accept queue than aiohttp's 128: a burst of connections (refused or not) must not
+        # make the kernel drop other clients' SYNs, which costs them a 1-3 s retransmit.
+        site = web.TCPSite(runner, host, port, backlog=1024)
         await site.start()
         if print_fn is not None:
             print_fn(f"Running on {site.name}")
