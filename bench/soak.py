@@ -1554,12 +1554,14 @@ class Hostile:
             try:
                 while now() < self.deadline:
                     k += 1
-                    # 20 KB replies: the history, and so every session frame, grows by that much a turn;
-                    # loopback's socket buffers take a few MB before anything waits in NexLM
-                    await driver.send_json({"type": "chat", "message": f"n=5000 iv=0 tag=hl{i}k{k}"})
-                    for j in range(5):
-                        await driver.send_json({"type": "set", "params": {"temperature": j / 10}})
-                    self.counts["set sent"] += 5
+                    # 8 KB replies (the history, and so every session frame, grows by that much a turn),
+                    # and sets that each carry a new 30 KB system prompt: every session frame queued
+                    # for the lagger holds one of its own. Loopback's socket buffers take a few MB first.
+                    await driver.send_json({"type": "chat", "message": f"n=2000 iv=0 tag=hl{i}k{k}"})
+                    for j in range(30):
+                        system = f"{k}.{j} " + "s" * 30000
+                        await driver.send_json({"type": "set", "params": {"system": system}})
+                    self.counts["set sent"] += 30
                     async with asyncio.timeout(60):
                         while True:
                             msg = await driver.receive()
