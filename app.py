@@ -1,7 +1,7 @@
 """Run NexLM: ``python app.py [--config nexlm.toml] [--host H] [--port P]``.
 
-Parses arguments, loads settings, and hands ``create_app`` to ``web.run_app``.
-Everything else lives in the ``nexlm`` package.
+Parses arguments, loads settings, and hands ``create_app`` to ``nexlm.listen.run`` (``web.run_app``
+with a cap on connections per client address). Everything else lives in the ``nexlm`` package.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import os
 import sys
 from dataclasses import replace
 
-from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from nexlm import listen
 from nexlm.config import ConfigError, load_settings
 from nexlm.logsafe import BadRequestSummary, OneLine, loggable_path, printable
 from nexlm.server import create_app, startup_lines
@@ -83,12 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     shown_host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
     url = f"http://{shown_host}:{server.port}{server.base_path}/"
     try:
-        web.run_app(
+        listen.run(  # web.run_app, with [server] max_connections_per_address in front
             app,
             host=server.host,
             port=server.port,
+            cap=listen.AddressCap(server.max_connections_per_address, server.trusted_proxies,
+                                  server.header_timeout_seconds),
             handler_cancellation=True,  # as in tests: a handler whose client left is cancelled
-            shutdown_timeout=server.shutdown_grace_seconds + 5,
+            shutdown_timeout=0.5,  # for plain requests; on_shutdown has already ended every stream
             access_log_class=AccessLogger,
             print=lambda _: print("\n".join([f"NexLM is running: open {url}", *startup_lines(app)]), flush=True),
         )

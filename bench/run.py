@@ -330,7 +330,7 @@ class Bench:
         self.start_nexlm()
 
     def config_text(self) -> str:
-        server = "[server]\nuvloop = false\n" if self.args.nexlm_asyncio else ""
+        server = "[server]\nmax_connections_per_address = 0\n" + ("uvloop = false\n" if self.args.nexlm_asyncio else "")
         return f"""{server}[chat]
 default_model = "fake/fake-model"
 resume_grace_seconds = 0
@@ -340,6 +340,7 @@ messages_per_minute = 1000000
 max_replies_per_client = 1000000
 max_replies_total = 1000000
 max_sessions_per_client = 1000000
+sessions_per_minute = 0
 max_frame_bytes = 1048576
 [providers.fake]
 kind = "openai"

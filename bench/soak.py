@@ -27,6 +27,12 @@ Three processes, all on 127.0.0.1, started here and stopped at the end:
   bad frames and bad requests (malformed JSON, wrong types, unknown type, out-of-range params,
   unknown model, binary frame, oversized frame, garbage Last-Event-ID).
 
+``--hostile`` adds hostile clients for the soak phase (see ``Hostile``): non-reading listeners on
+busy sessions with ``set`` floods beside them, session floods from several addresses, login guessing
+and silent sockets, all from 127.2.x.y, while every normal user gets its own 127.1.x.y address and
+access token; NexLM's session, connection and queue limits stay on. The report adds RSS
+before/peak/after, live sessions lost (must be 0) and the normal users' completed replies.
+
 Invariants checked on every reply, as the client sees it: a reply that starts ends with exactly one
 ``done`` (when the client stayed or came back in time); ``seq`` rises on every connection and a
 resumed stream starts after the ``after`` it asked for; the text is a gap-free, duplicate-free
@@ -536,7 +542,21 @@ class Soak:
         self.t = tally
         self.deadline = deadline
         self.sessions: set[str] = set()  # every session id seen, for the final DELETE
+        self.owners: dict[str, str] = {}  # --hostile: session id -> the token that made it
         self.seed = rng_seed
+
+    # ---- --hostile: every normal user has an address and a token of its own (limits are per client)
+    def user_http(self, cid: int) -> aiohttp.ClientSession:
+        local = {"local_addr": (user_addr(cid), 0)} if self.a.hostile else {}
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, **local),
+                                     headers=bearer(user_token(cid)) if self.a.hostile else None,
+                                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                                     read_bufsize=1 << 20)
+
+    def seen(self, sid: str, cid: int) -> None:
+        self.sessions.add(sid)
+        if self.a.hostile:
+            self.owners[sid] = user_token(cid)
 
     # ---- checks shared by both transports
     def check_done(self, rv: ReplyView, who: str, expect: set[str] | None = None, ctx: str = "") -> None:
@@ -705,7 +725,7 @@ class WSClient:
                 self.t.violate("session_lost_on_reconnect", f"{self.who} had {self.sid[:8]} got "
                                                             f"{str(frame.get('session'))[:8]}")
             self.sid = frame.get("session")
-            self.s.sessions.add(self.sid)
+            self.s.seen(self.sid, self.cid)
             if after is None and frame.get("running") is None:
                 self.seq = 0
         return frame
@@ -1018,9 +1038,7 @@ class WSClient:
     async def run(self) -> None:
         kinds = list(WS_ACTIONS)
         weights = [WS_ACTIONS[k] for k in kinds]
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                          timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-                                          read_bufsize=1 << 20)
+        self.http = self.s.user_http(self.cid)
         try:
             await asyncio.sleep(self.rng.uniform(0, self.s.a.ramp))
             while now() < self.s.deadline and (not self.s.a.max_actions or self.k < self.s.a.max_actions):
@@ -1137,7 +1155,7 @@ class SSEClient:
                 self.t.violate("sse_first_event_not_session", f"{self.who} tag={rv.tag} got {ev and ev[0]}")
                 return "broken"
             self.sid = ev[1].get("session")
-            self.s.sessions.add(self.sid)
+            self.s.seen(self.sid, self.cid)
         while True:
             if drop_after is not None and rv.rid is not None and rv.tokens >= drop_after:
                 rv.t_drop = now()  # the caller closes the response right away
@@ -1404,9 +1422,7 @@ class SSEClient:
     async def run(self) -> None:
         kinds = list(SSE_ACTIONS)
         weights = [SSE_ACTIONS[k] for k in kinds]
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                          timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-                                          read_bufsize=1 << 20)
+        self.http = self.s.user_http(self.cid)
         try:
             await asyncio.sleep(self.rng.uniform(0, self.s.a.ramp))
             while now() < self.s.deadline and (not self.s.a.max_actions or self.k < self.s.a.max_actions):
@@ -1439,6 +1455,208 @@ class SSEClient:
 
 METRIC_KEYS = ["rss_mb", "hwm_mb", "threads", "fds", "sockets", "tasks", "sessions", "websockets",
                "replies_running", "up_open_connections", "up_active_streams"]
+
+
+# =============================================================== --hostile: clients that attack NexLM's limits
+
+HOSTILE_QUEUE = 65536  # [limits] max_queued_bytes in --hostile runs: small, so the laggers reach it
+HOSTILE_TOKENS = 16
+MONITOR_TOKEN = "soak-monitor"
+
+
+def user_addr(cid: int) -> str:
+    """A normal user's own source address (the whole of 127.0.0.0/8 is loopback on Linux)."""
+    return f"127.1.{cid // 250}.{cid % 250 + 1}"
+
+
+def user_token(cid: int) -> str:
+    return f"soak-user-{cid:04d}"
+
+
+def hostile_token(i: int) -> str:
+    return f"soak-hostile-{i:02d}"
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def hostile_config(text: str, a) -> str:
+    """The soak's config with NexLM's own limits back at their defaults (they are what is under test),
+    a small outbox bound, and access tokens: one per normal user, one per hostile client."""
+    text = text.replace("max_connections_per_address = 0\n", "header_timeout_seconds = 5\n")
+    text = text.replace("sessions_per_minute = 0\n", "").replace("max_sessions_per_client = 1000000\n", "")
+    text = text.replace("[limits]\n", f"[limits]\nmax_queued_bytes = {HOSTILE_QUEUE}\n")
+    tokens = [user_token(i) for i in range(max(a.clients, a.warmup_clients))]
+    tokens += [MONITOR_TOKEN] + [hostile_token(i) for i in range(HOSTILE_TOKENS)]
+    return text + "[auth]\ntokens = [" + ", ".join(json.dumps(t) for t in tokens) + "]\n"
+
+
+class Hostile:
+    """The hostile clients of ``--hostile``, next to the normal ones until ``deadline``; every loop ends then.
+
+    * laggers: a driver WebSocket chats in a loop (long replies) and sends bursts of ``set`` (each
+      answered with a ``session`` frame, history and all, to every listener), while a raw socket with a
+      4 KB receive buffer sits on the same session and never reads; when NexLM drops it (too far
+      behind) it comes back with ``after=`` and again reads nothing;
+    * session flooders: ``POST /api/sessions`` in a loop, each from its own address and token;
+    * login guessers: wrong Bearer tokens on ``/api/models`` and wrong tokens posted to ``/login``;
+    * silent sockets: 150 connections from one address that never send a byte.
+    """
+
+    LAGGERS, FLOODERS, GUESSERS, SILENT = 4, 6, 2, 150
+
+    def __init__(self, runner: "Runner", deadline: float) -> None:
+        self.url = runner.nex_url
+        self.port = runner.nex_port
+        self.deadline = deadline
+        self.counts: collections.Counter = collections.Counter()
+        self.sessions: dict[str, str] = {}  # made by hostile clients: id -> token, for the final DELETE
+
+    def http(self, addr: str, token: str | None) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, local_addr=(addr, 0)),
+                                     headers=bearer(token) if token else None,
+                                     timeout=aiohttp.ClientTimeout(total=60))
+
+    async def run(self) -> None:
+        jobs = ([self.lagger(i) for i in range(self.LAGGERS)] + [self.flooder(i) for i in range(self.FLOODERS)]
+                + [self.guesser(i) for i in range(self.GUESSERS)] + [self.silent()])
+        for res in await asyncio.gather(*jobs, return_exceptions=True):
+            if isinstance(res, BaseException):
+                self.counts[f"harness error: {type(res).__name__}: {str(res)[:80]}"] += 1
+
+    async def raw_ws(self, addr: str, token: str, path: str):
+        """A WebSocket on a plain socket with a 4 KB receive buffer, upgraded and then never read."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.bind((addr, 0))
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        writer.write((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                      f"Authorization: Bearer {token}\r\n\r\n").encode())
+        async with asyncio.timeout(15):
+            head = await reader.readuntil(b"\r\n\r\n")
+        self.counts[f"lagger upgrade {head.split(b' ', 2)[1].decode()}"] += 1
+        return writer
+
+    async def lagger(self, i: int) -> None:
+        addr, token = f"127.2.0.{i + 1}", hostile_token(i)
+        async with self.http(addr, token) as http:
+            driver = await http.ws_connect(self.url + "/ws", max_msg_size=0)
+            first = await driver.receive_json(timeout=15)
+            sid, seq = first["session"], first.get("seq", 0)
+            self.sessions[sid] = token
+            lag = await self.raw_ws(addr, token, f"/ws?session={sid}")
+            k = 0
+            try:
+                while now() < self.deadline:
+                    k += 1
+                    # 8 KB replies (the history, and so every session frame, grows by that much a turn),
+                    # and sets that each carry a new 30 KB system prompt: every session frame queued
+                    # for the lagger holds one of its own. Loopback's socket buffers take a few MB first.
+                    await driver.send_json({"type": "chat", "message": f"n=2000 iv=0 tag=hl{i}k{k}"})
+                    for j in range(30):
+                        system = f"{k}.{j} " + "s" * 30000
+                        await driver.send_json({"type": "set", "params": {"system": system}})
+                    self.counts["set sent"] += 30
+                    async with asyncio.timeout(60):
+                        while True:
+                            msg = await driver.receive()
+                            if msg.type != WSMsgType.TEXT:
+                                self.counts[f"driver closed by NexLM: {driver.close_code}"] += 1
+                                return
+                            ev = json.loads(msg.data)
+                            seq = max(seq, ev.get("seq") or 0)
+                            if ev["type"] == "session":
+                                self.counts["session frames to the driver"] += 1
+                            elif ev["type"] == "error" and "reply" not in ev:
+                                self.counts[f"driver refused: {ev['code']}"] += 1
+                                if ev["code"] != "busy":
+                                    break
+                            elif ev["type"] == "done":
+                                self.counts[f"driver reply done: {ev['finish_reason']}"] += 1
+                                break
+                    try:  # a ping (masked, empty): writing is how a socket that never reads learns of a reset
+                        lag.write(b"\x89\x80\x00\x00\x00\x00")
+                        await asyncio.sleep(0)
+                    except OSError:
+                        pass
+                    if lag.is_closing() or lag.transport.is_closing():
+                        self.counts["lagger dropped by NexLM (too far behind)"] += 1
+                        lag.close()
+                        lag = await self.raw_ws(addr, token, f"/ws?session={sid}&after={seq}")
+                        self.counts["lagger came back with after="] += 1
+            finally:
+                lag.close()
+                await driver.close()
+
+    async def flooder(self, i: int) -> None:
+        addr, token = f"127.2.1.{i + 1}", hostile_token(self.LAGGERS + i)
+        async with self.http(addr, token) as http:
+            while now() < self.deadline:
+                async with http.post(self.url + "/api/sessions", json={}) as r:
+                    self.counts[f"POST /api/sessions {r.status}"] += 1
+                    if r.status == 201:
+                        self.sessions[(await r.json())["session"]] = token
+                    elif r.status == 429 and "Retry-After" not in r.headers:
+                        self.counts["429 without Retry-After"] += 1
+                await asyncio.sleep(0.02)
+
+    async def guesser(self, i: int) -> None:
+        async with self.http(f"127.2.2.{i + 1}", None) as http:
+            k = 0
+            while now() < self.deadline:
+                k += 1
+                async with http.get(self.url + "/api/models", headers=bearer(f"guess-{i}-{k}")) as r:
+                    self.counts[f"wrong Bearer: {r.status}"] += 1
+                async with http.post(self.url + "/login", data={"token": f"guess-{i}-{k}"},
+                                     allow_redirects=False) as r:
+                    self.counts[f"POST /login wrong token: {r.status}"] += 1
+                await asyncio.sleep(0.02)
+
+    async def silent(self) -> None:
+        """Keep up to SILENT silent connections open from one address; see which NexLM refuses or drops."""
+        loop = asyncio.get_running_loop()
+        socks: list[socket.socket] = []
+        try:
+            while now() < self.deadline:
+                while len(socks) < self.SILENT:
+                    sock = socket.socket()
+                    sock.bind(("127.2.3.1", 0))
+                    sock.setblocking(False)
+                    try:
+                        await loop.sock_connect(sock, ("127.0.0.1", self.port))
+                    except OSError as exc:
+                        self.counts[f"silent connect failed: {exc.__class__.__name__}"] += 1
+                        sock.close()
+                        break
+                    socks.append(sock)
+                    self.counts["silent connections opened"] += 1
+                await asyncio.sleep(1.0)
+                alive = []
+                for sock in socks:
+                    try:
+                        data = sock.recv(4096)
+                    except BlockingIOError:
+                        alive.append(sock)
+                        continue
+                    except OSError:
+                        data = b""
+                    self.counts["silent: refused at once (503, cap per address)" if data.startswith(b"HTTP/1.1 503")
+                                else "silent: closed by NexLM (header timeout)"] += 1
+                    sock.close()
+                socks = alive
+                self.counts["silent: most held open at once"] = max(self.counts["silent: most held open at once"],
+                                                                   len(socks))
+        finally:
+            for sock in socks:
+                sock.close()
+
+    def report(self) -> dict:
+        return dict(sorted(self.counts.items()))
 
 
 class Runner:
@@ -1480,8 +1698,14 @@ class Runner:
         self.nex_url = f"http://127.0.0.1:{self.nex_port}"
 
     def config_text(self) -> str:
+        if self.a.hostile:
+            return hostile_config(self.config_plain(), self.a)
+        return self.config_plain()
+
+    def config_plain(self) -> str:
         return f"""[server]
 shutdown_grace_seconds = 2
+max_connections_per_address = 0
 [chat]
 default_model = "soak/fake-model"
 resume_grace_seconds = {GRACE:g}
@@ -1492,6 +1716,7 @@ messages_per_minute = 1000000
 max_replies_per_client = 1000000
 max_replies_total = 1000000
 max_sessions_per_client = 1000000
+sessions_per_minute = 0
 max_frame_bytes = 1048576
 [providers.soak]
 kind = "openai"
@@ -1608,7 +1833,9 @@ retry_max_seconds = 6
             async def one(sid):
                 async with sem:
                     try:
-                        async with http.delete(f"{self.nex_url}/api/sessions/{sid}") as r:
+                        owner = soak.owners.get(sid)
+                        async with http.delete(f"{self.nex_url}/api/sessions/{sid}",
+                                               headers=bearer(owner) if owner else None) as r:
                             statuses[str(r.status)] += 1
                     except Exception as exc:  # noqa: BLE001
                         statuses[type(exc).__name__] += 1
@@ -1655,6 +1882,7 @@ retry_max_seconds = 6
         # same way at baseline and at the end); a fresh connection per upstream /stats, so that the
         # upstream's count minus the /stats request's own connection is NexLM's.
         self.mon_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
+                                              headers=bearer(MONITOR_TOKEN) if a.hostile else None,
                                               timeout=aiohttp.ClientTimeout(total=30))
         self.up_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
                                              timeout=aiohttp.ClientTimeout(total=30))
@@ -1685,7 +1913,15 @@ retry_max_seconds = 6
             progress = asyncio.create_task(self.progress(tally, seconds))
             t0 = now()
             cpu0 = await self.sample()
+            hostile = Hostile(self, now() + seconds) if a.hostile else None
+            hostile_task = asyncio.create_task(hostile.run()) if hostile else None
             soak = await self.run_clients(a.clients, seconds, tally, a.seed)
+            if hostile_task is not None:
+                await hostile_task
+                for sid, token in hostile.sessions.items():
+                    soak.sessions.add(sid)
+                    soak.owners[sid] = token
+                self.res["hostile"] = hostile.report()
             t_clients = now() - t0
             stop.set()
             await mon
@@ -1837,6 +2073,27 @@ def session_leak_line(res: dict, t: Tally) -> str:
     return line
 
 
+def hostile_lines(res: dict, t: Tally, samples: list[dict]) -> list[str]:
+    h = res.get("hostile")
+    if h is None:
+        return []
+    lost = t.violations.get("session_lost_on_reconnect", 0) + t.reply_errors.get("session_expired", 0)
+    peak = max(s["rss_mb"] for s in samples)
+    return [
+        "",
+        "## Hostile clients (--hostile)", "",
+        f"- NexLM's own limits at their defaults, but `[limits] max_queued_bytes = {HOSTILE_QUEUE}`, "
+        "`[server] header_timeout_seconds = 5`, access tokens on (one per normal user, each also on its own "
+        f"127.1.x.y address); {Hostile.LAGGERS} laggers, {Hostile.FLOODERS} session flooders, "
+        f"{Hostile.GUESSERS} login guessers, {Hostile.SILENT} silent sockets, each on 127.2.x.y addresses",
+        f"- RSS: before {res['baseline']['rss_mb']:.1f} MB, peak {peak:.1f} MB, after {res['end']['rss_mb']:.1f} MB",
+        f"- live sessions of normal users lost (session_expired, or a different session on reconnect): **{lost}**",
+        f"- normal users' replies completed: {t.replies_done:,} ({t.finishes.get('stop', 0):,} with finish_reason "
+        "stop; the rest stopped, interrupted or failed by the injected upstream faults)",
+        "- hostile clients: " + ", ".join(f"{k} ×{v:,}" for k, v in h.items()),
+    ]
+
+
 def render(res: dict, samples: list[dict], args, argv: list[str]) -> tuple[str, bool]:
     t: Tally = res["tally"]
     rows = metric_rows(res, samples)
@@ -1875,6 +2132,7 @@ def render(res: dict, samples: list[dict], args, argv: list[str]) -> tuple[str, 
         "see the RSS timeline below for whether it plateaued",
         heap_line(res),
         session_leak_line(res, t),
+        *hostile_lines(res, t, samples),
         "",
         "| figure (NexLM process) | baseline | peak during soak | end of load | end (settled) | end vs baseline |",
         "|---|---|---|---|---|---|",
@@ -1985,6 +2243,9 @@ def render(res: dict, samples: list[dict], args, argv: list[str]) -> tuple[str, 
               "- RSS is what the kernel counts for the process; Python's allocator (and glibc's) keeps freed arenas, "
               "so RSS after a load can stay above its baseline without a leak. The Python-level counts (tasks, fds, "
               "sessions, WebSockets, replies, upstream connections) are the figures that must return.",
+              "- Every normal user has its own 127.1.x.y address and access token, so NexLM's per-client limits "
+              "count each on its own; the message and reply limits are lifted (as bench/run.py does), the "
+              "session, connection and queue limits are not." if args.hostile else
               "- Every client is on 127.0.0.1 and counts as one client for NexLM's limits, which the config lifts "
               "(as bench/run.py does)."]
     for n in res.get("notes", []):
@@ -2042,6 +2303,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-logs", action="store_true")
     ap.add_argument("--plain", action="store_true",
                     help="run app.py directly, without the launcher's heap probe (SIGUSR2 -> gc.collect())")
+    ap.add_argument("--hostile", action="store_true",
+                    help="also run hostile clients (non-reading listeners on busy sessions, set floods, session "
+                         "floods from several addresses, login guessing, silent sockets) against NexLM's own limits")
     ap.add_argument("--hold", type=float, default=0.0,
                     help="keep NexLM and the upstream running this long after the end (to inspect or profile them)")
     argv = sys.argv[1:] if argv is None else argv

@@ -61,6 +61,8 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = ()  # peers (IPs or CIDR ranges) whose X-Forwarded-* and user header are believed
     shutdown_grace_seconds: float = 5.0  # how long running replies get on SIGTERM
     heartbeat_seconds: float = 30.0  # WebSocket ping interval; a peer that misses one is dropped
+    header_timeout_seconds: float = 10.0  # a connection that sends no complete request headers in this long is closed
+    max_connections_per_address: int = 100  # open connections per client address (trusted_proxies exempt); 0: no cap
     uvloop: bool = True  # use uvloop's event loop when it is installed
 
 
@@ -84,6 +86,8 @@ class LimitsConfig:
     max_replies_per_client: int = 2  # concurrent
     max_replies_total: int = 256  # concurrent, whole server
     max_sessions_per_client: int = 50
+    sessions_per_minute: int = 30  # new sessions per client (token bucket); 0: no limit
+    max_queued_bytes: int = 4194304  # per connection, not yet written; past it the connection is closed
 
 
 @dataclass(frozen=True)

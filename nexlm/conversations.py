@@ -45,7 +45,7 @@ class View:
     history: list[dict]
     seq: int
     reply: str | None  # the running reply's id
-    listeners: tuple[int, ...]  # each listener's queued events
+    listeners: tuple  # each listener's outbox (its length and .bytes: what is queued for it)
     grace_timer: bool
 
 
@@ -92,6 +92,13 @@ class Conversations:
         return live if live.conv.owner == owner else None
 
     async def create(self, owner: str | None, client: str) -> Live:
+        """A new conversation. It counts against the client's ``sessions_per_minute``
+        (``rate_limited``, 429) and needs room in the store (``overloaded``/``busy``, 503,
+        when every conversation in the way is in use)."""
+        try:
+            self.limiter.take_session(client)
+        except LimitError as exc:
+            raise ChatError(exc.code, exc.message, 429, exc.retry_after) from None
         conv = Conversation(owner, client, self.registry.default_model())
         try:
             evicted = await self.store.add(conv)
@@ -196,7 +203,8 @@ class Conversations:
             self.limiter.take_message(live.conv.client)
             self.limiter.acquire_reply(live.conv.client)
         except LimitError as exc:
-            raise ChatError(exc.code, exc.message, 429 if exc.code == "rate_limited" else 503) from None
+            raise ChatError(exc.code, exc.message, 429 if exc.code == "rate_limited" else 503,
+                            exc.retry_after) from None
         live.conv.model, live.conv.params = new_model, new_params
         return resolved
 
@@ -342,8 +350,9 @@ class Conversations:
             await asyncio.sleep(interval)
             await self.housekeeping_once()
 
-    async def close(self, grace: float, cancel_wait: float | None = None) -> None:
-        """Let running replies finish for up to ``grace`` seconds, then interrupt the rest."""
+    async def close(self, grace: float, cancel_wait: float | None = 1.0) -> None:
+        """Let running replies finish for up to ``grace`` seconds, then interrupt the rest (and wait
+        up to ``cancel_wait`` seconds for them to record their turn: shutdown has a deadline)."""
         self.closing = True
         await self.runner.close(grace, list(self.live.values()), cancel_wait)
         for live in list(self.live.values()):
@@ -361,7 +370,7 @@ class Conversations:
             return None
         return View(conv.id, conv.owner, conv.model, dict(conv.params), [dict(t) for t in conv.history], conv.seq,
                     live.reply.id if live is not None and live.reply is not None else None,
-                    tuple(len(o) for o in self.events.listeners(sid)),
+                    tuple(self.events.listeners(sid)),
                     live is not None and live.grace_timer is not None)
 
     def views(self) -> list[View]:

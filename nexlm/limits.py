@@ -14,40 +14,36 @@ from .config import LimitsConfig
 
 
 class LimitError(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after = retry_after  # seconds, for a Retry-After header
 
 
 class Limiter:
     def __init__(self, config: LimitsConfig) -> None:
         self.config = config
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill)
+        self._session_buckets: dict[str, tuple[float, float]] = {}  # the same, for new sessions
         self._running: dict[str, int] = {}
         self.running_total = 0
 
     def take_message(self, client: str, now: float | None = None) -> None:
         """Count one message against the client's rate; raise ``rate_limited`` when over."""
         rate = self.config.messages_per_minute
-        if rate <= 0:
-            return
-        now = time.monotonic() if now is None else now
-        tokens, last = self._buckets.get(client, (float(rate), now))
-        tokens = min(float(rate), tokens + (now - last) * rate / 60.0)
-        if tokens < 1.0:
-            wait = (1.0 - tokens) * 60.0 / rate
-            self._buckets[client] = (tokens, now)
-            raise LimitError("rate_limited", f"Too many messages: the limit is {rate} per minute. Try again in {wait:.0f} s.")
-        self._buckets[client] = (tokens - 1.0, now)
-        if len(self._buckets) > 10000:
-            self._prune(now)
+        wait = _take(self._buckets, rate, client, now)
+        if wait is not None:
+            raise LimitError("rate_limited", f"Too many messages: the limit is {rate} per minute. "
+                             f"Try again in {wait:.0f} s.", wait)
 
-    def _prune(self, now: float) -> None:
-        rate = self.config.messages_per_minute
-        full = [c for c, (t, last) in self._buckets.items() if t + (now - last) * rate / 60.0 >= rate]
-        for c in full:
-            del self._buckets[c]
+    def take_session(self, client: str, now: float | None = None) -> None:
+        """Count one new session against the client's ``sessions_per_minute``."""
+        rate = self.config.sessions_per_minute
+        wait = _take(self._session_buckets, rate, client, now)
+        if wait is not None:
+            raise LimitError("rate_limited", f"Too many new conversations: the limit is {rate} per minute. "
+                             f"Try again in {wait:.0f} s.", wait)
 
     def acquire_reply(self, client: str) -> None:
         """Reserve a running-reply slot; ``release_reply`` must follow, once."""
@@ -71,3 +67,27 @@ class Limiter:
         else:
             self._running.pop(client, None)
         self.running_total = max(0, self.running_total - 1)
+
+
+def _take(buckets: dict[str, tuple[float, float]], rate: int, client: str, now: float | None) -> float | None:
+    """Take one token from ``client``'s bucket (``rate`` per minute, bursts up to ``rate``):
+    ``None`` if there was one, else the seconds until there is."""
+    if rate <= 0:
+        return None
+    now = time.monotonic() if now is None else now
+    tokens, last = buckets.get(client, (float(rate), now))
+    tokens = min(float(rate), tokens + (now - last) * rate / 60.0)
+    if tokens < 1.0:
+        buckets[client] = (tokens, now)
+        return (1.0 - tokens) * 60.0 / rate
+    buckets[client] = (tokens - 1.0, now)
+    if len(buckets) > 10000:
+        _prune(buckets, rate, now)
+    return None
+
+
+def _prune(buckets: dict[str, tuple[float, float]], rate: int, now: float) -> None:
+    """Forget clients whose bucket has refilled: they are as good as new."""
+    full = [c for c, (t, last) in buckets.items() if t + (now - last) * rate / 60.0 >= rate]
+    for c in full:
+        del buckets[c]

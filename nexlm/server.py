@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import aiohttp_jinja2
 import jinja2
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from . import __version__
 from .appkeys import (
@@ -28,6 +28,7 @@ from .appkeys import (
     LOOP_LAG,
     REGISTRY,
     SETTINGS,
+    STREAMS,
     WEBSOCKETS,
 )
 from .config import Settings
@@ -36,6 +37,7 @@ from .looplag import LoopLag
 from .providers.registry import Registry
 from .security import Guard
 from .transports import http, sse, ws
+from .transports.common import CLOSE_DEADLINE, cut
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[GUARD] = guard
     app[WEBSOCKETS] = weakref.WeakSet()
+    app[STREAMS] = set()
     app[LOOP_LAG] = LoopLag()
     app.on_response_prepare.append(guard.on_prepare)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(ROOT / "templates"), autoescape=True)
@@ -129,18 +132,22 @@ async def _resources(app: web.Application):
             for task in (sweeper, lag):
                 task.cancel()
             await asyncio.wait([sweeper, lag])
-            await chat.close(0)  # normally done in _shutdown already; this catches test teardown
+            await chat.close(0, None)  # normally done in _shutdown already; this catches test teardown
             await registry.close()
 
 
 async def _shutdown(app: web.Application) -> None:
-    """SIGTERM/SIGINT: running replies finish or stop within the grace, then clients are told to reconnect."""
-    await app[CONVERSATIONS].close(app[SETTINGS].server.shutdown_grace_seconds)
-    socks = list(app[WEBSOCKETS])
-    if socks:
-        await asyncio.gather(*(_close(s) for s in socks), return_exceptions=True)
-
-
-async def _close(sock: web.WebSocketResponse) -> None:
-    async with asyncio.timeout(2):
-        await sock.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    """SIGTERM/SIGINT: running replies finish or stop within the grace, then clients are told to
+    reconnect; everything is over within the grace plus ``CLOSE_DEADLINE``, whatever clients do."""
+    # Closing each outbox (in close) lets its writer flush the final events, then close with 1001
+    # (SSE: the stream ends), under the write deadline. A peer that does not read is cut after it.
+    await app[CONVERSATIONS].close(app[SETTINGS].server.shutdown_grace_seconds, cancel_wait=1.0)
+    streams = app[STREAMS]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CLOSE_DEADLINE
+    while streams and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    if streams:
+        log.info("shutdown: cutting %d connections that did not take their last events", len(streams))
+        for transport in list(streams):
+            cut(transport)

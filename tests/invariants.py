@@ -12,7 +12,9 @@ which user messages the server accepted (it answered with ``start``).
   every user turn is followed by exactly one assistant turn (none left streaming);
 - the assistant turn of every reply a client saw from ``start`` to ``done`` holds
   exactly the text that was streamed to it, with the ``done``'s finish_reason;
-- every ``start`` a still-connected client saw was followed by exactly one ``done``;
+- every ``start`` a still-connected client saw was followed by exactly one ``done`` (also when the
+  server closed it with 1000/1001; a 1013, "too far behind", may cut a reply short: it resumes);
+  a server's close code is one the protocol documents;
 - no session has a running reply, a grace timer or a listener left; the limiter's
   counters are back to zero; the chat layer holds no reply task;
 - no task running NexLM code is left behind (beyond the app's sweeper and loop-lag
@@ -45,6 +47,9 @@ APP_TASKS = ("session sweeper", "loop lag")  # the app's own long-lived tasks
 KINDS = {"session", "start", "status", "delta", "reasoning", "done", "error", "pong"}
 REPLY_KINDS = {"start", "status", "delta", "reasoning", "done"}
 FINISH_REASONS = {"stop", "length", "stopped", "error", "interrupted", "content_filter", "tool_calls"}
+# What a server close may say (docs/protocol.md): 1000/1001 end cleanly, after every reply's done;
+# 1013 (too far behind, or no session) and 1003/1009 (bad frames) may cut a reply short; 1006: cut.
+CLOSE_CODES = {1000, 1001, 1003, 1006, 1009, 1013}
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -487,6 +492,7 @@ class Harness:
             if f["type"] == "done":
                 dones[rid] += 1
                 assert f["finish_reason"] in FINISH_REASONS, f
+        assert c.close_code is None or c.close_code in CLOSE_CODES, f"{c.transport}: closed with {c.close_code}"
         # A connection the client kept open (or the server closed with "going away") sees every reply end.
         if not c.closed_by_client and c.close_code in (None, 1000, 1001):
             missing = [rid for rid in seen_start if dones[rid] != 1]

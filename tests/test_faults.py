@@ -811,29 +811,108 @@ async def test_two_sse_posts_at_once_on_one_session(h, upstream):
 # ---------------------------------------------------------------------------- eviction
 
 @pytest.mark.parametrize("cap", ["max_sessions", "max_sessions_per_client"])
-async def test_eviction_mid_reply_ends_that_reply_cleanly(make_harness, upstream, cap):
+async def test_caps_never_evict_a_live_session(make_harness, upstream, cap):
+    """Past a cap, a new session takes an idle one's place; while every session is in use (a reply
+    running, or a listener), the newcomer is refused with an error frame and 1013, never the live
+    one killed (issue 10: it used to be evicted mid-reply, ``done: interrupted``)."""
     extra = "[chat]\nmax_sessions = 2" if cap == "max_sessions" else "[limits]\nmax_sessions_per_client = 1"
     h = await make_harness(extra)
     upstream.push(Script([ROLE, chunk("so far"), "hang"]))
     a = await h.start("ws")
     rid = a.first["reply"]
     await a.until("delta")
-    others = [await h.ws() for _ in range(2)]  # more sessions than the cap allows
+    if cap == "max_sessions":
+        await h.ws()  # the second of two: the cap is reached
+    refused = await h.client.ws_connect("/ws")
+    err = await refused.receive_json(timeout=5)
+    assert err["type"] == "error" and err["code"] == ("overloaded" if cap == "max_sessions" else "busy"), err
+    msg = await refused.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1013, msg
+    assert h.session(a.sid) is not None and h.session(a.sid).reply is not None, "a live session was evicted"
+    await a.stop()
+    done = await a.until("done", reply=rid)
+    assert done[-1]["finish_reason"] == "stopped"
+    # Once nobody uses it, it is the one that makes room.
+    await a.close()
+    await eventually(lambda: not h.session(a.sid).listeners, 2, "still attached")
     h.gone.add(a.sid)
-    if cap == "max_sessions_per_client":
-        h.gone.add(others[0].sid)
-    await upstream.wait_closed(1, timeout=1)
-    assert h.session(a.sid) is None
-    code = await a.expect_close()
-    assert code == 1001
-    assert any(f["type"] == "error" and f["code"] == "session_expired" for f in a.frames)
-    done = [f for f in a.frames if f["type"] == "done" and f["reply"] == rid]
-    assert len(done) == 1, f"the evicted session's client never got the end of its reply: {a.frames}"
-    assert done[0]["finish_reason"] == "interrupted"
-    # The survivors work.
-    live = others[-1]
-    assert (await live.chat("still fine"))["type"] == "start"
-    await live.until("done")
+    newcomer = await h.ws()
+    assert h.session(a.sid) is None and h.session(newcomer.sid) is not None
+    assert (await newcomer.chat("still fine"))["type"] == "start"
+    await newcomer.until("done")
+    await h.check()
+
+
+async def test_session_cap_evicts_idle_sessions_oldest_first(make_harness, upstream):
+    h = await make_harness("[chat]\nmax_sessions = 3")
+    idle = [(await h.json(await h.client.post("/api/sessions", json={})))["session"] for _ in range(2)]
+    live = await h.ws()
+    newer = await h.ws()  # makes room: the oldest idle one goes
+    assert h.session(idle[0]) is None and h.session(idle[1]) is not None
+    third = await h.ws()
+    assert h.session(idle[1]) is None
+    h.gone.update(idle)
+    r = await h.client.post("/api/sessions", json={})  # all three are in use now
+    assert r.status == 503 and (await h.json(r))["code"] == "overloaded" and "Retry-After" in r.headers
+    stream = await h.sse("POST", json={"message": "hi"})
+    assert stream.status == 503 and stream.error["code"] == "overloaded"
+    assert all(h.session(p.sid) is not None for p in (live, newer, third))
+    assert h.chat.stats()["sessions"] == 3
+    await h.check()
+
+
+async def test_a_session_flood_from_several_addresses_never_evicts_a_live_session(make_harness, upstream):
+    """Issue 10: 120 ``POST /api/sessions`` from three addresses evicted a streaming session."""
+    h = await make_harness("[chat]\nmax_sessions = 20\n[limits]\nsessions_per_minute = 10")
+    upstream.push(Script([ROLE, chunk("so far"), "hang"]))
+    victim = await h.start("ws", "mine")
+    rid = victim.first["reply"]
+    await victim.until("delta")
+    statuses: list[int] = []
+
+    async def flood(addr: str) -> None:
+        connector = aiohttp.TCPConnector(local_addr=(addr, 0))
+        async with aiohttp.ClientSession(connector=connector) as cs:
+            for _ in range(40):
+                async with cs.post(h.client.make_url("/api/sessions"), json={}) as r:
+                    statuses.append(r.status)
+                    body = await r.read()
+                    h.http_raw.append(body)
+                    if r.status == 429:
+                        assert strict_json(body.decode())["code"] == "rate_limited"
+                        assert int(r.headers["Retry-After"]) >= 1
+
+    await asyncio.gather(*(flood(f"127.0.0.{i}") for i in (2, 3, 4)))
+    assert h.session(victim.sid) is not None and h.session(victim.sid).reply is not None, \
+        "the flood evicted a live session"
+    assert statuses.count(201) == 30 and statuses.count(429) == 90, sorted(set(statuses))
+    assert h.chat.stats()["sessions"] <= 20
+    await victim.stop()
+    frames = await victim.until("done", reply=rid)
+    assert frames[-1]["finish_reason"] == "stopped" and victim.text(rid) == "so far"
+    await h.check()
+
+
+async def test_creating_sessions_is_rate_limited_per_client(make_harness, upstream):
+    h = await make_harness("[limits]\nsessions_per_minute = 3")
+    sids = [(await h.json(await h.client.post("/api/sessions", json={})))["session"] for _ in range(3)]
+    r = await h.client.post("/api/sessions", json={})
+    assert r.status == 429 and (await h.json(r))["code"] == "rate_limited"
+    assert 1 <= int(r.headers["Retry-After"]) <= 20
+    refused = await h.client.ws_connect("/ws")  # a WebSocket gets a clear error, then a close
+    err = await refused.receive_json(timeout=5)
+    assert err["type"] == "error" and err["code"] == "rate_limited"
+    msg = await refused.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1013
+    stream = await h.sse("POST", json={"message": "hi"})
+    assert stream.status == 429 and stream.error["code"] == "rate_limited"
+    back = await h.ws(f"/ws?session={sids[0]}")  # an existing session is no new one
+    assert back.sid == sids[0]
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=connector) as cs:  # another client is not affected
+        async with cs.post(h.client.make_url("/api/sessions"), json={}) as r:
+            assert r.status == 201
+            h.http_raw.append(await r.read())
     await h.check()
 
 
@@ -884,7 +963,7 @@ async def test_slow_reader_gets_merged_deltas_with_bounded_memory(h, upstream):
         most = 0
         async with asyncio.timeout(15):
             while s.reply is not None:  # sample the server's per-connection queue while the reply runs
-                most = max([most] + list(s.listeners))
+                most = max([most] + [len(o) for o in s.listeners])
                 await asyncio.sleep(0.002)
         assert most <= 3, f"the outbox held {most} events for a reader that does not read"
         frames = []
@@ -919,7 +998,7 @@ async def test_client_that_sends_without_reading_has_bounded_memory(h, upstream)
                 for i in range(20000):
                     await raw.send(b'{"type": "no-such-command"}')
                     if i % 250 == 0:
-                        most = max([most] + list(s.listeners))
+                        most = max([most] + [len(o) for o in s.listeners])
                         await asyncio.sleep(0)
         except TimeoutError:
             pass  # the server stopped reading: back-pressure reached this client
@@ -927,7 +1006,7 @@ async def test_client_that_sends_without_reading_has_bounded_memory(h, upstream)
             pass  # the server closed the connection
         deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline:  # what the server had read is being queued: watch it
-            most = max([most] + list(s.listeners))
+            most = max([most] + [len(o) for o in s.listeners])
             await asyncio.sleep(0.01)
         assert most <= 1000, f"{most} events queued for a client that does not read"
     finally:
@@ -1073,3 +1152,255 @@ async def test_sigterm_with_an_sse_reply_and_an_idle_socket(upstream, tmp_path):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# ---------------------------------------------------------------------------- hostile clients (issue 10)
+
+def queued_bytes(outbox) -> int:
+    """What the server holds for one connection: the outbox's own count (queued + being written),
+    or, where it keeps none, the encoded size of what is queued."""
+    if hasattr(outbox, "bytes"):
+        return outbox.bytes
+    from nexlm.events import encode
+    return sum(len(encode(e)) for e in outbox._items)
+
+
+def shrink_send_buffers(h) -> None:
+    """Loopback sockets buffer megabytes; shrink the server side's as a slow network would."""
+    for conn in h.client.server.runner.server.connections:
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+
+async def read_to_close(raw: RawWS, timeout: float = 5.0) -> int | None:
+    """Read a raw WebSocket until the server closes it: the close code, or None for a cut connection."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                op, payload = await raw.recv(timeout)
+                if op == 0x8:
+                    return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+
+
+async def test_lagging_listener_under_a_set_flood_is_bounded_then_closed(make_harness, upstream):
+    """One connection attaches and stops reading; another sends ``set`` in a loop, each answered with a
+    ``session`` frame carrying the whole history to every listener. The lagging listener's queue stays
+    bounded (session frames coalesce), a reply that pushes it past ``max_queued_bytes`` closes it with
+    1013, and it comes back with ``after=``."""
+    limit = 65536
+    h = await make_harness(f"[limits]\nmax_queued_bytes = {limit}")
+    history = [{"role": "user", "content": "q" * 5000}, {"role": "assistant", "content": "a" * 5000}] * 2
+    r = await h.client.post("/api/sessions", json={"history": history})
+    sid = (await h.json(r))["session"]
+    h.nonlinear.add(sid)
+    lagger = await RawWS.connect(h.client.port, f"/ws?session={sid}", rcvbuf=4096)
+    try:
+        shrink_send_buffers(h)
+        s = h.session(sid)
+        (lag_box,) = s.listeners
+        busy = await h.ws(f"/ws?session={sid}")
+        most = 0
+        for i in range(300):
+            await busy.send({"type": "set", "params": {"temperature": (i % 20) / 10}})
+            await busy.until("session")
+            most = max(most, queued_bytes(lag_box))
+        assert most <= 2 * limit, f"{most} bytes queued for a listener that does not read (bound {limit})"
+        # A reply's deltas push it over the bound: it is dropped, the reply is not slowed.
+        seq_before = s.seq
+        pieces = [f"p{i:03d}" + "x" * 996 for i in range(200)]
+        steps = [ROLE] + [s for p in pieces for s in (chunk(p), 0.002)] + [chunk(finish="stop"), usage_chunk(), DONE]
+        upstream.push(Script(steps))  # paced, so the reading connection keeps up
+        assert (await busy.chat("go"))["type"] == "start"
+        await busy.until("done", timeout=10)
+        await eventually(lambda: lag_box not in s.listeners, 3, "the lagging listener was never dropped")
+        assert queued_bytes(lag_box) == 0, "a dropped listener's queue was not freed"
+        code = await read_to_close(lagger)
+        assert code in (None, 1013), f"closed with {code}"
+        # It comes back and gets exactly what it missed.
+        back = await h.ws(f"/ws?session={sid}&after={seq_before}")
+        frames = await back.until("done")
+        assert "".join(f["content"] for f in frames if f["type"] == "delta") == "".join(pieces)
+    finally:
+        await lagger.close()
+    await h.check()
+
+
+async def test_sigterm_exits_within_the_grace_whatever_clients_do(upstream, tmp_path):
+    """Issue 10: one client that never reads made the exit take 20 s against a 5 s grace (Docker sends
+    SIGKILL at 10 s). ``python app.py`` must exit within grace + 2 s, and a client that reads still gets
+    its final ``done`` and close 1001."""
+    grace = 1.0
+    big = [ROLE] + [chunk("x" * 2000) for _ in range(3000)] + ["hang"]  # 6 MB, then nothing
+    upstream.push(Script(big), Script(big), Script([ROLE, chunk("one "), "hang"]))
+    cfg = tmp_path / "nexlm.toml"
+    cfg.write_text(extra_config(upstream.url, f"[server]\nshutdown_grace_seconds = {grace}\n"
+                                              "[limits]\nmax_queued_bytes = 0\nmax_replies_per_client = 4"))  # no bound: they stay
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NEXLM_", "DEEPSEEK_", "OPENAI_", "LOCAL_LLM", "LOCAL_MODEL"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "app.py"), "--config", str(cfg), "--port", str(port),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    raw = None
+    try:
+        async with asyncio.timeout(15):
+            assert b"NexLM is running" in await proc.stdout.readline()
+        raw = await RawWS.connect(port, rcvbuf=4096)  # reads nothing from here on
+        await raw.send_json({"type": "chat", "message": "a long one"})
+        await upstream.wait_requests(1)
+        sse_sock = socket.socket()  # an event stream nobody reads either
+        sse_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sse_sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sse_sock, ("127.0.0.1", port))
+        await asyncio.get_running_loop().sock_sendall(
+            sse_sock, f"GET /sse?message=long HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        await upstream.wait_requests(2)
+        async with aiohttp.ClientSession() as cs:
+            ws = await cs.ws_connect(f"http://127.0.0.1:{port}/ws")
+            assert (await ws.receive_json(timeout=5))["type"] == "session"
+            await ws.send_json({"type": "chat", "message": "short"})
+            frames = []
+            while not frames or frames[-1]["type"] != "delta":
+                frames.append(strict_json((await ws.receive(timeout=5)).data))
+            await asyncio.sleep(0.5)  # the first reply fills every buffer on the way to the non-reader
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            async with asyncio.timeout(grace + 5):
+                while (msg := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
+                    frames.append(strict_json(msg.data))
+            assert ws.close_code == 1001, f"closed with {ws.close_code}, not 1001 (going away)"
+            assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "interrupted"
+            async with asyncio.timeout(grace + 15):
+                code = await proc.wait()
+            elapsed = time.monotonic() - t0
+        assert code == 0
+        assert elapsed < grace + 2, f"exit took {elapsed:.1f} s with a {grace} s grace"
+        assert "Traceback" not in (await proc.stderr.read()).decode()
+    finally:
+        if raw is not None:
+            await raw.close()
+            sse_sock.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def start_app(upstream, tmp_path, extra: str):
+    """``python app.py`` on a free port with the test config (+ ``extra``): (process, port)."""
+    cfg = tmp_path / "nexlm.toml"
+    cfg.write_text(extra_config(upstream.url, extra))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NEXLM_", "DEEPSEEK_", "OPENAI_", "LOCAL_LLM", "LOCAL_MODEL"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "app.py"), "--config", str(cfg), "--port", str(port),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(15):
+        line = await proc.stdout.readline()
+    assert b"NexLM is running" in line, line + await proc.stderr.read()
+    return proc, port
+
+
+async def silent_socket(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A connection that sends nothing, from ``source`` (any 127.x.y.z is loopback on Linux)."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def closed_by_server(sock: socket.socket, timeout: float) -> bytes | None:
+    """What the server sent before closing ``sock`` within ``timeout``; None if it is still open."""
+    data = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk_ := await asyncio.get_running_loop().sock_recv(sock, 4096):
+                data += chunk_
+    except TimeoutError:
+        return None
+    except ConnectionError:
+        pass
+    return data
+
+
+async def test_silent_connections_are_closed_and_capped_per_address(upstream, tmp_path):
+    """Issue 10: silent sockets were held ~75 s with no cap per address; 260 of them under a 256-fd
+    limit made /healthz fail. Past ``max_connections_per_address`` one address gets a 503 and a close
+    at once (the server's descriptors stay bounded), others are served, and a silent connection is
+    closed after ``header_timeout_seconds``."""
+    cap, extra_socks = 5, 40
+    proc, port = await start_app(upstream, tmp_path, "[server]\nheader_timeout_seconds = 1.5\n"
+                                                     f"max_connections_per_address = {cap}")
+    socks: list[socket.socket] = []
+    try:
+        fds = lambda: len(os.listdir(f"/proc/{proc.pid}/fd"))  # noqa: E731
+        before = fds()
+        t0 = time.monotonic()
+        held = [await silent_socket(port, "127.0.0.2") for _ in range(cap)]
+        socks += held
+        over = [await silent_socket(port, "127.0.0.2") for _ in range(extra_socks)]
+        socks += over
+        answers = await asyncio.gather(*(closed_by_server(s, 1.0) for s in over))
+        assert all(a is not None and a.startswith(b"HTTP/1.1 503") for a in answers), \
+            f"{sum(a is None for a in answers)} of {extra_socks} connections past the cap were kept open"
+        assert fds() <= before + cap + 3, f"{fds() - before} more descriptors for {cap} allowed connections"
+        async with aiohttp.ClientSession() as cs:  # another address is served meanwhile
+            async with cs.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+        # The silent ones are dropped after the header timeout, not after 75 s.
+        assert all(a is not None for a in await asyncio.gather(*(closed_by_server(s, 4.0) for s in held))), \
+            "a silent connection outlived the header timeout"
+        assert time.monotonic() - t0 < 5
+        # ... and then the address is welcome again.
+        connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(connector=connector) as cs:
+            async with cs.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await proc.wait() == 0
+        assert "Traceback" not in (await proc.stderr.read()).decode()
+    finally:
+        for s in socks:
+            s.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_an_event_stream_too_far_behind_ends_and_resumes(make_harness, upstream):
+    """The SSE side of the outbox bound: a stream whose client does not read is dropped once over
+    ``max_queued_bytes`` (the reply goes on for the others), and Last-Event-ID resumes it."""
+    h = await make_harness("[limits]\nmax_queued_bytes = 65536")
+    pieces = [f"p{i:03d}" + "x" * 996 for i in range(200)]
+    steps = [ROLE, chunk("first ")] + [s for p in pieces for s in (chunk(p), 0.002)] + [
+        chunk(finish="stop"), usage_chunk(), DONE]
+    upstream.push(Script(steps))
+    reader = await h.ws()
+    sid = reader.sid
+    sock = socket.socket()  # follows the session's reply over /sse and never reads
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        s = h.session(sid)
+        await reader.send({"type": "chat", "message": "go"})
+        start = await reader.answer("go")
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", h.client.port))
+        await asyncio.get_running_loop().sock_sendall(
+            sock, f"GET /sse?session={sid} HTTP/1.1\r\nHost: 127.0.0.1:{h.client.port}\r\n\r\n".encode())
+        await eventually(lambda: len(s.listeners) == 2, 2, "the event stream never attached")
+        shrink_send_buffers(h)
+        await reader.until("done", timeout=15, reply=start["reply"])
+        await eventually(lambda: len(s.listeners) == 1, 3, "the event stream that does not read was never dropped")
+        data = await closed_by_server(sock, 3)
+        assert data is not None, "the dropped stream's connection was left open"
+        # EventSource comes back with the last id it has: the rest follows.
+        back = await h.sse("GET", headers={"Last-Event-ID": str(start["seq"])}, params={"session": sid})
+        assert back.status == 200
+        await back.until("done")
+        assert back.text(start["reply"]) == "first " + "".join(pieces)
+    finally:
+        sock.close()
+    await h.check()

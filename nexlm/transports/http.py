@@ -43,7 +43,7 @@ async def create_session(request: web.Request) -> web.Response:
         session = await chat.create_seeded(owner, client, body.get("model"), body.get("params"),
                                            body.get("history") or None)
     except ChatError as exc:
-        return json_error(exc.code, exc.message, exc.status)
+        return json_error(exc.code, exc.message, exc.status, exc.retry_after)
     return web.json_response(chat.public(session), status=201)
 
 

@@ -9,22 +9,26 @@ tells the browser to stop reconnecting.
 
 from __future__ import annotations
 
+import asyncio
+import math
+
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from ..appkeys import CONVERSATIONS
+from ..appkeys import CONVERSATIONS, SETTINGS, STREAMS
 from ..clients import identity
 from ..conversations import Conversations
 from ..events import Outbox, error_event, sse_frame
 from ..validation import ChatError
 from . import clientjson
-from .common import parse_after
+from .common import CLOSE_DEADLINE, cut, parse_after
 
 PARAM_QUERY_KEYS = ("temperature", "top_p", "max_tokens", "system")
 
 
-def json_error(code: str, message: str, status: int) -> web.Response:
-    return web.json_response(error_event(code, message), status=status)
+def json_error(code: str, message: str, status: int, retry_after: float | None = None) -> web.Response:
+    headers = None if retry_after is None else {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    return web.json_response(error_event(code, message), status=status, headers=headers)
 
 
 async def _fields(request: web.Request) -> dict:
@@ -135,16 +139,24 @@ async def sse(request: web.Request) -> web.StreamResponse:
         else:
             reply = chat.send(session, message, model, params)
     except ChatError as exc:
-        return json_error(exc.code, exc.message, exc.status)
+        return json_error(exc.code, exc.message, exc.status, exc.retry_after)
     return await _stream(request, chat, session, chat.running_since(session), reply.id)
 
 
 async def _stream(request: web.Request, chat: Conversations, session, after: int, reply_id: str) -> web.StreamResponse:
     """``session`` first (its id is what the client has so far), then the reply until its ``done``."""
-    outbox = Outbox()
+    transport = request.transport
+    timers: list[asyncio.TimerHandle] = []
+
+    def overflowed() -> None:  # too far behind: the stream ends (the client resumes with Last-Event-ID)
+        timers.append(asyncio.get_running_loop().call_later(CLOSE_DEADLINE, cut, transport))
+
+    outbox = Outbox(overflowed)
     frame = chat.frame(session)
     outbox.put(frame)
     chat.attach(session, outbox, after)
+    outbox.bound(request.app[SETTINGS].limits.max_queued_bytes)
+    request.app[STREAMS].add(transport)
     try:
         async with sse_response(request, allow_all_methods=True, sep="\n") as resp:
             while batch := await outbox.get():
@@ -161,4 +173,7 @@ async def _stream(request: web.Request, chat: Conversations, session, after: int
     finally:
         chat.detach(session, outbox)
         outbox.close()
+        for timer in timers:
+            timer.cancel()
+        request.app[STREAMS].discard(transport)
     return resp

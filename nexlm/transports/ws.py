@@ -10,13 +10,13 @@ import logging
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..appkeys import CONVERSATIONS, SETTINGS, WEBSOCKETS
+from ..appkeys import CONVERSATIONS, SETTINGS, STREAMS, WEBSOCKETS
 from ..clients import identity
 from ..conversations import Conversations
 from ..events import Outbox, encode, error_event
 from ..validation import ChatError
 from . import clientjson
-from .common import parse_after
+from .common import CLOSE_DEADLINE, cut, parse_after
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,30 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         heartbeat=settings.server.heartbeat_seconds or None,
     )
     await ws.prepare(request)
+    transport = request.transport
     owner, client = identity(request)
-    session, existed = await chat.open(request.query.get("session"), owner, client)
-    outbox = Outbox()
+    try:
+        session, existed = await chat.open(request.query.get("session"), owner, client)
+    except ChatError as exc:  # no session to be had (rate, cap): say why, then close
+        try:
+            await ws.send_frame(encode(error_event(exc.code, exc.message)), WSMsgType.TEXT)
+        except ConnectionError:
+            return ws
+        await close(ws, transport, WSCloseCode.TRY_AGAIN_LATER, f"{exc.code}: try again later")
+        return ws
+    timers: list[asyncio.TimerHandle] = []  # set when the outbox overflows: the writer may be stuck in a send
+
+    def overflowed() -> None:
+        log.info("ws %s..: the client is too far behind; closing", session.id[:6])
+        timers.append(asyncio.get_running_loop().call_later(CLOSE_DEADLINE, cut, transport))
+
+    outbox = Outbox(overflowed)
     outbox.put(chat.frame(session))
     chat.attach(session, outbox, after if existed else None)
+    outbox.bound(settings.limits.max_queued_bytes)
     request.app[WEBSOCKETS].add(ws)
-    writer = asyncio.create_task(_write(ws, outbox), name=f"ws writer {session.id[:6]}")
+    request.app[STREAMS].add(transport)
+    writer = asyncio.create_task(_write(ws, outbox, transport, chat), name=f"ws writer {session.id[:6]}")
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -53,27 +70,47 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 if len(outbox) >= MAX_QUEUED:
                     await outbox.drained(MAX_QUEUED)
             elif msg.type == WSMsgType.BINARY:
-                await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary frames are not supported")
+                await close(ws, transport, WSCloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
                 break
             # CLOSE / ERROR end the loop by themselves (aiohttp closes with 1009 on an oversized frame)
     finally:
         request.app[WEBSOCKETS].discard(ws)
         chat.detach(session, outbox)
         outbox.close()
-        writer.cancel()
-        await asyncio.wait([writer])
+        # The writer ends by itself: it flushes what is left and closes, under the write deadline.
+        done, _ = await asyncio.wait([writer], timeout=CLOSE_DEADLINE + 0.5)
+        if not done:
+            writer.cancel()
+            await asyncio.wait([writer])
+        for timer in timers:
+            timer.cancel()
+        request.app[STREAMS].discard(transport)
     return ws
 
 
-async def _write(ws: web.WebSocketResponse, outbox: Outbox) -> None:
+async def _write(ws: web.WebSocketResponse, outbox: Outbox, transport, chat: Conversations) -> None:
+    seq = 0  # the last seq handed to the transport
     try:
         while batch := await outbox.get():
             for event in batch:
                 await ws.send_frame(encode(event), WSMsgType.TEXT)
-        # The outbox was closed under us (session evicted, server stopping): let the client reconnect.
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"session closed")
-    except ConnectionResetError:
-        pass  # the reader loop sees the close and cleans up
+                seq = event.get("seq", seq)
+    except ConnectionError:  # reset, or lost while draining
+        return  # the reader loop sees the close and cleans up
+    if outbox.overflowed:  # dropped: the client resumes from what it has
+        await close(ws, transport, WSCloseCode.TRY_AGAIN_LATER, f"too far behind; reconnect with after={seq}")
+    else:  # closed under us (session evicted, server stopping): let the client reconnect
+        await close(ws, transport, WSCloseCode.GOING_AWAY, "server shutting down" if chat.closing else "session closed")
+
+
+async def close(ws: web.WebSocketResponse, transport, code: int, reason: str) -> None:
+    """Send a close frame and wait for the answer, for at most ``CLOSE_DEADLINE``; then cut the
+    connection (a peer that does not read would otherwise hold it, and its buffers, forever)."""
+    try:
+        async with asyncio.timeout(CLOSE_DEADLINE):
+            await ws.close(code=code, message=reason.encode()[:123])
+    except TimeoutError:
+        cut(transport)
 
 
 def _parse(data: str) -> dict:

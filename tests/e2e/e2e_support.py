@@ -93,6 +93,7 @@ class Server:
             messages_per_minute = 100000
             max_replies_per_client = 100
             max_sessions_per_client = 10000
+            sessions_per_minute = 100000
 
             [providers.fake]
             kind = "openai"
