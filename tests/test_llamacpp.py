@@ -108,8 +108,8 @@ def test_selfcheck_turns_a_crashing_build_into_a_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf, "_SELFCHECK_SCRIPT", CRASH)
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
-    with pytest.raises(llamacpp.LoadError) as got:
-        llamacpp.selfcheck(model, 512, 1, directory=tmp_path)
+    with pytest.raises(gguf.LoadError) as got:
+        gguf.selfcheck(model, 512, 1, directory=tmp_path)
     assert "SIGSEGV" in str(got.value) and "pip cache remove llama_cpp_python" in str(got.value)
     assert not list(tmp_path.glob("selfcheck/*"))  # a failure is not remembered
 
@@ -118,12 +118,12 @@ def test_selfcheck_pass_is_remembered(tmp_path, monkeypatch):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     monkeypatch.setattr(gguf, "_SELFCHECK_SCRIPT", "print('ok')")
-    llamacpp.selfcheck(model, 512, 1, directory=tmp_path)
+    gguf.selfcheck(model, 512, 1, directory=tmp_path)
     monkeypatch.setattr(gguf, "_SELFCHECK_SCRIPT", CRASH)
-    llamacpp.selfcheck(model, 512, 1, directory=tmp_path)  # remembered: no second run
+    gguf.selfcheck(model, 512, 1, directory=tmp_path)  # remembered: no second run
     model.write_bytes(b"GGUF changed")  # another file: checked again
-    with pytest.raises(llamacpp.LoadError):
-        llamacpp.selfcheck(model, 512, 1, directory=tmp_path)
+    with pytest.raises(gguf.LoadError):
+        gguf.selfcheck(model, 512, 1, directory=tmp_path)
 
 
 async def test_crashing_build_is_an_error_event_and_then_the_reason(tmp_path, monkeypatch):

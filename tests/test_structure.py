@@ -43,9 +43,12 @@ async def test_idle_conversations_cost_the_collector_nothing(client):
 
     from nexlm.appkeys import CONVERSATIONS
 
+    from dataclasses import replace
+
     convs = client.app[CONVERSATIONS]
     # the built-in caps would refuse 10,000 from one client; this is about what each one costs
     convs.store.max_sessions = convs.store.max_per_client = 20000
+    convs.limiter.config = replace(convs.limiter.config, sessions_per_minute=0)
     gc.collect()
     before = len(gc.get_objects())
     for _ in range(10000):
