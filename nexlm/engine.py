@@ -7,18 +7,17 @@ into NexLM's JSON, other front doors into theirs. A caller may wait for the
 first event before it commits HTTP headers, so a failure before the first token
 can still be a real status.
 
-A turn's events: ``Queued`` notices (single-slot models), ``Text``/``Reasoning``
-deltas, then exactly one ``Failed`` (followed by nothing) or nothing at all
-before the iterator ends; ``turn.result`` then says how it ended. Cancelling
-the task that iterates closes the provider stream, which closes the upstream
-request; ``turn.result`` is still filled in by the caller's ``stop``.
+A turn's events are the providers' own: ``Queued`` notices (single-slot
+models), ``TextDelta``/``ReasoningDelta``, then at most one ``StreamError`` (the
+failure that no fallback saved) before the iterator ends; ``turn.finish``,
+``turn.usage`` and ``turn.timing()`` then say how it ended. Cancelling the task
+that iterates closes the provider stream, which closes the upstream request.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Union
 
 from .providers.base import ChatRequest, Finish, Queued, ReasoningDelta, StreamError, TextDelta, Usage
@@ -27,34 +26,9 @@ from .providers.registry import Resolved
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Text:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Reasoning:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    """The reply waits for a one-at-a-time model: ``ahead`` replies are before it."""
-
-    ahead: int
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """The upstream failed (after any fallback): a protocol error code and a message for people."""
-
-    code: str
-    message: str
-    status: int | None = None
-    retry_after: float | None = None
-
-
-TurnEvent = Union[Text, Reasoning, Waiting, Failed]
+# A turn's events are the providers' own (one vocabulary): text and reasoning deltas,
+# Queued notices from a single-slot model, and at most one StreamError, the last event.
+TurnEvent = Union[TextDelta, ReasoningDelta, Queued, StreamError]
 
 
 class Turn:
@@ -96,12 +70,12 @@ class Turn:
                         if self.first_token is None:
                             self.first_token = time.monotonic()
                         streamed = True
-                        yield Text(ev.text)
+                        yield ev
                     elif kind is ReasoningDelta:
                         if self.first_token is None:
                             self.first_token = time.monotonic()
                         streamed = True
-                        yield Reasoning(ev.text)
+                        yield ev
                     elif kind is Usage:
                         self.usage = ev.data
                     elif kind is Finish:
@@ -109,7 +83,7 @@ class Turn:
                     elif kind is StreamError:
                         failure = ev
                     elif kind is Queued:
-                        yield Waiting(ev.ahead)
+                        yield ev
             finally:
                 await stream.aclose()
             if failure is None:
@@ -121,7 +95,7 @@ class Turn:
                 nxt = self._fallback_to(resolved, failure)
             if nxt is None:
                 self.finish = "error"
-                yield Failed(failure.code, failure.message, failure.status, failure.retry_after)
+                yield failure
                 return
             self.fallback = {"from": resolved.id, "to": nxt.id, "reason": failure.message}
             log.info("%s failed (%s), falling back to %s", resolved.id, failure.code, nxt.id)

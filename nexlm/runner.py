@@ -19,9 +19,10 @@ from functools import partial
 from typing import Callable
 
 from . import wire
-from .engine import Failed, Reasoning, Text, Turn, Waiting
+from .engine import Turn
 from .eventlog import EventLog
 from .limits import Limiter
+from .providers.base import Queued, ReasoningDelta, StreamError, TextDelta
 from .records import Conversation
 
 log = logging.getLogger(__name__)
@@ -94,16 +95,16 @@ class Runner:
         try:
             async for ev in reply.turn:
                 kind = type(ev)
-                if kind is Text:
+                if kind is TextDelta:
                     reply.content.append(ev.text)
                     self.events.emit(conv, rid, wire.delta(rid, ev.text))
-                elif kind is Reasoning:
+                elif kind is ReasoningDelta:
                     reply.reasoning.append(ev.text)
                     self.events.emit(conv, rid, wire.reasoning(rid, ev.text))
-                elif kind is Waiting:
+                elif kind is Queued:
                     self.events.emit(conv, rid, wire.status(rid, "queued", ev.ahead))
                     self._release_orphans(reply.turn.provider)
-                elif kind is Failed:
+                elif kind is StreamError:
                     self.events.emit(conv, rid, wire.error(ev.code, ev.message, rid))
             finish = reply.turn.finish or "error"
         except asyncio.CancelledError:
