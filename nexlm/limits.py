@@ -31,18 +31,17 @@ class Limiter:
 
     def take_message(self, client: str, now: float | None = None) -> None:
         """Count one message against the client's rate; raise ``rate_limited`` when over."""
-        rate = self.config.messages_per_minute
-        wait = _take(self._buckets, rate, client, now)
-        if wait is not None:
-            raise LimitError("rate_limited", f"Too many messages: the limit is {rate} per minute. "
-                             f"Try again in {wait:.0f} s.", wait)
+        self._take(self._buckets, self.config.messages_per_minute, client, now, "messages")
 
     def take_session(self, client: str, now: float | None = None) -> None:
         """Count one new session against the client's ``sessions_per_minute``."""
-        rate = self.config.sessions_per_minute
-        wait = _take(self._session_buckets, rate, client, now)
+        self._take(self._session_buckets, self.config.sessions_per_minute, client, now, "new conversations")
+
+    @staticmethod
+    def _take(buckets: dict, rate: int, client: str, now: float | None, what: str) -> None:
+        wait = _take(buckets, rate, client, now)
         if wait is not None:
-            raise LimitError("rate_limited", f"Too many new conversations: the limit is {rate} per minute. "
+            raise LimitError("rate_limited", f"Too many {what}: the limit is {rate} per minute. "
                              f"Try again in {wait:.0f} s.", wait)
 
     def acquire_reply(self, client: str) -> None:
