@@ -23,6 +23,8 @@ from typing import Callable, Iterable
 
 from aiohttp import web
 
+from .clients import is_trusted
+
 log = logging.getLogger(__name__)
 
 _BODY = json.dumps({"type": "error", "code": "overloaded",
@@ -39,12 +41,15 @@ class AddressCap:
         self.limit = limit
         self.header_timeout = header_timeout
         self.timed_out = 0
-        self.exempt = frozenset(exempt)
+        self.exempt = tuple(exempt)  # [server] trusted_proxies: addresses or CIDR ranges
         self.open: dict[str, int] = {}
         self.refused = 0
 
+    def exempted(self, addr: str) -> bool:
+        return is_trusted(addr, self.exempt)
+
     def admit(self, addr: str) -> bool:
-        if not self.limit or addr in self.exempt:
+        if not self.limit or self.exempted(addr):
             return True
         n = self.open.get(addr, 0)
         if n >= self.limit:
@@ -85,7 +90,7 @@ class _Guard(asyncio.Protocol):
             transport.write(REFUSAL)
             transport.close()
             return
-        if self._cap.limit and addr not in self._cap.exempt:
+        if self._cap.limit and not self._cap.exempted(addr):
             self._addr = addr
         if self._cap.header_timeout > 0:
             self._transport = transport

@@ -762,3 +762,12 @@ async def test_real_server_log_has_no_forged_lines_session_ids_or_queries(upstre
 def yarl_url(text: str):
     from yarl import URL
     return URL(text, encoded=True)
+
+
+def test_trusted_proxy_ranges_are_exempt_from_the_connection_cap():
+    """``trusted_proxies`` may name CIDR ranges: every address in one is exempt, others are capped."""
+    from nexlm.listen import AddressCap
+
+    cap = AddressCap(1, ("10.1.0.0/16", "127.0.0.1"))
+    assert all(cap.admit("10.1.2.3") for _ in range(5)) and all(cap.admit("127.0.0.1") for _ in range(5))
+    assert cap.admit("10.2.0.1") and not cap.admit("10.2.0.1")
