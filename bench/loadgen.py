@@ -947,6 +947,8 @@ class LoadGen:
                 res["gap_window"] = summary_ms(wg)
                 res["stalls_over_40ms"] = sum(1 for g in wg if g > 0.040)
                 res["streams_with_stall"] = sum(1 for m in per_stream_max if m > 0.040)
+                # each stream's worst gap in the window (issue 11: "each stream's worst gap p50/p99")
+                res["stream_worst_gap"] = summary_ms([m for m in per_stream_max if m > 0])
                 res["streams_started"] = sum(1 for r in replies if r.n)
         lag = self.lag[lag0:]
         res["loadgen_lag"] = summary_ms(lag)
@@ -1166,6 +1168,34 @@ class LoadGen:
         if self.up_pool:
             self.up_pool.close_all()
         return {"deleted": len(ids), "statuses": statuses}
+
+    async def cmd_store_sessions(self, a: dict) -> dict:
+        """Issue 11: store N idle sessions with ``POST /api/sessions`` (a short seeded history each),
+        as another client would; they are not in ``self.sessions`` (``cleanup`` leaves them)."""
+        n = int(a["n"])
+        body = dumps({"history": [{"role": "user", "content": "What is the capital of France?"},
+                                  {"role": "assistant", "content": "The capital of France is Paris."}]})
+        statuses: dict = {}
+        sem = asyncio.Semaphore(int(a.get("parallel", 32)))
+        t = now()
+
+        async def one():
+            async with sem:
+                fut = self.loop.create_future()
+                sink = NullSink(fut)
+                try:
+                    c = await self.nex_pool.acquire()
+                    c.request(b"POST", b"/api/sessions", self.nex_pool.hostport,
+                              b"Content-Type: application/json\r\n", body, sink)
+                    await self._wait(fut, 10)
+                    s = sink.status
+                except Exception as e:  # noqa: BLE001
+                    s = type(e).__name__
+                statuses[str(s)] = statuses.get(str(s), 0) + 1
+
+        await asyncio.gather(*(one() for _ in range(n)))
+        self.nex_pool.close_all()
+        return {"created": statuses.get("201", 0), "statuses": statuses, "seconds": now() - t}
 
     async def cmd_lag(self, a: dict) -> dict:
         return {"loadgen_lag": summary_ms(self.lag)}
