@@ -765,6 +765,7 @@ models = ["fake-model"]
                     rd["direct"] = self.paced_round("direct", max(P["idle_streams"]), P["idle_tokens"])
                 rd["steps"] = steps
                 rd["metrics_after"] = {k: (self.nex_metrics() or {}).get(k) for k in ("sessions", "sessions_live")}
+                rd["gc_after"] = self.gc_snapshot()
                 rounds.append(rd)
         finally:
             self.gc_trace = False
@@ -1133,7 +1134,9 @@ def idle_details(ph, P) -> list[str]:
                    f"{rd['waited_s']} s for them to become records; before the streams: metrics "
                    f"{json.dumps(rd['metrics_before'])}, RSS {rd['rss_before_kb'] / 1024:.1f} MB, GC-tracked objects "
                    f"{gb.get('tracked_objects', 'n/a')}, thresholds {gb.get('thresholds', 'n/a')}; after: "
-                   f"{json.dumps(rd['metrics_after'])}")
+                   f"{json.dumps(rd['metrics_after'])}, GC-tracked objects "
+                   f"{(rd.get('gc_after') or {}).get('tracked_objects', 'n/a')}, collections so far (gen0/1/2) "
+                   + "/".join(str(((rd.get('gc_after') or {}).get('gen') or {}).get(g, {}).get('n', '?')) for g in "012"))
     return out
 
 
