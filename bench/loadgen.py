@@ -31,6 +31,7 @@ Commands (``serve``/``once``), each answered by one JSON line:
     idle_open n / idle_close                       (B6)
     active_start n, iv / active_stop               (B6)
     cleanup                                        DELETE every session seen
+    store_sessions n                               POST /api/sessions n times (IDLE, issue 11)
     lag                                            this process's own loop lag
 """
 
@@ -42,11 +43,13 @@ import base64
 import json
 import os
 import random
-import resource
 import sys
-import time
 import zlib
 from collections import deque
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import now, raise_nofile, rss_kb, summary_ms, use_uvloop  # noqa: E402
 
 try:
     import orjson
@@ -59,30 +62,7 @@ except ImportError:  # pragma: no cover
     def dumps(o) -> bytes:
         return json.dumps(o, separators=(",", ":")).encode()
 
-now = time.monotonic
 TOKEN_CHARS = 4
-
-
-def quantile(vals, q):
-    """Nearest-rank-by-interpolation quantile of a list (sorted or not)."""
-    if not vals:
-        return None
-    s = sorted(vals)
-    if len(s) == 1:
-        return s[0]
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def summary_ms(vals):
-    if not vals:
-        return {"n": 0}
-    s = sorted(vals)
-    return {"n": len(s), "p50": quantile(s, 0.5) * 1e3, "p90": quantile(s, 0.9) * 1e3,
-            "p99": quantile(s, 0.99) * 1e3, "p999": quantile(s, 0.999) * 1e3,
-            "max": s[-1] * 1e3, "mean": sum(s) / len(s) * 1e3}
 
 
 # ----------------------------------------------------------------- replies
@@ -1108,11 +1088,7 @@ class LoadGen:
         rss_sockets = None
         if a.get("rss_pid"):
             await asyncio.sleep(1.0)
-            try:
-                with open(f"/proc/{int(a['rss_pid'])}/status") as f:
-                    rss_sockets = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
-            except (OSError, StopIteration):
-                pass
+            rss_sockets = rss_kb(int(a["rss_pid"])) or None
         waits = []
         for c in conns:
             r = self.start_reply("ws", c, tokens, iv, False, self.tag("a"))
@@ -1278,21 +1254,6 @@ async def probe_main(host: str, port: int, path: str, interval: float) -> None:
 
 
 # ----------------------------------------------------------------- entry points
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def use_uvloop() -> bool:
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
 
 def _hostport(s: str | None):
     if not s:

@@ -25,22 +25,16 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
-import resource
-import select
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (BENCH, ROOT, Proc, cpu_seconds, free_port, http_json, machine_lines,  # noqa: E402
+                    quantile, raise_nofile, rss_kb, system_busy)
 
 FULL = dict(
     b1_rounds=10, b1_per_round=50,
@@ -72,63 +66,7 @@ IDLE_ROW_IDS = ROW_IDS[-3:]  # phase IDLE (issue 11): its rows are named after t
 
 # ----------------------------------------------------------------- small helpers
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-        return (int(rest[11]) + int(rest[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def system_busy() -> float:
-    """Busy CPU seconds of the whole machine so far (all cores)."""
-    with open("/proc/stat") as f:
-        parts = f.readline().split()[1:]
-    vals = list(map(int, parts))
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return (sum(vals[:8]) - idle) / CLK_TCK
-
-
-def http_json(url: str, method: str = "GET", timeout: float = 10.0):
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read() or b"null")
-
-
-def q(vals, p):
-    if not vals:
-        return None
-    s = sorted(vals)
-    if len(s) == 1:
-        return s[0]
-    pos = p * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+q = quantile
 
 
 def median(vals):
@@ -182,65 +120,6 @@ class CPUSampler:
         return (cb - ca) * (t1 - t0) / (tb - ta)
 
 
-class Proc:
-    def __init__(self, name: str, argv: list[str], cpus: list[int] | None, log_path: Path | None,
-                 pipes: bool = False, env: dict | None = None, cwd: Path = ROOT) -> None:
-        self.name = name
-        if cpus and shutil.which("taskset"):
-            argv = ["taskset", "-c", ",".join(map(str, cpus))] + argv
-        self.cpus = cpus
-        self.log_path = log_path
-        out = open(log_path, "wb") if (log_path and not pipes) else None
-        self.p = subprocess.Popen(
-            argv, cwd=cwd, env=env,
-            stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if pipes else out,
-            stderr=open(log_path, "wb") if (pipes and log_path) else (out or subprocess.DEVNULL),
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if (cpus and not shutil.which("taskset")) else None,
-        )
-        self.pid = self.p.pid
-        self._buf = b""
-
-    def readline(self, timeout: float) -> str:
-        fd = self.p.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{self.name}: no answer within {timeout:.0f}s")
-            r, _, _ = select.select([fd], [], [], left)
-            if r:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    raise RuntimeError(f"{self.name} exited (code {self.p.poll()}); see {self.log_path}")
-                self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode()
-
-    def send(self, line: str) -> None:
-        self.p.stdin.write(line.encode() + b"\n")
-        self.p.stdin.flush()
-
-    def call(self, cmd: dict, timeout: float = 600.0) -> dict:
-        self.send(json.dumps(cmd))
-        res = json.loads(self.readline(timeout))
-        if "error" in res and isinstance(res["error"], str):
-            raise RuntimeError(f"{self.name} {cmd.get('cmd')}: {res['error']}\n{res.get('traceback', '')}")
-        return res
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            try:
-                self.p.send_signal(signal.SIGINT if self.name == "nexlm" else signal.SIGTERM)
-                self.p.wait(8)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-
-
 class Bench:
     def __init__(self, args) -> None:
         self.args = args
@@ -275,7 +154,7 @@ class Bench:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         up_extra = [] if self.args.no_uvloop else ["--uvloop"]
         self.up = Proc("upstream", [py, str(BENCH / "fake_upstream.py"), "--port", "0", *up_extra],
-                       self.harness_cpus, self.tmp / "upstream.log", pipes=True, env=env)
+                       self.tmp / "upstream.log", cpus=self.harness_cpus, pipes=True, env=env)
         self.procs.append(self.up)
         line = self.up.readline(20)
         assert line.startswith("READY"), line
@@ -291,13 +170,13 @@ class Bench:
             lg_args.append("--no-compress")
         if self.args.no_uvloop:
             lg_args.append("--no-uvloop")
-        self.lg = Proc("loadgen", lg_args, self.harness_cpus, self.tmp / "loadgen.log", pipes=True, env=env)
+        self.lg = Proc("loadgen", lg_args, self.tmp / "loadgen.log", cpus=self.harness_cpus, pipes=True, env=env)
         self.procs.append(self.lg)
         hello = json.loads(self.lg.readline(20))
         self.res["loadgen_uvloop"] = hello.get("uvloop")
         self.probe = Proc("probe", [py, str(BENCH / "loadgen.py"), "probe", "--nexlm", f"127.0.0.1:{self.nex_port}",
                                     "--path", "/healthz", "--interval-ms", "10"] + (["--no-uvloop"] if self.args.no_uvloop else []),
-                          self.harness_cpus, self.tmp / "probe.log", pipes=True, env=env)
+                          self.tmp / "probe.log", cpus=self.harness_cpus, pipes=True, env=env)
         self.procs.append(self.probe)
         assert self.probe.readline(20) == "READY"
 
@@ -315,7 +194,7 @@ class Bench:
             self.gc_out = self.tmp / f"gc-{self.nexlm_starts}.json"
             wrap = [str(BENCH / "gc_trace.py"), str(self.gc_out)]
         self.nex = Proc("nexlm", [sys.executable, *wrap, str(app), "--config", str(cfg),
-                                  "--port", str(self.nex_port)], self.nexlm_cpus, log, env=env, cwd=app.parent)
+                                  "--port", str(self.nex_port)], log, cpus=self.nexlm_cpus, env=env, cwd=app.parent)
         self.procs.insert(1, self.nex)
         self.nex_url = f"http://127.0.0.1:{self.nex_port}"
         deadline = time.monotonic() + 30
@@ -1141,34 +1020,8 @@ def idle_details(ph, P) -> list[str]:
 
 
 def machine_info(args, res) -> list[str]:
-    model = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        from importlib.metadata import version
-        aio = version("aiohttp")
-    except Exception:  # noqa: BLE001
-        aio = "?"
-    try:
-        from importlib.metadata import version
-        uvl = version("uvloop")
-    except Exception:  # noqa: BLE001
-        uvl = "not installed"
-    mem = ""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
     return [
-        f"- CPU: {model}, {os.cpu_count()} cores; RAM {mem}; Linux {platform.release()}",
-        f"- Python {platform.python_version()}, aiohttp {aio}, uvloop {uvl}",
+        *machine_lines(),
         f"- server measured: `{os.path.relpath(args.app, ROOT)}`; its event loop: "
         f"{'asyncio (--nexlm-asyncio)' if args.nexlm_asyncio else 'uvloop (its default when installed)'}; "
         f"harness (fake upstream, loadgen, probe): {'uvloop' if res.get('loadgen_uvloop') else 'asyncio'}",

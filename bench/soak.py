@@ -59,14 +59,11 @@ import collections
 import datetime as _dt
 import json
 import os
-import platform
 import random
-import resource
 import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,10 +72,9 @@ from pathlib import Path
 import aiohttp
 from aiohttp import WSMsgType, web
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-now = time.monotonic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (BENCH, ROOT, Proc, cpu_seconds, free_port, machine_lines, now, proc_fds,  # noqa: E402
+                    proc_status, quantile, raise_nofile, system_busy, use_uvloop)
 
 WORDS = [" lor", " ips", " dol", " sit", " ame", " con", " sec", " adi"]  # as bench/fake_upstream.py
 CYCLE = "".join(WORDS)
@@ -343,122 +339,6 @@ def launch(app: str, rest: list[str]) -> None:
 
 
 # =============================================================== processes and /proc
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def use_uvloop() -> bool:
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
-
-def proc_status(pid: int) -> dict:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in ("VmRSS", "VmHWM", "RssAnon", "Threads"):
-                    out[k] = int(v.split()[0])
-    except OSError:
-        pass
-    return out
-
-
-def proc_fds(pid: int) -> dict:
-    kinds: collections.Counter = collections.Counter()
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return {"total": -1}
-    for n in names:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{n}")
-        except OSError:
-            continue
-        if target.startswith("socket:"):
-            kinds["socket"] += 1
-        elif target.startswith("pipe:"):
-            kinds["pipe"] += 1
-        elif target.startswith("anon_inode:"):
-            kinds["anon"] += 1
-        else:
-            kinds["file"] += 1
-    return {"total": sum(kinds.values()), **kinds}
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-        return (int(rest[11]) + int(rest[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def system_busy() -> float:
-    with open("/proc/stat") as f:
-        vals = list(map(int, f.readline().split()[1:]))
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return (sum(vals[:8]) - idle) / CLK_TCK
-
-
-class Proc:
-    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path = ROOT, pipe_stdout: bool = False):
-        self.name = name
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE if pipe_stdout else self.log, stderr=self.log)
-        self.pid = self.p.pid
-
-    def ready_line(self, timeout: float) -> str:
-        import select
-        fd = self.p.stdout.fileno()
-        buf = b""
-        deadline = now() + timeout
-        while b"\n" not in buf:
-            left = deadline - now()
-            if left <= 0:
-                raise TimeoutError(f"{self.name}: no READY within {timeout:.0f}s (see {self.log_path})")
-            r, _, _ = select.select([fd], [], [], left)
-            if r:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    raise RuntimeError(f"{self.name} exited ({self.p.poll()}); see {self.log_path}")
-                buf += chunk
-        return buf.split(b"\n", 1)[0].decode()
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def stop(self, sig=signal.SIGINT, wait: float = 15.0) -> int | None:
-        if self.p.poll() is None:
-            self.p.send_signal(sig)
-            try:
-                self.p.wait(wait)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        if self.p.stdout:
-            self.p.stdout.close()
-        self.log.close()
-        return self.p.returncode
-
 
 # =============================================================== what the clients saw
 
@@ -1680,7 +1560,7 @@ class Runner:
                                     *([] if self.a.no_uvloop else ["--uvloop"])],
                        self.tmp / "upstream.log", pipe_stdout=True)
         self.procs.append(self.up)
-        line = self.up.ready_line(20)
+        line = self.up.readline(20)
         assert line.startswith("READY"), line
         self.up_url = f"http://127.0.0.1:{int(line.split()[1])}"
         self.nex_port = free_port()
@@ -1747,7 +1627,7 @@ retry_max_seconds = 6
     def stop(self) -> None:
         for p in reversed(self.procs):
             try:
-                rc = p.stop(signal.SIGINT if p.name == "nexlm" else signal.SIGTERM)
+                rc = p.stop(signal.SIGINT if p.name == "nexlm" else signal.SIGTERM, wait=15.0)
                 self.res[f"{p.name}_exit"] = rc
             except Exception as exc:  # noqa: BLE001
                 self.notes.append(f"stopping {p.name}: {exc}")
@@ -1962,16 +1842,6 @@ def _f(x, nd=1):
     return str(x)
 
 
-def q(vals, p):
-    if not vals:
-        return None
-    s = sorted(vals)
-    pos = p * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def stop_latencies(t: Tally, records: list) -> dict:
     """Stop (or end of the resume grace) -> the upstream saw its connection close; both CLOCK_MONOTONIC."""
     by_tag = collections.defaultdict(list)
@@ -1990,7 +1860,7 @@ def stop_latencies(t: Tally, records: list) -> dict:
                 raced += 1  # the upstream had already finished (or failed) on its own
                 continue
             out.append(r[3] - (t_mark + offset))
-        return {"n": len(out), "p50_ms": _ms(q(out, 0.5)), "p99_ms": _ms(q(out, 0.99)), "max_ms": _ms(max(out) if out else None),
+        return {"n": len(out), "p50_ms": _ms(quantile(out, 0.5)), "p99_ms": _ms(quantile(out, 0.99)), "max_ms": _ms(max(out) if out else None),
                 "over_1s": sum(1 for x in out if x > 1.0), "upstream_already_ended": raced, "no_request": missing}
 
     return {"stop": lat(t.stop_marks, 0.0), "grace": lat(t.abandon_marks, GRACE)}
@@ -2003,30 +1873,7 @@ def _ms(x):
 # =============================================================== report
 
 def machine_info() -> list[str]:
-    model = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
-    from importlib.metadata import version
-    vers = []
-    for pkg in ("aiohttp", "uvloop", "orjson"):
-        try:
-            vers.append(f"{pkg} {version(pkg)}")
-        except Exception:  # noqa: BLE001
-            vers.append(f"{pkg} not installed")
-    return [f"- CPU: {model}, {os.cpu_count()} cores; RAM {mem}; Linux {platform.release()}",
-            f"- Python {platform.python_version()}; " + ", ".join(vers)]
+    return machine_lines(("aiohttp", "uvloop", "orjson"), sep="; ")
 
 
 def metric_rows(res: dict, samples: list[dict]) -> list[tuple]:
@@ -2192,8 +2039,8 @@ def render(res: dict, samples: list[dict], args, argv: list[str]) -> tuple[str, 
                      f"over 1 s: {x['over_1s']} (n={x['n']}; upstream had already ended: {x['upstream_already_ended']}, "
                      f"no upstream request yet: {x['no_request']})")
     if t.stop_to_done:
-        lines.append(f"- client side, stop sent → done received: p50 {_ms(q(t.stop_to_done, .5))} ms, "
-                     f"p99 {_ms(q(t.stop_to_done, .99))} ms, max {_ms(max(t.stop_to_done))} ms (n={len(t.stop_to_done)})")
+        lines.append(f"- client side, stop sent → done received: p50 {_ms(quantile(t.stop_to_done, .5))} ms, "
+                     f"p99 {_ms(quantile(t.stop_to_done, .99))} ms, max {_ms(max(t.stop_to_done))} ms (n={len(t.stop_to_done)})")
     lag = [s.get("loop_lag_ms") or {} for s in samples]
     lag_max = max((x.get("max") or 0 for x in lag), default=0)
     lag_p99 = max((x.get("p99") or 0 for x in lag), default=0)
