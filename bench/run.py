@@ -1140,7 +1140,7 @@ def details(res, P) -> str:
     return "\n".join(out)
 
 
-IDLE_BEGIN = "<!-- idle-sessions: begin (written by bench/run.py --only IDLE) -->"
+IDLE_BEGIN = "<!-- idle-sessions: begin (added by bench/run.py --only IDLE) -->"
 IDLE_END = "<!-- idle-sessions: end -->"
 
 
@@ -1160,9 +1160,7 @@ def idle_section(rows, res, args, P, when, cmdline) -> str:
 
 
 def merge_section(text: str, section: str) -> str:
-    a, b = text.find(IDLE_BEGIN), text.find(IDLE_END)
-    if a >= 0 and b > a:
-        return text[:a] + section + text[b + len(IDLE_END) + 1:]
+    """Each ``--only IDLE`` run adds its own dated section after the report (a full run rewrites it all)."""
     return text.rstrip("\n") + "\n\n" + section
 
 
@@ -1173,7 +1171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-logs", action="store_true", help="keep the temporary directory (config, logs)")
     ap.add_argument("--json", default=None, help="also write every raw figure as JSON here")
     ap.add_argument("--only", default=None, help="comma-separated phases to run: B1,B2,B3,B4,B5,B6 (B7 rides on B4), IDLE "
-                         "(issue 11; alone, it rewrites only its own section of --out)")
+                         "(issue 11; alone, it adds a dated section to --out and leaves the rest)")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
     ap.add_argument("--nexlm-asyncio", action="store_true", help="run NexLM with [server] uvloop = false")
     ap.add_argument("--no-uvloop", action="store_true", help="harness without uvloop")
@@ -1235,7 +1233,7 @@ def main(argv=None) -> int:
             text += "\n".join(f"- {pct}% {f}" for f, pct in p["inclusive"] if pct < 95)[:3000] + "\n"
     cmdline = " ".join(argv if argv is not None else sys.argv[1:])
     if b.only == {"IDLE"} and Path(args.out).exists():
-        # the IDLE phase alone: its section replaces the previous one, the rest of the report stays
+        # the IDLE phase alone: a section of its own is added, the rest of the report stays
         text = merge_section(Path(args.out).read_text(), idle_section(rows, res, args, b.P, when, cmdline))
     Path(args.out).write_text(text)
     if args.json:
