@@ -28,6 +28,16 @@ TESTS = ROOT / "tests"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 now = time.monotonic  # CLOCK_MONOTONIC: comparable across the processes of a run
 
+# NexLM's per-client limits, lifted: every bench client comes from 127.0.0.1 (run.py and soak.py configs)
+LIFTED_LIMITS = """[limits]
+messages_per_minute = 1000000
+max_replies_per_client = 1000000
+max_replies_total = 1000000
+max_sessions_per_client = 1000000
+sessions_per_minute = 0
+max_frame_bytes = 1048576
+"""
+
 
 # ----------------------------------------------------------------- this process
 
@@ -144,6 +154,23 @@ def summary_ms(vals):
             "max": s[-1] * 1e3, "mean": sum(s) / len(s) * 1e3}
 
 
+def knobs(req: dict) -> dict[str, str]:
+    """The ``key=value`` words of the last user message of an OpenAI chat request: how the bench's
+    fake upstreams are told what to send (``n=<tokens> iv=<ms> tag=<id>``), directly or through NexLM."""
+    text = ""
+    for m in reversed(req.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            c = m.get("content")
+            text = c if isinstance(c, str) else ""
+            break
+    out = {}
+    for word in text.split():
+        k, eq, v = word.partition("=")
+        if eq:
+            out[k] = v
+    return out
+
+
 def machine_lines(packages=("aiohttp", "uvloop"), sep: str = ", ") -> list[str]:
     """``- CPU: ..., N cores; RAM ...; Linux ...`` and ``- Python X, pkg version, ...``."""
     from importlib.metadata import version
@@ -170,6 +197,23 @@ def machine_lines(packages=("aiohttp", "uvloop"), sep: str = ", ") -> list[str]:
             vers.append(f"{pkg} not installed")
     return [f"- CPU: {model}, {os.cpu_count()} cores; RAM {mem}; Linux {platform.release()}",
             f"- Python {platform.python_version()}{sep}" + ", ".join(vers)]
+
+
+def tests_module(name: str):
+    """``tests/<name>.py`` (the tests' fake upstream vocabulary, their invariant checks), loaded by
+    path under the name ``nexlm_tests_<name>``: bench/ has a fake_upstream.py of its own."""
+    import importlib.util
+    import sys
+    key = f"nexlm_tests_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    if str(ROOT) not in sys.path:
+        sys.path.insert(1, str(ROOT))  # tests/invariants.py imports nexlm
+    spec = importlib.util.spec_from_file_location(key, TESTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[key] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # ----------------------------------------------------------------- child processes

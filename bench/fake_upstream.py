@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover
         return json.dumps(o, separators=(",", ":")).encode()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import now, quantile, raise_nofile, use_uvloop  # noqa: E402
+from common import knobs, now, quantile, raise_nofile, use_uvloop  # noqa: E402
 
 WORDS = [" lor", " ips", " dol", " sit", " ame", " con", " sec", " adi"]
 TOKEN_CHARS = 4
@@ -433,17 +433,7 @@ class FakeUpstream:
 
     def options_for(self, req: dict) -> dict:
         opts = {"n": self.default_n, "iv": self.default_iv, "tag": ""}
-        msgs = req.get("messages") or []
-        text = ""
-        for m in reversed(msgs):
-            if isinstance(m, dict) and m.get("role") == "user":
-                c = m.get("content")
-                text = c if isinstance(c, str) else ""
-                break
-        for word in text.split():
-            k, eq, v = word.partition("=")
-            if not eq:
-                continue
+        for k, v in knobs(req).items():
             try:
                 if k == "n":
                     opts["n"] = max(1, int(v))

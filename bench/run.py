@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BENCH, ROOT, Proc, cpu_seconds, free_port, http_json, machine_lines,  # noqa: E402
+from common import (BENCH, LIFTED_LIMITS, ROOT, Proc, cpu_seconds, free_port, http_json, machine_lines,  # noqa: E402
                     quantile, raise_nofile, rss_kb, system_busy)
 
 FULL = dict(
@@ -223,14 +223,7 @@ class Bench:
 default_model = "fake/fake-model"
 resume_grace_seconds = 0
 max_sessions = 100000
-[limits]
-messages_per_minute = 1000000
-max_replies_per_client = 1000000
-max_replies_total = 1000000
-max_sessions_per_client = 1000000
-sessions_per_minute = 0
-max_frame_bytes = 1048576
-[providers.fake]
+{LIFTED_LIMITS}[providers.fake]
 kind = "openai"
 base_url = "http://127.0.0.1:{self.up_port}/v1"
 models = ["fake-model"]
