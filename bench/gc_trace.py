@@ -7,6 +7,8 @@ collection (per generation: count, total and max pause), and a daemon thread ans
 file (``OUT.json.req``: touch it, wait for OUT.json to be rewritten) with those figures plus
 ``len(gc.get_objects())`` (tracked objects; that one walk takes a few ms, so ask between rounds,
 not during a measurement). The callbacks cost a microsecond or two per collection.
+With BENCH_GC_OFF=1 (``--set idle_gc_off=1``) automatic collections are off: the control that tells
+what the collector costs from what the rest of the process does.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def _answer(out: str) -> None:
 def main() -> None:
     out, script, *rest = sys.argv[1:]
     gc.callbacks.append(_cb)
+    if os.environ.get("BENCH_GC_OFF"):  # bench/run.py --set idle_gc_off=1: no automatic collections at all
+        gc.disable()
     threading.Thread(target=_answer, args=(os.path.abspath(out),), daemon=True).start()
     sys.argv = [script, *rest]
     sys.path[0] = os.path.dirname(os.path.abspath(script))

@@ -44,7 +44,7 @@ FULL = dict(
     b4_stagger_ms=500, b4_window_ms=200,
     b5_ops=1000, b5_conc=20, b5_direct_ops=200,
     b6_idle=10000, b6_active=1000, b6_active_iv=100,
-    idle_rounds=[0, 10000, 0, 10000], idle_streams=[200, 500], idle_tokens=200, idle_wait_s=45,
+    idle_rounds=[0, 10000, 0, 10000], idle_streams=[200, 500], idle_tokens=200, idle_wait_s=45, idle_gc_off=0,
 )
 QUICK = dict(
     b1_rounds=2, b1_per_round=10,
@@ -54,7 +54,7 @@ QUICK = dict(
     b4_stagger_ms=50, b4_window_ms=100,
     b5_ops=30, b5_conc=5, b5_direct_ops=10,
     b6_idle=200, b6_active=40, b6_active_iv=100,
-    idle_rounds=[0, 200], idle_streams=[10, 20], idle_tokens=40, idle_wait_s=0,
+    idle_rounds=[0, 200], idle_streams=[10, 20], idle_tokens=40, idle_wait_s=0, idle_gc_off=0,
 )
 
 # every row the table always has (the smoke test checks them)
@@ -193,6 +193,8 @@ class Bench:
         if getattr(self, "gc_trace", False):  # the IDLE phase: count and time NexLM's GC collections
             self.gc_out = self.tmp / f"gc-{self.nexlm_starts}.json"
             wrap = [str(BENCH / "gc_trace.py"), str(self.gc_out)]
+            if self.P["idle_gc_off"]:  # the control: NexLM's cyclic collector off (gc.disable())
+                env["BENCH_GC_OFF"] = "1"
         self.nex = Proc("nexlm", [sys.executable, *wrap, str(app), "--config", str(cfg),
                                   "--port", str(self.nex_port)], log, cpus=self.nexlm_cpus, env=env, cwd=app.parent)
         self.procs.insert(1, self.nex)
@@ -942,12 +944,13 @@ def idle_rows(ph, P, row) -> None:
         p99 = _by_variant(rounds, N, lambda st: (st["stream_worst_gap"] or {}).get("p99"))
         errs = sum(st["errors"] for rd in rounds for k, st in rd["steps"].items() if int(k) == N)
         gen2 = _by_variant(rounds, N, lambda st: ((st.get("gc") or {}).get("2") or {}).get("n"))
+        gen1 = _by_variant(rounds, N, lambda st: ((st.get("gc") or {}).get("1") or {}).get("total_ms"))
 
         def describe(v):
             return (f"worst gap per stream p50 {cell(fmt(x, nd=1) for x in p50.get(v, []))}, "
                     f"p99 {cell(fmt(x, nd=1) for x in p99.get(v, []))} ms; streams > 40 ms "
-                    f"{cell(str(x) for x in stalls.get(v, []))} of {N}; full GCs "
-                    f"{cell(str(x) for x in gen2.get(v, []))}")
+                    f"{cell(str(x) for x in stalls.get(v, []))} of {N}; gen1 GC ms in the round "
+                    f"{cell(str(x) for x in gen1.get(v, []))}; full GCs {cell(str(x) for x in gen2.get(v, []))}")
         ok = None
         if 0 in stalls and loaded in stalls:
             ok = (max(stalls[loaded]) <= max(stalls[0]) + 0.02 * N
@@ -976,8 +979,9 @@ def idle_rows(ph, P, row) -> None:
 def idle_details(ph, P) -> list[str]:
     out = ["| round | idle sessions stored | N | worst gap per stream p50 / p99 / max | streams > 40 ms | "
            "all gaps p50 / p99 | /healthz RTT p50 / p99 | NexLM loop lag p50 / p99 / max (own) | "
-           "NexLM CPU % (steady) | µs/token | GC collections gen0/gen1/gen2 (gen2 total ms) | NexLM RSS MB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "NexLM CPU % (steady) | µs/token | GC collections gen0/gen1/gen2 (gen1 / gen2 ms) | NexLM RSS MB | "
+           "CPU % of other processes (round) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rd in ph["rounds"]:
         items = [(str(k), v) for k, v in rd["steps"].items()]
         if rd.get("direct"):
@@ -988,7 +992,7 @@ def idle_details(ph, P) -> list[str]:
             ll = st.get("nexlm_loop_lag") or {}
             gc_ = st.get("gc") or {}
             gcs = "/".join(str((gc_.get(x) or {}).get("n", "")) for x in ("0", "1", "2"))
-            gcs += f" ({(gc_.get('2') or {}).get('total_ms', '')})" if gc_ else ""
+            gcs += f" ({(gc_.get('1') or {}).get('total_ms', '')} / {(gc_.get('2') or {}).get('total_ms', '')})" if gc_ else ""
             sd = st.get("steady") or {}
             label = f"{st['N']}" + (" (direct, harness only)" if k == "direct" else "")
             out.append(f"| {rd['round']} | {rd['idle']:,} | {label} | {fmt(w.get('p50'), nd=1)} / {fmt(w.get('p99'), nd=1)} / "
@@ -998,7 +1002,8 @@ def idle_details(ph, P) -> list[str]:
                        + (f"{ll.get('p50')} / {ll.get('p99')} / {ll.get('max')} | " if k != "direct" else " | ")
                        + f"{sd.get('nexlm_cpu_pct', '') if k != 'direct' else ''} | "
                        f"{sd.get('nexlm_us_per_token', '') if k != 'direct' else ''} | "
-                       f"{gcs if k != 'direct' else ''} | {fmt(st['rss_kb'] / 1024, nd=1) if st.get('rss_kb') else ''} |")
+                       f"{gcs if k != 'direct' else ''} | {fmt(st['rss_kb'] / 1024, nd=1) if st.get('rss_kb') else ''} | "
+                       f"{st['cpu_pct'].get('others', '')} |")
     out.append("")
     for rd in ph["rounds"]:
         gb = rd.get("gc_before") or {}
@@ -1145,7 +1150,9 @@ def idle_section(rows, res, args, P, when, cmdline) -> str:
         f"Run {when}: `python bench/run.py {cmdline}` ({res['wall_s']:.0f} s). Rounds alternate "
         f"{', '.join(f'{x:,}' for x in P['idle_rounds'])} idle sessions (stored with `POST /api/sessions` by the load "
         "generator, then given the 30 s housekeeping pass that turns them into records); each round is a fresh "
-        "NexLM process on its own core, under bench/gc_trace.py (GC collections counted and timed).", "",
+        "NexLM process on its own core, under bench/gc_trace.py (GC collections counted and timed)"
+        + ("; **control: NexLM's automatic garbage collection off** (`--set idle_gc_off=1`, `gc.disable()`)."
+           if P.get("idle_gc_off") else "."), "",
         *machine_info(args, res), "",
         render([r for r in rows if r["id"] in ids], res, args, P), "",
         *(idle_details(res["phases"]["IDLE"], P) if "IDLE" in res["phases"] else []),
