@@ -73,8 +73,8 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BENCH, ROOT, Proc, cpu_seconds, free_port, machine_lines, now, proc_fds,  # noqa: E402
-                    proc_status, quantile, raise_nofile, system_busy, use_uvloop)
+from common import (BENCH, LIFTED_LIMITS, ROOT, Proc, cpu_seconds, free_port, machine_lines, now, proc_fds,  # noqa: E402
+                    knobs, proc_status, quantile, raise_nofile, system_busy, tests_module, use_uvloop)
 
 WORDS = [" lor", " ips", " dol", " sit", " ame", " con", " sec", " adi"]  # as bench/fake_upstream.py
 CYCLE = "".join(WORDS)
@@ -101,29 +101,29 @@ def cycle_ok(text: str) -> bool:
 
 # =============================================================== the fault-injecting upstream
 
-def _chunk_bytes(obj) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+INBAND_ERROR = b"data: " + json.dumps({"error": {"message": "injected in-band error", "type": "server_error",
+                                                 "code": "soak_injected"}}).encode() + b"\n\n"
 
 
-def _choice_chunk(delta: dict, finish=None) -> bytes:
-    return _chunk_bytes({"id": "chatcmpl-soak", "object": "chat.completion.chunk", "created": 1760000000,
-                         "model": "fake-model",
-                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                         "usage": None})
+class Vocabulary:
+    """The tests' upstream bytes (tests/fake_upstream.py): chunks, the usage chunk, [DONE], error bodies.
+    Loaded by the upstream process only (not by ``launch``: NexLM's process stays as it was)."""
 
+    def __init__(self) -> None:
+        self.fake = fake = tests_module("fake_upstream")
+        self.head = fake.chunk("", role=True)
+        self.tokens = [fake.chunk(w) for w in WORDS]
+        self.finish = fake.chunk(finish="stop")
+        self.done = fake.DONE
 
-HEAD = _choice_chunk({"role": "assistant", "content": "", "refusal": None})
-TOKENS = [_choice_chunk({"content": w}) for w in WORDS]
-FINISH = _choice_chunk({}, "stop")
-DONE = b"data: [DONE]\n\n"
-INBAND_ERROR = _chunk_bytes({"error": {"message": "injected in-band error", "type": "server_error",
-                                       "code": "soak_injected"}})
+    def usage(self, n: int) -> bytes:
+        return self.fake.usage_chunk(prompt=9, completion=n)
 
-
-def _usage(n: int) -> bytes:
-    return _chunk_bytes({"id": "chatcmpl-soak", "object": "chat.completion.chunk", "created": 1760000000,
-                         "model": "fake-model", "choices": [],
-                         "usage": {"prompt_tokens": 9, "completion_tokens": n, "total_tokens": n + 9}})
+    def error_response(self, status: int, message: str, etype: str, headers: dict | None = None) -> web.Response:
+        """An HTTP error with an OpenAI-style JSON body, as the tests' ``fake_upstream.error`` writes it."""
+        script = self.fake.error(status, message, headers, etype)
+        return web.Response(status=status, body=script.body,
+                            headers={"Content-Type": "application/json", **script.headers})
 
 
 def _rst(transport) -> None:
@@ -154,18 +154,11 @@ class FaultUpstream:
         self.records: list[list] = []
         self.runner: web.AppRunner | None = None
         self.lag: list[float] = []
+        self.v = Vocabulary()
 
     def knobs(self, req) -> tuple[int, float, str]:
         n, iv, tag = 20, 0.0, ""
-        text = ""
-        for m in reversed(req.get("messages") or []):
-            if isinstance(m, dict) and m.get("role") == "user":
-                text = m.get("content") if isinstance(m.get("content"), str) else ""
-                break
-        for word in text.split():
-            k, eq, v = word.partition("=")
-            if not eq:
-                continue
+        for k, v in knobs(req).items():
             try:
                 if k == "n":
                     n = max(1, min(100000, int(v)))
@@ -179,6 +172,7 @@ class FaultUpstream:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         t_req = now()
+        v = self.v
         try:
             req = json.loads(await request.read())
             assert isinstance(req, dict)
@@ -199,8 +193,7 @@ class FaultUpstream:
                 headers = {"Retry-After": self.rng.choice(("0", "1"))} if status == 429 else {}
                 rec[5] = "http_error"
                 etype = "rate_limit_exceeded" if status == 429 else "server_error"
-                return web.json_response({"error": {"message": f"injected HTTP {status}", "type": etype,
-                                                    "param": None, "code": None}}, status=status, headers=headers)
+                return v.error_response(status, f"injected HTTP {status}", etype, headers)
             if fault == "http502_html":
                 rec[5] = "http_error"
                 return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
@@ -212,7 +205,7 @@ class FaultUpstream:
             cut_at = self.rng.randint(0, max(0, n - 1)) if fault else None
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await resp.prepare(request)
-            await resp.write(HEAD)
+            await resp.write(v.head)
             t0 = now()
             for i in range(n):
                 if cut_at is not None and i == cut_at:
@@ -221,10 +214,10 @@ class FaultUpstream:
                     d = t0 + i * iv - now()
                     if d > 0:
                         await asyncio.sleep(d)
-                await resp.write(TOKENS[i % len(TOKENS)])
+                await resp.write(v.tokens[i % len(v.tokens)])
                 rec[4] = i + 1
             if fault is None:
-                await resp.write(FINISH + _usage(n) + DONE)
+                await resp.write(v.finish + v.usage(n) + v.done)
                 await resp.write_eof()
                 rec[5] = "completed"
                 return resp
@@ -417,6 +410,7 @@ class ReplyView:
 
 class Soak:
     def __init__(self, args, nex_url: str, tally: Tally, deadline: float, rng_seed: int) -> None:
+        self.invariants = tests_module("invariants")  # the tests' checks, where the soak's are the same
         self.a = args
         self.url = nex_url
         self.t = tally
@@ -487,15 +481,8 @@ class Soak:
         h = s.get("history") or []
         if s.get("running") and not final:
             self.t.violate("running_after_done", f"{who} sid={sid[:8]} running={s.get('running')}")
-        for i, turn in enumerate(h):
-            want = "user" if i % 2 == 0 else "assistant"
-            if turn.get("role") != want:
-                self.t.violate("history_not_alternating", f"{who} sid={sid[:8]} at {i}: {turn.get('role')}")
-                break
-            if want == "assistant" and turn.get("finish_reason") not in FINISH_REASONS:
-                self.t.violate("history_bad_finish", f"{who} sid={sid[:8]} at {i}: {turn.get('finish_reason')}")
-        if len(h) % 2:
-            self.t.violate("history_user_without_reply", f"{who} sid={sid[:8]} len={len(h)}")
+        for kind, detail in self.invariants.history_problems(h, FINISH_REASONS):
+            self.t.violate(kind, f"{who} sid={sid[:8]} {detail}")
         if rv is not None and rv.rid is not None:
             if not h or h[-1].get("role") != "assistant":
                 self.t.violate("history_missing_reply", f"{who} sid={sid[:8]} tag={rv.tag}")
@@ -1591,14 +1578,7 @@ default_model = "soak/fake-model"
 resume_grace_seconds = {GRACE:g}
 max_sessions = 100000
 session_ttl_seconds = 3600
-[limits]
-messages_per_minute = 1000000
-max_replies_per_client = 1000000
-max_replies_total = 1000000
-max_sessions_per_client = 1000000
-sessions_per_minute = 0
-max_frame_bytes = 1048576
-[providers.soak]
+{LIFTED_LIMITS}[providers.soak]
 kind = "openai"
 base_url = "{self.up_url}/v1"
 models = ["fake-model"]
