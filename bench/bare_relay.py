@@ -16,10 +16,15 @@ import argparse
 import asyncio
 import json
 import secrets
+import sys
 import tomllib
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import use_uvloop  # noqa: E402
 
 dumps = json.JSONEncoder(separators=(",", ":")).encode
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
@@ -127,8 +132,7 @@ def main() -> None:
         cfg = tomllib.load(f)
     base = next(iter(cfg["providers"].values()))["base_url"].rstrip("/")
     if cfg.get("server", {}).get("uvloop"):
-        import uvloop
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        use_uvloop()
     app = web.Application()
     app[URL] = base + "/chat/completions"
     app.cleanup_ctx.append(client_ctx)

@@ -37,9 +37,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
 import sys
-import time
+from pathlib import Path
 
 try:
     import orjson
@@ -56,7 +55,8 @@ except ImportError:  # pragma: no cover
     def _dumps(o) -> bytes:
         return json.dumps(o, separators=(",", ":")).encode()
 
-now = time.monotonic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import knobs, now, quantile, raise_nofile, use_uvloop  # noqa: E402
 
 WORDS = [" lor", " ips", " dol", " sit", " ame", " con", " sec", " adi"]
 TOKEN_CHARS = 4
@@ -289,7 +289,8 @@ class UpstreamProtocol(asyncio.Protocol):
                         "completed": st.completed, "cut": st.cut,
                         "records": len(st.records),
                         "loop_lag_ms": {"n": len(lag),
-                                        "p50": _q(lag, 0.5) * 1e3, "p99": _q(lag, 0.99) * 1e3,
+                                        "p50": (quantile(lag, 0.5) or 0.0) * 1e3,
+                                        "p99": (quantile(lag, 0.99) or 0.0) * 1e3,
                                         "max": (lag[-1] * 1e3 if lag else 0.0)},
                         "active_tags": [s.tag for s in app.active]})
         elif method == "GET" and path == "/records":
@@ -327,13 +328,6 @@ def _dechunk(buf: bytes, pos: int):
             return None, 0
         out.append(buf[start:start + size])
         pos = start + size + 2
-
-
-def _q(sorted_vals, q):
-    if not sorted_vals:
-        return 0.0
-    i = min(len(sorted_vals) - 1, max(0, int(round(q * (len(sorted_vals) - 1)))))
-    return sorted_vals[i]
 
 
 class Stream:
@@ -439,17 +433,7 @@ class FakeUpstream:
 
     def options_for(self, req: dict) -> dict:
         opts = {"n": self.default_n, "iv": self.default_iv, "tag": ""}
-        msgs = req.get("messages") or []
-        text = ""
-        for m in reversed(msgs):
-            if isinstance(m, dict) and m.get("role") == "user":
-                c = m.get("content")
-                text = c if isinstance(c, str) else ""
-                break
-        for word in text.split():
-            k, eq, v = word.partition("=")
-            if not eq:
-                continue
+        for k, v in knobs(req).items():
             try:
                 if k == "n":
                     opts["n"] = max(1, int(v))
@@ -470,21 +454,6 @@ class FakeUpstream:
             lag = self.stats.lag
             if len(lag) < 200_000:
                 lag.append(max(0.0, late))
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def use_uvloop() -> bool:
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
 
 
 async def serve(host: str, port: int, tokens: int, interval: float, ready_file) -> None:

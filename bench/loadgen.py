@@ -31,6 +31,7 @@ Commands (``serve``/``once``), each answered by one JSON line:
     idle_open n / idle_close                       (B6)
     active_start n, iv / active_stop               (B6)
     cleanup                                        DELETE every session seen
+    store_sessions n                               POST /api/sessions n times (IDLE, issue 11)
     lag                                            this process's own loop lag
 """
 
@@ -42,11 +43,13 @@ import base64
 import json
 import os
 import random
-import resource
 import sys
-import time
 import zlib
 from collections import deque
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import now, raise_nofile, rss_kb, summary_ms, use_uvloop  # noqa: E402
 
 try:
     import orjson
@@ -59,30 +62,7 @@ except ImportError:  # pragma: no cover
     def dumps(o) -> bytes:
         return json.dumps(o, separators=(",", ":")).encode()
 
-now = time.monotonic
 TOKEN_CHARS = 4
-
-
-def quantile(vals, q):
-    """Nearest-rank-by-interpolation quantile of a list (sorted or not)."""
-    if not vals:
-        return None
-    s = sorted(vals)
-    if len(s) == 1:
-        return s[0]
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def summary_ms(vals):
-    if not vals:
-        return {"n": 0}
-    s = sorted(vals)
-    return {"n": len(s), "p50": quantile(s, 0.5) * 1e3, "p90": quantile(s, 0.9) * 1e3,
-            "p99": quantile(s, 0.99) * 1e3, "p999": quantile(s, 0.999) * 1e3,
-            "max": s[-1] * 1e3, "mean": sum(s) / len(s) * 1e3}
 
 
 # ----------------------------------------------------------------- replies
@@ -947,6 +927,8 @@ class LoadGen:
                 res["gap_window"] = summary_ms(wg)
                 res["stalls_over_40ms"] = sum(1 for g in wg if g > 0.040)
                 res["streams_with_stall"] = sum(1 for m in per_stream_max if m > 0.040)
+                # each stream's worst gap in the window (issue 11: "each stream's worst gap p50/p99")
+                res["stream_worst_gap"] = summary_ms([m for m in per_stream_max if m > 0])
                 res["streams_started"] = sum(1 for r in replies if r.n)
         lag = self.lag[lag0:]
         res["loadgen_lag"] = summary_ms(lag)
@@ -1106,11 +1088,7 @@ class LoadGen:
         rss_sockets = None
         if a.get("rss_pid"):
             await asyncio.sleep(1.0)
-            try:
-                with open(f"/proc/{int(a['rss_pid'])}/status") as f:
-                    rss_sockets = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
-            except (OSError, StopIteration):
-                pass
+            rss_sockets = rss_kb(int(a["rss_pid"])) or None
         waits = []
         for c in conns:
             r = self.start_reply("ws", c, tokens, iv, False, self.tag("a"))
@@ -1166,6 +1144,34 @@ class LoadGen:
         if self.up_pool:
             self.up_pool.close_all()
         return {"deleted": len(ids), "statuses": statuses}
+
+    async def cmd_store_sessions(self, a: dict) -> dict:
+        """Issue 11: store N idle sessions with ``POST /api/sessions`` (a short seeded history each),
+        as another client would; they are not in ``self.sessions`` (``cleanup`` leaves them)."""
+        n = int(a["n"])
+        body = dumps({"history": [{"role": "user", "content": "What is the capital of France?"},
+                                  {"role": "assistant", "content": "The capital of France is Paris."}]})
+        statuses: dict = {}
+        sem = asyncio.Semaphore(int(a.get("parallel", 32)))
+        t = now()
+
+        async def one():
+            async with sem:
+                fut = self.loop.create_future()
+                sink = NullSink(fut)
+                try:
+                    c = await self.nex_pool.acquire()
+                    c.request(b"POST", b"/api/sessions", self.nex_pool.hostport,
+                              b"Content-Type: application/json\r\n", body, sink)
+                    await self._wait(fut, 10)
+                    s = sink.status
+                except Exception as e:  # noqa: BLE001
+                    s = type(e).__name__
+                statuses[str(s)] = statuses.get(str(s), 0) + 1
+
+        await asyncio.gather(*(one() for _ in range(n)))
+        self.nex_pool.close_all()
+        return {"created": statuses.get("201", 0), "statuses": statuses, "seconds": now() - t}
 
     async def cmd_lag(self, a: dict) -> dict:
         return {"loadgen_lag": summary_ms(self.lag)}
@@ -1248,21 +1254,6 @@ async def probe_main(host: str, port: int, path: str, interval: float) -> None:
 
 
 # ----------------------------------------------------------------- entry points
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def use_uvloop() -> bool:
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
 
 def _hostport(s: str | None):
     if not s:

@@ -25,22 +25,16 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
-import resource
-import select
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (BENCH, LIFTED_LIMITS, ROOT, Proc, cpu_seconds, free_port, http_json, machine_lines,  # noqa: E402
+                    quantile, raise_nofile, rss_kb, system_busy)
 
 FULL = dict(
     b1_rounds=10, b1_per_round=50,
@@ -50,6 +44,7 @@ FULL = dict(
     b4_stagger_ms=500, b4_window_ms=200,
     b5_ops=1000, b5_conc=20, b5_direct_ops=200,
     b6_idle=10000, b6_active=1000, b6_active_iv=100,
+    idle_rounds=[0, 10000, 0, 10000], idle_streams=[200, 500], idle_tokens=200, idle_wait_s=45, idle_gc_off=0,
 )
 QUICK = dict(
     b1_rounds=2, b1_per_round=10,
@@ -59,72 +54,19 @@ QUICK = dict(
     b4_stagger_ms=50, b4_window_ms=100,
     b5_ops=30, b5_conc=5, b5_direct_ops=10,
     b6_idle=200, b6_active=40, b6_active_iv=100,
+    idle_rounds=[0, 200], idle_streams=[10, 20], idle_tokens=40, idle_wait_s=0, idle_gc_off=0,
 )
 
 # every row the table always has (the smoke test checks them)
 ROW_IDS = ["B1-ws", "B1-sse", "B2-ws", "B2-sse", "B3-1-ws", "B3-1-sse", "B3-64-ws", "B3-64-sse",
-           "B4", "B5-stop", "B5-orphans", "B6-idle", "B6-active", "B6-after", "B7"]
+           "B4", "B5-stop", "B5-orphans", "B6-idle", "B6-active", "B6-after", "B7",
+           "B4-idle-200", "B4-idle-500", "B7-idle"]
+IDLE_ROW_IDS = ROW_IDS[-3:]  # phase IDLE (issue 11): its rows are named after the sizes of FULL
 
 
 # ----------------------------------------------------------------- small helpers
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-        return (int(rest[11]) + int(rest[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def system_busy() -> float:
-    """Busy CPU seconds of the whole machine so far (all cores)."""
-    with open("/proc/stat") as f:
-        parts = f.readline().split()[1:]
-    vals = list(map(int, parts))
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return (sum(vals[:8]) - idle) / CLK_TCK
-
-
-def http_json(url: str, method: str = "GET", timeout: float = 10.0):
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read() or b"null")
-
-
-def q(vals, p):
-    if not vals:
-        return None
-    s = sorted(vals)
-    if len(s) == 1:
-        return s[0]
-    pos = p * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+q = quantile
 
 
 def median(vals):
@@ -178,65 +120,6 @@ class CPUSampler:
         return (cb - ca) * (t1 - t0) / (tb - ta)
 
 
-class Proc:
-    def __init__(self, name: str, argv: list[str], cpus: list[int] | None, log_path: Path | None,
-                 pipes: bool = False, env: dict | None = None, cwd: Path = ROOT) -> None:
-        self.name = name
-        if cpus and shutil.which("taskset"):
-            argv = ["taskset", "-c", ",".join(map(str, cpus))] + argv
-        self.cpus = cpus
-        self.log_path = log_path
-        out = open(log_path, "wb") if (log_path and not pipes) else None
-        self.p = subprocess.Popen(
-            argv, cwd=cwd, env=env,
-            stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if pipes else out,
-            stderr=open(log_path, "wb") if (pipes and log_path) else (out or subprocess.DEVNULL),
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if (cpus and not shutil.which("taskset")) else None,
-        )
-        self.pid = self.p.pid
-        self._buf = b""
-
-    def readline(self, timeout: float) -> str:
-        fd = self.p.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{self.name}: no answer within {timeout:.0f}s")
-            r, _, _ = select.select([fd], [], [], left)
-            if r:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    raise RuntimeError(f"{self.name} exited (code {self.p.poll()}); see {self.log_path}")
-                self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode()
-
-    def send(self, line: str) -> None:
-        self.p.stdin.write(line.encode() + b"\n")
-        self.p.stdin.flush()
-
-    def call(self, cmd: dict, timeout: float = 600.0) -> dict:
-        self.send(json.dumps(cmd))
-        res = json.loads(self.readline(timeout))
-        if "error" in res and isinstance(res["error"], str):
-            raise RuntimeError(f"{self.name} {cmd.get('cmd')}: {res['error']}\n{res.get('traceback', '')}")
-        return res
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            try:
-                self.p.send_signal(signal.SIGINT if self.name == "nexlm" else signal.SIGTERM)
-                self.p.wait(8)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-
-
 class Bench:
     def __init__(self, args) -> None:
         self.args = args
@@ -271,7 +154,7 @@ class Bench:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         up_extra = [] if self.args.no_uvloop else ["--uvloop"]
         self.up = Proc("upstream", [py, str(BENCH / "fake_upstream.py"), "--port", "0", *up_extra],
-                       self.harness_cpus, self.tmp / "upstream.log", pipes=True, env=env)
+                       self.tmp / "upstream.log", cpus=self.harness_cpus, pipes=True, env=env)
         self.procs.append(self.up)
         line = self.up.readline(20)
         assert line.startswith("READY"), line
@@ -287,13 +170,13 @@ class Bench:
             lg_args.append("--no-compress")
         if self.args.no_uvloop:
             lg_args.append("--no-uvloop")
-        self.lg = Proc("loadgen", lg_args, self.harness_cpus, self.tmp / "loadgen.log", pipes=True, env=env)
+        self.lg = Proc("loadgen", lg_args, self.tmp / "loadgen.log", cpus=self.harness_cpus, pipes=True, env=env)
         self.procs.append(self.lg)
         hello = json.loads(self.lg.readline(20))
         self.res["loadgen_uvloop"] = hello.get("uvloop")
         self.probe = Proc("probe", [py, str(BENCH / "loadgen.py"), "probe", "--nexlm", f"127.0.0.1:{self.nex_port}",
                                     "--path", "/healthz", "--interval-ms", "10"] + (["--no-uvloop"] if self.args.no_uvloop else []),
-                          self.harness_cpus, self.tmp / "probe.log", pipes=True, env=env)
+                          self.tmp / "probe.log", cpus=self.harness_cpus, pipes=True, env=env)
         self.procs.append(self.probe)
         assert self.probe.readline(20) == "READY"
 
@@ -305,8 +188,15 @@ class Bench:
         log = self.tmp / f"nexlm-{self.nexlm_starts}.log"
         self.nex_log = log
         app = Path(self.args.app).resolve()
-        self.nex = Proc("nexlm", [sys.executable, str(app), "--config", str(cfg),
-                                  "--port", str(self.nex_port)], self.nexlm_cpus, log, env=env, cwd=app.parent)
+        wrap = []
+        self.gc_out = None
+        if getattr(self, "gc_trace", False):  # the IDLE phase: count and time NexLM's GC collections
+            self.gc_out = self.tmp / f"gc-{self.nexlm_starts}.json"
+            wrap = [str(BENCH / "gc_trace.py"), str(self.gc_out)]
+            if self.P["idle_gc_off"]:  # the control: NexLM's cyclic collector off (gc.disable())
+                env["BENCH_GC_OFF"] = "1"
+        self.nex = Proc("nexlm", [sys.executable, *wrap, str(app), "--config", str(cfg),
+                                  "--port", str(self.nex_port)], log, cpus=self.nexlm_cpus, env=env, cwd=app.parent)
         self.procs.insert(1, self.nex)
         self.nex_url = f"http://127.0.0.1:{self.nex_port}"
         deadline = time.monotonic() + 30
@@ -335,14 +225,7 @@ class Bench:
 default_model = "fake/fake-model"
 resume_grace_seconds = 0
 max_sessions = 100000
-[limits]
-messages_per_minute = 1000000
-max_replies_per_client = 1000000
-max_replies_total = 1000000
-max_sessions_per_client = 1000000
-sessions_per_minute = 0
-max_frame_bytes = 1048576
-[providers.fake]
+{LIFTED_LIMITS}[providers.fake]
 kind = "openai"
 base_url = "http://127.0.0.1:{self.up_port}/v1"
 models = ["fake-model"]
@@ -680,6 +563,117 @@ models = ["fake-model"]
             out["per_active_marginal_kb"] = (out["active_kb"] - out["active_sockets_kb"]) / max(1, r["streaming"])
         out["active_stop"] = self.lg_call({"cmd": "active_stop"})
 
+    def gc_snapshot(self):
+        """NexLM's GC figures from bench/gc_trace.py (None when it does not run under it)."""
+        if not self.gc_out:
+            return None
+        req = Path(str(self.gc_out) + ".req")
+        try:
+            old = self.gc_out.stat().st_mtime_ns
+        except OSError:
+            old = 0
+        req.touch()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            try:
+                if self.gc_out.stat().st_mtime_ns != old and not req.exists():
+                    return json.loads(self.gc_out.read_text())
+            except (OSError, ValueError):
+                pass
+        return None
+
+    @staticmethod
+    def gc_delta(a, b):
+        if not a or not b:
+            return None
+        return {g: {"n": b["gen"][g]["n"] - a["gen"][g]["n"],
+                    "total_ms": round(b["gen"][g]["total_ms"] - a["gen"][g]["total_ms"], 2),
+                    "max_ms_so_far": b["gen"][g]["max_ms"]} for g in b["gen"]}
+
+    def idle_sessions(self) -> None:
+        """Issue 11: paced WS streams (20 ms, idle_tokens each) at every N of idle_streams, and the loop
+        lag at the largest N, with 0 or with 10,000 idle sessions stored (``POST /api/sessions`` from the
+        load generator), rounds alternating as in idle_rounds. Every round is a fresh NexLM process (the
+        same heap history for both variants), started under bench/gc_trace.py to count its collections."""
+        P = self.P
+        rounds = []
+        self.gc_trace = True
+        try:
+            for i, idle in enumerate(P["idle_rounds"]):
+                self.lg_call({"cmd": "cleanup"})
+                self.restart_nexlm()
+                self.warmup(record=False)
+                rd = {"idle": idle, "round": i + 1}
+                if idle:
+                    r = self.lg_call({"cmd": "store_sessions", "n": idle, "parallel": 32}, timeout=300)
+                    rd["store"] = {k: r[k] for k in ("created", "statuses", "seconds")}
+                    rd["store"]["nexlm_cpu_s"] = r["cpu_s"].get("nexlm")
+                # POST /api/sessions leaves each conversation live until the next housekeeping pass
+                # (every 30 s with this config) writes it back as a record: wait for that.
+                t_w = time.monotonic()
+                while True:
+                    m = self.nex_metrics() or {}
+                    if (m.get("sessions_live") or 0) <= 5 or time.monotonic() - t_w > P["idle_wait_s"]:
+                        break
+                    time.sleep(1.0)
+                rd["waited_s"] = round(time.monotonic() - t_w, 1)
+                rd["metrics_before"] = {k: m.get(k) for k in ("sessions", "sessions_live", "websockets")}
+                time.sleep(0.5)
+                rd["rss_before_kb"] = rss_kb(self.nex.pid)
+                rd["gc_before"] = self.gc_snapshot()
+                steps = {}
+                for N in P["idle_streams"]:
+                    g0 = self.gc_snapshot()
+                    st = self.paced_round("ws", N, P["idle_tokens"])
+                    st["gc"] = self.gc_delta(g0, self.gc_snapshot())
+                    st["rss_kb"] = rss_kb(self.nex.pid)
+                    steps[N] = st
+                    self.lg_call({"cmd": "cleanup"})
+                    w = st["stream_worst_gap"] or {}
+                    self.log(f"IDLE round {i + 1} ({idle} idle) N={N}: worst gap per stream p50 "
+                             f"{fmt(w.get('p50'))} p99 {fmt(w.get('p99'))} ms, streams > 40 ms "
+                             f"{st['streams_with_stall']}/{N}, /healthz p99 {fmt(st['probe_rtt'].get('p99'))} ms, "
+                             f"gen2 collections {((st['gc'] or {}).get('2') or {}).get('n')}")
+                if i == 0:  # the harness alone, once: can it pace the largest N itself?
+                    rd["direct"] = self.paced_round("direct", max(P["idle_streams"]), P["idle_tokens"])
+                rd["steps"] = steps
+                rd["metrics_after"] = {k: (self.nex_metrics() or {}).get(k) for k in ("sessions", "sessions_live")}
+                rd["gc_after"] = self.gc_snapshot()
+                rounds.append(rd)
+        finally:
+            self.gc_trace = False
+        self.res["phases"]["IDLE"] = {"rounds": rounds}
+
+    def paced_round(self, target: str, N: int, tokens: int) -> dict:
+        """One B4-style round (20 ms pacing) with the /healthz probe and NexLM's own loop lag."""
+        P = self.P
+        cmd = {"cmd": "replies", "target": target, "concurrency": N, "count": 1, "n": tokens, "iv": 20,
+               "record": True, "stagger_ms": P["b4_stagger_ms"], "window_ms": P["b4_window_ms"],
+               "timeout": 60 + tokens * 0.1}
+        self.probe.send("start")
+        self.probe.readline(10)
+        self.nex_metrics(reset=True)
+        sampler = CPUSampler(self.nex.pid)
+        r = self.lg_call(cmd, timeout=300)
+        sampler.stop()
+        self.probe.send("stop")
+        pr = json.loads(self.probe.readline(30))
+        m1 = self.nex_metrics() or {}
+        steady = None
+        if r.get("window_t") and r.get("window_s", 0) > 0.2:
+            t_a, t_b = r["window_t"]
+            c = sampler.cpu_between(t_a, t_b)
+            if c is not None:
+                steady = {"nexlm_cpu_pct": round(100 * c / (t_b - t_a)),
+                          "nexlm_us_per_token": round(c * 1e6 / max(1, r["window_frames"]), 1)}
+        return {"N": N, "errors": r["errors"], "error_samples": r["error_samples"],
+                "window_s": r.get("window_s"), "gap_window": r.get("gap_window"),
+                "stream_worst_gap": r.get("stream_worst_gap"), "streams_with_stall": r.get("streams_with_stall"),
+                "streams_started": r.get("streams_started"), "cpu_pct": r["cpu_pct"], "steady": steady,
+                "loadgen_lag": r.get("loadgen_lag"), "probe_rtt": pr["rtt"], "probe_errors": pr["errors"],
+                "nexlm_loop_lag": m1.get("loop_lag_ms")}
+
     def wait_quiet(self) -> None:
         """Wait (up to --wait-quiet seconds) until the rest of the machine uses < 0.3 core over 5 s."""
         limit = self.args.wait_quiet
@@ -716,7 +710,8 @@ models = ["fake-model"]
                  f"loadgen pid {self.lg.pid}; harness cpus {self.harness_cpus}, NexLM cpus {self.nexlm_cpus}")
         self.warmup()
         plan = [("B1", self.b1), ("B2", self.b2), ("B3", self.b3), ("B5", self.b5), ("B4", self.b4),
-                ("B6", self.memory_load), ("after", self.after), ("B6", self.b6_idle), ("B6", self.b6_active)]
+                ("B6", self.memory_load), ("after", self.after), ("B6", self.b6_idle), ("B6", self.b6_active),
+                ("IDLE", self.idle_sessions)]
         for name, fn in plan:
             if name == "after" or self.want(name) or (name == "B4" and self.want("B7")):
                 t = time.monotonic()
@@ -913,38 +908,118 @@ def build_rows(res: dict, P: dict) -> list[dict]:
             w["probe_errors"], lag is not None and lag <= 10)
     else:
         row("B7", "event-loop lag during B4 load", "p99 ≤ 10 ms", "not run", "", "", None)
+    idle_rows(ph.get("IDLE"), P, row)
     return rows
 
 
+def _by_variant(rounds, N, key):
+    """{idle count: [value of key(step at N) per round, in round order]}"""
+    out: dict = {}
+    for rd in rounds:
+        st = rd["steps"].get(N) or rd["steps"].get(str(N))
+        if st is not None:
+            out.setdefault(rd["idle"], []).append(key(st))
+    return out
+
+
+def idle_rows(ph, P, row) -> None:
+    """Issue 11: 10,000 idle sessions stored must not change paced-stream smoothness or loop lag.
+    A variant with idle sessions passes when its worst round is no worse than the 0-idle rounds'
+    worst, with a margin for run-to-run noise (streams over 40 ms: 2% of N; worst-gap p50: 3 ms;
+    loop-lag p99 of the /healthz probe: 2 ms)."""
+    if not ph:
+        for rid in IDLE_ROW_IDS:
+            row(rid, "idle sessions stored vs none", "no change", "not run", "", "", None)
+        return
+    rounds = ph["rounds"]
+    sizes = list(P["idle_streams"])
+    loaded = max(P["idle_rounds"])
+
+    def cell(vals):
+        return ", ".join(vals)
+
+    for rid, N in zip(IDLE_ROW_IDS[:2], sizes):
+        stalls = _by_variant(rounds, N, lambda st: st["streams_with_stall"] or 0)
+        p50 = _by_variant(rounds, N, lambda st: (st["stream_worst_gap"] or {}).get("p50"))
+        p99 = _by_variant(rounds, N, lambda st: (st["stream_worst_gap"] or {}).get("p99"))
+        errs = sum(st["errors"] for rd in rounds for k, st in rd["steps"].items() if int(k) == N)
+        gen2 = _by_variant(rounds, N, lambda st: ((st.get("gc") or {}).get("2") or {}).get("n"))
+        gen1 = _by_variant(rounds, N, lambda st: ((st.get("gc") or {}).get("1") or {}).get("total_ms"))
+
+        def describe(v):
+            return (f"worst gap per stream p50 {cell(fmt(x, nd=1) for x in p50.get(v, []))}, "
+                    f"p99 {cell(fmt(x, nd=1) for x in p99.get(v, []))} ms; streams > 40 ms "
+                    f"{cell(str(x) for x in stalls.get(v, []))} of {N}; gen1 GC ms in the round "
+                    f"{cell(str(x) for x in gen1.get(v, []))}; full GCs {cell(str(x) for x in gen2.get(v, []))}")
+        ok = None
+        if 0 in stalls and loaded in stalls:
+            ok = (max(stalls[loaded]) <= max(stalls[0]) + 0.02 * N
+                  and max(x or 0 for x in p50[loaded]) <= max(x or 0 for x in p50[0]) + 3.0 and errs == 0)
+        row(rid, f"{N} paced WS streams ({P['idle_tokens']} tokens, 20 ms) with {loaded:,} idle sessions stored "
+            "vs none (per round, alternating)",
+            "no change (streams > 40 ms ≤ 0-idle + 2% of N; worst-gap p50 ≤ 0-idle + 3 ms)",
+            f"{loaded:,} idle: {describe(loaded)}", f"0 idle: {describe(0)}", errs, ok)
+    N = max(sizes)
+    rtt99 = _by_variant(rounds, N, lambda st: st["probe_rtt"].get("p99"))
+    rtt50 = _by_variant(rounds, N, lambda st: st["probe_rtt"].get("p50"))
+    own99 = _by_variant(rounds, N, lambda st: (st.get("nexlm_loop_lag") or {}).get("p99"))
+    own50 = _by_variant(rounds, N, lambda st: (st.get("nexlm_loop_lag") or {}).get("p50"))
+    perr = sum(st["probe_errors"] for rd in rounds for k, st in rd["steps"].items() if int(k) == N)
+
+    def lag(v):
+        return (f"/healthz RTT p50 {cell(fmt(x) for x in rtt50.get(v, []))}, p99 {cell(fmt(x) for x in rtt99.get(v, []))} ms; "
+                f"NexLM's own loop lag p50 {cell(str(x) for x in own50.get(v, []))}, p99 {cell(str(x) for x in own99.get(v, []))} ms")
+    ok = None
+    if 0 in rtt99 and loaded in rtt99:
+        ok = max(x or 1e9 for x in rtt99[loaded]) <= max(x or 0 for x in rtt99[0]) + 2.0 and perr == 0
+    row(IDLE_ROW_IDS[2], f"event-loop lag during {N} paced streams, {loaded:,} idle sessions stored vs none",
+        "no change (/healthz p99 ≤ 0-idle + 2 ms)", f"{loaded:,} idle: {lag(loaded)}", f"0 idle: {lag(0)}", perr, ok)
+
+
+def idle_details(ph, P) -> list[str]:
+    out = ["| round | idle sessions stored | N | worst gap per stream p50 / p99 / max | streams > 40 ms | "
+           "all gaps p50 / p99 | /healthz RTT p50 / p99 | NexLM loop lag p50 / p99 / max (own) | "
+           "NexLM CPU % (steady) | µs/token | GC collections gen0/gen1/gen2 (gen1 / gen2 ms) | NexLM RSS MB | "
+           "CPU % of other processes (round) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rd in ph["rounds"]:
+        items = [(str(k), v) for k, v in rd["steps"].items()]
+        if rd.get("direct"):
+            items.append(("direct", rd["direct"]))
+        for k, st in items:
+            w = st["stream_worst_gap"] or {}
+            g = st["gap_window"] or {}
+            ll = st.get("nexlm_loop_lag") or {}
+            gc_ = st.get("gc") or {}
+            gcs = "/".join(str((gc_.get(x) or {}).get("n", "")) for x in ("0", "1", "2"))
+            gcs += f" ({(gc_.get('1') or {}).get('total_ms', '')} / {(gc_.get('2') or {}).get('total_ms', '')})" if gc_ else ""
+            sd = st.get("steady") or {}
+            label = f"{st['N']}" + (" (direct, harness only)" if k == "direct" else "")
+            out.append(f"| {rd['round']} | {rd['idle']:,} | {label} | {fmt(w.get('p50'), nd=1)} / {fmt(w.get('p99'), nd=1)} / "
+                       f"{fmt(w.get('max'), nd=1)} | {st['streams_with_stall']} of {st['streams_started']} | "
+                       f"{fmt(g.get('p50'))} / {fmt(g.get('p99'))} | {fmt(st['probe_rtt'].get('p50'))} / "
+                       f"{fmt(st['probe_rtt'].get('p99'))} | "
+                       + (f"{ll.get('p50')} / {ll.get('p99')} / {ll.get('max')} | " if k != "direct" else " | ")
+                       + f"{sd.get('nexlm_cpu_pct', '') if k != 'direct' else ''} | "
+                       f"{sd.get('nexlm_us_per_token', '') if k != 'direct' else ''} | "
+                       f"{gcs if k != 'direct' else ''} | {fmt(st['rss_kb'] / 1024, nd=1) if st.get('rss_kb') else ''} | "
+                       f"{st['cpu_pct'].get('others', '')} |")
+    out.append("")
+    for rd in ph["rounds"]:
+        gb = rd.get("gc_before") or {}
+        out.append(f"- round {rd['round']} ({rd['idle']:,} idle): stored {json.dumps(rd.get('store'))}; waited "
+                   f"{rd['waited_s']} s for them to become records; before the streams: metrics "
+                   f"{json.dumps(rd['metrics_before'])}, RSS {rd['rss_before_kb'] / 1024:.1f} MB, GC-tracked objects "
+                   f"{gb.get('tracked_objects', 'n/a')}, thresholds {gb.get('thresholds', 'n/a')}; after: "
+                   f"{json.dumps(rd['metrics_after'])}, GC-tracked objects "
+                   f"{(rd.get('gc_after') or {}).get('tracked_objects', 'n/a')}, collections so far (gen0/1/2) "
+                   + "/".join(str(((rd.get('gc_after') or {}).get('gen') or {}).get(g, {}).get('n', '?')) for g in "012"))
+    return out
+
+
 def machine_info(args, res) -> list[str]:
-    model = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        from importlib.metadata import version
-        aio = version("aiohttp")
-    except Exception:  # noqa: BLE001
-        aio = "?"
-    try:
-        from importlib.metadata import version
-        uvl = version("uvloop")
-    except Exception:  # noqa: BLE001
-        uvl = "not installed"
-    mem = ""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
     return [
-        f"- CPU: {model}, {os.cpu_count()} cores; RAM {mem}; Linux {platform.release()}",
-        f"- Python {platform.python_version()}, aiohttp {aio}, uvloop {uvl}",
+        *machine_lines(),
         f"- server measured: `{os.path.relpath(args.app, ROOT)}`; its event loop: "
         f"{'asyncio (--nexlm-asyncio)' if args.nexlm_asyncio else 'uvloop (its default when installed)'}; "
         f"harness (fake upstream, loadgen, probe): {'uvloop' if res.get('loadgen_uvloop') else 'asyncio'}",
@@ -1054,10 +1129,39 @@ def details(res, P) -> str:
                 for t, v in ph[name][key].items():
                     out.append(f"- {name} {t}: " + ", ".join(f"{k} {fmt(x, nd=3) if k != 'n' else x}"
                                                            for k, x in v.items()))
+    if "IDLE" in ph:
+        out.append("\n### Idle sessions stored (issue 11): every round a fresh NexLM, under bench/gc_trace.py")
+        out += idle_details(ph["IDLE"], P)
     out.append(f"\nPhase seconds: {json.dumps(res.get('seconds'))}; NexLM log: {res.get('nexlm_log_bytes', 0):,} bytes")
     if res.get("notes"):
         out.append("\nNotes from this run: " + "; ".join(res["notes"]))
     return "\n".join(out)
+
+
+IDLE_BEGIN = "<!-- idle-sessions: begin (added by bench/run.py --only IDLE) -->"
+IDLE_END = "<!-- idle-sessions: end -->"
+
+
+def idle_section(rows, res, args, P, when, cmdline) -> str:
+    ids = set(IDLE_ROW_IDS)
+    return "\n".join([
+        IDLE_BEGIN,
+        "## Idle sessions stored (issue 11)", "",
+        f"Run {when}: `python bench/run.py {cmdline}` ({res['wall_s']:.0f} s). Rounds alternate "
+        f"{', '.join(f'{x:,}' for x in P['idle_rounds'])} idle sessions (stored with `POST /api/sessions` by the load "
+        "generator, then given the 30 s housekeeping pass that turns them into records); each round is a fresh "
+        "NexLM process on its own core, under bench/gc_trace.py (GC collections counted and timed)"
+        + ("; **control: NexLM's automatic garbage collection off** (`--set idle_gc_off=1`, `gc.disable()`)."
+           if P.get("idle_gc_off") else "."), "",
+        *machine_info(args, res), "",
+        render([r for r in rows if r["id"] in ids], res, args, P), "",
+        *(idle_details(res["phases"]["IDLE"], P) if "IDLE" in res["phases"] else []),
+        IDLE_END, ""])
+
+
+def merge_section(text: str, section: str) -> str:
+    """Each ``--only IDLE`` run adds its own dated section after the report (a full run rewrites it all)."""
+    return text.rstrip("\n") + "\n\n" + section
 
 
 def main(argv=None) -> int:
@@ -1066,7 +1170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(BENCH / "results.md"), help="where to write the report")
     ap.add_argument("--keep-logs", action="store_true", help="keep the temporary directory (config, logs)")
     ap.add_argument("--json", default=None, help="also write every raw figure as JSON here")
-    ap.add_argument("--only", default=None, help="comma-separated phases to run: B1,B2,B3,B4,B5,B6 (B7 rides on B4)")
+    ap.add_argument("--only", default=None, help="comma-separated phases to run: B1,B2,B3,B4,B5,B6 (B7 rides on B4), IDLE "
+                         "(issue 11; alone, it adds a dated section to --out and leaves the rest)")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
     ap.add_argument("--nexlm-asyncio", action="store_true", help="run NexLM with [server] uvloop = false")
     ap.add_argument("--no-uvloop", action="store_true", help="harness without uvloop")
@@ -1126,6 +1231,10 @@ def main(argv=None) -> int:
             text += "\n".join(f"- {pct}% {f}" for f, pct in p["self"][:15]) + "\n"
             text += "inclusive (outermost frames left out):\n"
             text += "\n".join(f"- {pct}% {f}" for f, pct in p["inclusive"] if pct < 95)[:3000] + "\n"
+    cmdline = " ".join(argv if argv is not None else sys.argv[1:])
+    if b.only == {"IDLE"} and Path(args.out).exists():
+        # the IDLE phase alone: a section of its own is added, the rest of the report stays
+        text = merge_section(Path(args.out).read_text(), idle_section(rows, res, args, b.P, when, cmdline))
     Path(args.out).write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "res": res}, indent=1, default=str))

@@ -59,14 +59,11 @@ import collections
 import datetime as _dt
 import json
 import os
-import platform
 import random
-import resource
 import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,10 +72,9 @@ from pathlib import Path
 import aiohttp
 from aiohttp import WSMsgType, web
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-now = time.monotonic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (BENCH, LIFTED_LIMITS, ROOT, Proc, cpu_seconds, free_port, machine_lines, now, proc_fds,  # noqa: E402
+                    knobs, proc_status, quantile, raise_nofile, system_busy, tests_module, use_uvloop)
 
 WORDS = [" lor", " ips", " dol", " sit", " ame", " con", " sec", " adi"]  # as bench/fake_upstream.py
 CYCLE = "".join(WORDS)
@@ -105,29 +101,29 @@ def cycle_ok(text: str) -> bool:
 
 # =============================================================== the fault-injecting upstream
 
-def _chunk_bytes(obj) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+INBAND_ERROR = b"data: " + json.dumps({"error": {"message": "injected in-band error", "type": "server_error",
+                                                 "code": "soak_injected"}}).encode() + b"\n\n"
 
 
-def _choice_chunk(delta: dict, finish=None) -> bytes:
-    return _chunk_bytes({"id": "chatcmpl-soak", "object": "chat.completion.chunk", "created": 1760000000,
-                         "model": "fake-model",
-                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                         "usage": None})
+class Vocabulary:
+    """The tests' upstream bytes (tests/fake_upstream.py): chunks, the usage chunk, [DONE], error bodies.
+    Loaded by the upstream process only (not by ``launch``: NexLM's process stays as it was)."""
 
+    def __init__(self) -> None:
+        self.fake = fake = tests_module("fake_upstream")
+        self.head = fake.chunk("", role=True)
+        self.tokens = [fake.chunk(w) for w in WORDS]
+        self.finish = fake.chunk(finish="stop")
+        self.done = fake.DONE
 
-HEAD = _choice_chunk({"role": "assistant", "content": "", "refusal": None})
-TOKENS = [_choice_chunk({"content": w}) for w in WORDS]
-FINISH = _choice_chunk({}, "stop")
-DONE = b"data: [DONE]\n\n"
-INBAND_ERROR = _chunk_bytes({"error": {"message": "injected in-band error", "type": "server_error",
-                                       "code": "soak_injected"}})
+    def usage(self, n: int) -> bytes:
+        return self.fake.usage_chunk(prompt=9, completion=n)
 
-
-def _usage(n: int) -> bytes:
-    return _chunk_bytes({"id": "chatcmpl-soak", "object": "chat.completion.chunk", "created": 1760000000,
-                         "model": "fake-model", "choices": [],
-                         "usage": {"prompt_tokens": 9, "completion_tokens": n, "total_tokens": n + 9}})
+    def error_response(self, status: int, message: str, etype: str, headers: dict | None = None) -> web.Response:
+        """An HTTP error with an OpenAI-style JSON body, as the tests' ``fake_upstream.error`` writes it."""
+        script = self.fake.error(status, message, headers, etype)
+        return web.Response(status=status, body=script.body,
+                            headers={"Content-Type": "application/json", **script.headers})
 
 
 def _rst(transport) -> None:
@@ -158,18 +154,11 @@ class FaultUpstream:
         self.records: list[list] = []
         self.runner: web.AppRunner | None = None
         self.lag: list[float] = []
+        self.v = Vocabulary()
 
     def knobs(self, req) -> tuple[int, float, str]:
         n, iv, tag = 20, 0.0, ""
-        text = ""
-        for m in reversed(req.get("messages") or []):
-            if isinstance(m, dict) and m.get("role") == "user":
-                text = m.get("content") if isinstance(m.get("content"), str) else ""
-                break
-        for word in text.split():
-            k, eq, v = word.partition("=")
-            if not eq:
-                continue
+        for k, v in knobs(req).items():
             try:
                 if k == "n":
                     n = max(1, min(100000, int(v)))
@@ -183,6 +172,7 @@ class FaultUpstream:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         t_req = now()
+        v = self.v
         try:
             req = json.loads(await request.read())
             assert isinstance(req, dict)
@@ -203,8 +193,7 @@ class FaultUpstream:
                 headers = {"Retry-After": self.rng.choice(("0", "1"))} if status == 429 else {}
                 rec[5] = "http_error"
                 etype = "rate_limit_exceeded" if status == 429 else "server_error"
-                return web.json_response({"error": {"message": f"injected HTTP {status}", "type": etype,
-                                                    "param": None, "code": None}}, status=status, headers=headers)
+                return v.error_response(status, f"injected HTTP {status}", etype, headers)
             if fault == "http502_html":
                 rec[5] = "http_error"
                 return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
@@ -216,7 +205,7 @@ class FaultUpstream:
             cut_at = self.rng.randint(0, max(0, n - 1)) if fault else None
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await resp.prepare(request)
-            await resp.write(HEAD)
+            await resp.write(v.head)
             t0 = now()
             for i in range(n):
                 if cut_at is not None and i == cut_at:
@@ -225,10 +214,10 @@ class FaultUpstream:
                     d = t0 + i * iv - now()
                     if d > 0:
                         await asyncio.sleep(d)
-                await resp.write(TOKENS[i % len(TOKENS)])
+                await resp.write(v.tokens[i % len(v.tokens)])
                 rec[4] = i + 1
             if fault is None:
-                await resp.write(FINISH + _usage(n) + DONE)
+                await resp.write(v.finish + v.usage(n) + v.done)
                 await resp.write_eof()
                 rec[5] = "completed"
                 return resp
@@ -344,122 +333,6 @@ def launch(app: str, rest: list[str]) -> None:
 
 # =============================================================== processes and /proc
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def use_uvloop() -> bool:
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
-
-def proc_status(pid: int) -> dict:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in ("VmRSS", "VmHWM", "RssAnon", "Threads"):
-                    out[k] = int(v.split()[0])
-    except OSError:
-        pass
-    return out
-
-
-def proc_fds(pid: int) -> dict:
-    kinds: collections.Counter = collections.Counter()
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return {"total": -1}
-    for n in names:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{n}")
-        except OSError:
-            continue
-        if target.startswith("socket:"):
-            kinds["socket"] += 1
-        elif target.startswith("pipe:"):
-            kinds["pipe"] += 1
-        elif target.startswith("anon_inode:"):
-            kinds["anon"] += 1
-        else:
-            kinds["file"] += 1
-    return {"total": sum(kinds.values()), **kinds}
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-        return (int(rest[11]) + int(rest[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def system_busy() -> float:
-    with open("/proc/stat") as f:
-        vals = list(map(int, f.readline().split()[1:]))
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return (sum(vals[:8]) - idle) / CLK_TCK
-
-
-class Proc:
-    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path = ROOT, pipe_stdout: bool = False):
-        self.name = name
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE if pipe_stdout else self.log, stderr=self.log)
-        self.pid = self.p.pid
-
-    def ready_line(self, timeout: float) -> str:
-        import select
-        fd = self.p.stdout.fileno()
-        buf = b""
-        deadline = now() + timeout
-        while b"\n" not in buf:
-            left = deadline - now()
-            if left <= 0:
-                raise TimeoutError(f"{self.name}: no READY within {timeout:.0f}s (see {self.log_path})")
-            r, _, _ = select.select([fd], [], [], left)
-            if r:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    raise RuntimeError(f"{self.name} exited ({self.p.poll()}); see {self.log_path}")
-                buf += chunk
-        return buf.split(b"\n", 1)[0].decode()
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def stop(self, sig=signal.SIGINT, wait: float = 15.0) -> int | None:
-        if self.p.poll() is None:
-            self.p.send_signal(sig)
-            try:
-                self.p.wait(wait)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        if self.p.stdout:
-            self.p.stdout.close()
-        self.log.close()
-        return self.p.returncode
-
-
 # =============================================================== what the clients saw
 
 class Closed(Exception):
@@ -537,6 +410,7 @@ class ReplyView:
 
 class Soak:
     def __init__(self, args, nex_url: str, tally: Tally, deadline: float, rng_seed: int) -> None:
+        self.invariants = tests_module("invariants")  # the tests' checks, where the soak's are the same
         self.a = args
         self.url = nex_url
         self.t = tally
@@ -607,15 +481,8 @@ class Soak:
         h = s.get("history") or []
         if s.get("running") and not final:
             self.t.violate("running_after_done", f"{who} sid={sid[:8]} running={s.get('running')}")
-        for i, turn in enumerate(h):
-            want = "user" if i % 2 == 0 else "assistant"
-            if turn.get("role") != want:
-                self.t.violate("history_not_alternating", f"{who} sid={sid[:8]} at {i}: {turn.get('role')}")
-                break
-            if want == "assistant" and turn.get("finish_reason") not in FINISH_REASONS:
-                self.t.violate("history_bad_finish", f"{who} sid={sid[:8]} at {i}: {turn.get('finish_reason')}")
-        if len(h) % 2:
-            self.t.violate("history_user_without_reply", f"{who} sid={sid[:8]} len={len(h)}")
+        for kind, detail in self.invariants.history_problems(h, FINISH_REASONS):
+            self.t.violate(kind, f"{who} sid={sid[:8]} {detail}")
         if rv is not None and rv.rid is not None:
             if not h or h[-1].get("role") != "assistant":
                 self.t.violate("history_missing_reply", f"{who} sid={sid[:8]} tag={rv.tag}")
@@ -1680,7 +1547,7 @@ class Runner:
                                     *([] if self.a.no_uvloop else ["--uvloop"])],
                        self.tmp / "upstream.log", pipe_stdout=True)
         self.procs.append(self.up)
-        line = self.up.ready_line(20)
+        line = self.up.readline(20)
         assert line.startswith("READY"), line
         self.up_url = f"http://127.0.0.1:{int(line.split()[1])}"
         self.nex_port = free_port()
@@ -1711,14 +1578,7 @@ default_model = "soak/fake-model"
 resume_grace_seconds = {GRACE:g}
 max_sessions = 100000
 session_ttl_seconds = 3600
-[limits]
-messages_per_minute = 1000000
-max_replies_per_client = 1000000
-max_replies_total = 1000000
-max_sessions_per_client = 1000000
-sessions_per_minute = 0
-max_frame_bytes = 1048576
-[providers.soak]
+{LIFTED_LIMITS}[providers.soak]
 kind = "openai"
 base_url = "{self.up_url}/v1"
 models = ["fake-model"]
@@ -1747,7 +1607,7 @@ retry_max_seconds = 6
     def stop(self) -> None:
         for p in reversed(self.procs):
             try:
-                rc = p.stop(signal.SIGINT if p.name == "nexlm" else signal.SIGTERM)
+                rc = p.stop(signal.SIGINT if p.name == "nexlm" else signal.SIGTERM, wait=15.0)
                 self.res[f"{p.name}_exit"] = rc
             except Exception as exc:  # noqa: BLE001
                 self.notes.append(f"stopping {p.name}: {exc}")
@@ -1962,16 +1822,6 @@ def _f(x, nd=1):
     return str(x)
 
 
-def q(vals, p):
-    if not vals:
-        return None
-    s = sorted(vals)
-    pos = p * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def stop_latencies(t: Tally, records: list) -> dict:
     """Stop (or end of the resume grace) -> the upstream saw its connection close; both CLOCK_MONOTONIC."""
     by_tag = collections.defaultdict(list)
@@ -1990,7 +1840,7 @@ def stop_latencies(t: Tally, records: list) -> dict:
                 raced += 1  # the upstream had already finished (or failed) on its own
                 continue
             out.append(r[3] - (t_mark + offset))
-        return {"n": len(out), "p50_ms": _ms(q(out, 0.5)), "p99_ms": _ms(q(out, 0.99)), "max_ms": _ms(max(out) if out else None),
+        return {"n": len(out), "p50_ms": _ms(quantile(out, 0.5)), "p99_ms": _ms(quantile(out, 0.99)), "max_ms": _ms(max(out) if out else None),
                 "over_1s": sum(1 for x in out if x > 1.0), "upstream_already_ended": raced, "no_request": missing}
 
     return {"stop": lat(t.stop_marks, 0.0), "grace": lat(t.abandon_marks, GRACE)}
@@ -2003,30 +1853,7 @@ def _ms(x):
 # =============================================================== report
 
 def machine_info() -> list[str]:
-    model = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
-    from importlib.metadata import version
-    vers = []
-    for pkg in ("aiohttp", "uvloop", "orjson"):
-        try:
-            vers.append(f"{pkg} {version(pkg)}")
-        except Exception:  # noqa: BLE001
-            vers.append(f"{pkg} not installed")
-    return [f"- CPU: {model}, {os.cpu_count()} cores; RAM {mem}; Linux {platform.release()}",
-            f"- Python {platform.python_version()}; " + ", ".join(vers)]
+    return machine_lines(("aiohttp", "uvloop", "orjson"), sep="; ")
 
 
 def metric_rows(res: dict, samples: list[dict]) -> list[tuple]:
@@ -2192,8 +2019,8 @@ def render(res: dict, samples: list[dict], args, argv: list[str]) -> tuple[str, 
                      f"over 1 s: {x['over_1s']} (n={x['n']}; upstream had already ended: {x['upstream_already_ended']}, "
                      f"no upstream request yet: {x['no_request']})")
     if t.stop_to_done:
-        lines.append(f"- client side, stop sent → done received: p50 {_ms(q(t.stop_to_done, .5))} ms, "
-                     f"p99 {_ms(q(t.stop_to_done, .99))} ms, max {_ms(max(t.stop_to_done))} ms (n={len(t.stop_to_done)})")
+        lines.append(f"- client side, stop sent → done received: p50 {_ms(quantile(t.stop_to_done, .5))} ms, "
+                     f"p99 {_ms(quantile(t.stop_to_done, .99))} ms, max {_ms(max(t.stop_to_done))} ms (n={len(t.stop_to_done)})")
     lag = [s.get("loop_lag_ms") or {} for s in samples]
     lag_max = max((x.get("max") or 0 for x in lag), default=0)
     lag_p99 = max((x.get("p99") or 0 for x in lag), default=0)

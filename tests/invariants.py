@@ -78,6 +78,23 @@ async def eventually(predicate, timeout: float, what) -> None:
         await asyncio.sleep(0.01)
 
 
+def history_problems(history: list[dict], finish_reasons=FINISH_REASONS) -> list[tuple[str, str]]:
+    """What is wrong with a stored history's shape: roles must alternate user, assistant (no user turn
+    left without its reply) and every assistant turn has a known finish_reason. Also used by
+    bench/soak.py on the histories it fetches (``GET /api/sessions/{id}``)."""
+    out = []
+    for i, turn in enumerate(history):
+        want = "user" if i % 2 == 0 else "assistant"
+        if turn.get("role") != want:
+            out.append(("history_not_alternating", f"at {i}: {turn.get('role')}"))
+            break
+        if want == "assistant" and turn.get("finish_reason") not in finish_reasons:
+            out.append(("history_bad_finish", f"at {i}: {turn.get('finish_reason')}"))
+    if len(history) % 2:
+        out.append(("history_user_without_reply", f"len={len(history)}"))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -501,12 +518,9 @@ class Harness:
 
     def _check_histories(self) -> None:
         for s in self.chat.views():
-            roles = [t["role"] for t in s.history]
-            assert roles == ["user", "assistant"] * (len(roles) // 2), \
-                f"session {s.id[:6]}: history roles {roles} (a turn left streaming or recorded twice?)"
-            for t in s.history:
-                if t["role"] == "assistant":
-                    assert t["finish_reason"] in FINISH_REASONS, t
+            problems = history_problems(s.history)
+            assert not problems, (f"session {s.id[:6]}: {problems}, roles {[t['role'] for t in s.history]} "
+                                  "(a turn left streaming or recorded twice?)")
         for sid, messages in self.accepted.items():
             if sid in self.gone:
                 continue
