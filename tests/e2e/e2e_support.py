@@ -73,7 +73,7 @@ class Server:
     """``python app.py`` on a fixed port, so it can be killed and started again."""
 
     def __init__(self, tmp: Path, upstream_port: int, parent_origin: str, extra: str = "",
-                 base_path: str = "") -> None:
+                 base_path: str = "", local: bool = False) -> None:
         self.port = free_port()
         self.root = f"http://127.0.0.1:{self.port}"
         self.url = f"{self.root}{base_path}/"
@@ -107,7 +107,7 @@ class Server:
             models = ["offline-model"]
 
             [providers.local]
-            enabled = false
+            enabled = {"true" if local else "false"}
             """) + extra)
         self.log = tmp / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None

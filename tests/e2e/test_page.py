@@ -615,6 +615,33 @@ def test_works_under_a_path_prefix(tmp_path, fake, parent_site, make_page):
         s.stop()
 
 
+@pytest.mark.slow
+def test_a_reply_waiting_for_the_embedded_model_shows_its_place(tmp_path, fake, parent_site, make_page):
+    """The embedded model answers one reply at a time: the one behind says so, then streams."""
+    s = Server(tmp_path, fake.port, parent_site.origin, local=True)
+    s.start()
+    try:
+        first = make_page(s.url)
+        online(first)
+        first.locator("select#model").select_option("local/smollm2-135m-instruct")
+        send(first, "Write a very long story about a lighthouse keeper and the sea.")
+        expect(replies(first).last).not_to_have_text("", timeout=120000)  # it holds the model now
+        second = make_page(s.url)
+        online(second)
+        second.locator("select#model").select_option("local/smollm2-135m-instruct")
+        send(second, "Hello!")
+        waiting = second.locator("article.msg.assistant .msg-body.queued")
+        expect(waiting).to_have_attribute("data-waiting", "Waiting for the model (1 ahead)…")
+        first.locator("#stop").click()
+        wait_idle(second, timeout=120000)
+        expect(second.locator("article.msg.assistant .msg-body.queued")).to_have_count(0)
+        expect(replies(second).last).not_to_have_text("")
+        first.errors.check()
+        second.errors.check()
+    finally:
+        s.stop()
+
+
 def test_login_page_when_tokens_are_configured(tmp_path, fake, parent_site, make_page):
     s = Server(tmp_path, fake.port, parent_site.origin, extra='\n[auth]\ntokens = ["s3cret-token"]\n')
     s.start()
