@@ -221,7 +221,7 @@ class Conversations:
         the conversation exists, so a refusal leaves nothing behind."""
         message = check_message(self.settings.limits, message)
         probe = Live(Conversation(owner, client, self.registry.default_model()))
-        self._admit(probe, model, params)  # takes a reply slot: give it back if the store refuses
+        resolved = self._admit(probe, model, params)  # takes a reply slot: given back if the store refuses
         try:
             live = await self.create(owner, client)
         except ChatError:
@@ -229,7 +229,7 @@ class Conversations:
             raise
         live.conv.model, live.conv.params = probe.conv.model, probe.conv.params
         live.conv.history.append({"role": "user", "content": message})
-        return live, self._launch(live, self._resolve(live.conv.model))
+        return live, self._launch(live, resolved)
 
     def regenerate(self, live: Live, model=None, params=None) -> Reply:
         """Replace the last reply with a new one."""
