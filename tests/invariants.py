@@ -33,6 +33,7 @@ import os
 import re
 import socket
 import struct
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -93,6 +94,45 @@ def history_problems(history: list[dict], finish_reasons=FINISH_REASONS) -> list
     if len(history) % 2:
         out.append(("history_user_without_reply", f"len={len(history)}"))
     return out
+
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
+
+
+def app_env() -> dict:
+    """The environment without anything that would configure NexLM behind a test's back."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("NEXLM_", "DEEPSEEK_", "OPENAI_", "LOCAL_LLM", "LOCAL_MODEL"))}
+
+
+async def spawn_app(config, port: int) -> asyncio.subprocess.Process:
+    """A real ``python app.py --config CONFIG --port PORT`` (access logger, signals and all), piped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, str(APP), "--config", str(config), "--port", str(port),
+        cwd=APP.parent, env=app_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+def access_log_line(method: str, path: str, status: int = 200, **request_kw) -> str:
+    """The line app.py's access logger writes for a request (built without a server)."""
+    import logging
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from app import AccessLogger
+
+    logger = logging.getLogger("test.access")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        AccessLogger(logger, "").log(make_mocked_request(method, path, **request_kw), web.Response(status=status), 0.01)
+    finally:
+        logger.removeHandler(handler)
+    [record] = records
+    return record.getMessage()
 
 
 def free_port() -> int:

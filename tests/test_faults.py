@@ -13,7 +13,6 @@ import asyncio
 import os
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from conftest import extra_config
 from fake_upstream import DONE, KEEPALIVE, Script, chunk, error, from_fixture, reply, usage_chunk
 from invariants import (  # noqa: F401  (make_harness and h are fixtures)
     Blackhole, Harness, RawWS, SSEStream, closed_port_url, eventually, free_port, h, make_harness, request_times,
-    strict_json,
+    spawn_app, strict_json,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1067,12 +1066,8 @@ async def test_sigterm_with_an_active_reply(upstream, tmp_path, finishes):
     cfg = tmp_path / "nexlm.toml"
     cfg.write_text(extra_config(upstream.url, f"[server]\nshutdown_grace_seconds = {grace}"))
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NEXLM_", "DEEPSEEK_", "OPENAI_", "LOCAL_LLM", "LOCAL_MODEL"))}
     question = "a question that must not reach the logs"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "app.py"), "--config", str(cfg), "--port", str(port),
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await spawn_app(cfg, port)
     try:
         async with asyncio.timeout(15):
             line = await proc.stdout.readline()
@@ -1122,11 +1117,7 @@ async def test_sigterm_with_an_sse_reply_and_an_idle_socket(upstream, tmp_path):
     cfg = tmp_path / "nexlm.toml"
     cfg.write_text(extra_config(upstream.url, "[server]\nshutdown_grace_seconds = 0.5"))
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NEXLM_", "DEEPSEEK_", "OPENAI_", "LOCAL_LLM", "LOCAL_MODEL"))}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "app.py"), "--config", str(cfg), "--port", str(port),
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await spawn_app(cfg, port)
     try:
         async with asyncio.timeout(15):
             await proc.stdout.readline()
@@ -1239,11 +1230,7 @@ async def test_sigterm_exits_within_the_grace_whatever_clients_do(upstream, tmp_
     cfg.write_text(extra_config(upstream.url, f"[server]\nshutdown_grace_seconds = {grace}\n"
                                               "[limits]\nmax_queued_bytes = 0\nmax_replies_per_client = 4"))  # no bound: they stay
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NEXLM_", "DEEPSEEK_", "OPENAI_", "LOCAL_LLM", "LOCAL_MODEL"))}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "app.py"), "--config", str(cfg), "--port", str(port),
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await spawn_app(cfg, port)
     raw = None
     try:
         async with asyncio.timeout(15):
@@ -1297,11 +1284,7 @@ async def start_app(upstream, tmp_path, extra: str):
     cfg = tmp_path / "nexlm.toml"
     cfg.write_text(extra_config(upstream.url, extra))
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NEXLM_", "DEEPSEEK_", "OPENAI_", "LOCAL_LLM", "LOCAL_MODEL"))}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "app.py"), "--config", str(cfg), "--port", str(port),
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await spawn_app(cfg, port)
     async with asyncio.timeout(15):
         line = await proc.stdout.readline()
     assert b"NexLM is running" in line, line + await proc.stderr.read()

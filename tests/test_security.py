@@ -12,7 +12,6 @@ import logging
 
 import pytest
 from aiohttp import WSServerHandshakeError
-from aiohttp.test_utils import make_mocked_request
 
 from fake_upstream import DONE, FakeUpstream, Script, chunk, error, from_fixture, reply
 from invariants import h, make_harness  # noqa: F401  (fixtures)
@@ -364,22 +363,8 @@ async def test_message_text_never_in_logs_at_info(make_harness, upstream, caplog
 
 
 def test_access_log_of_app_py_omits_the_query():
-    from aiohttp import web
-
-    from app import AccessLogger
-    logger = logging.getLogger("test.access")
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        req = make_mocked_request("GET", "/sse?message=MY-PRIVATE-QUESTION&session=abc")
-        AccessLogger(logger, "").log(req, web.Response(status=200), 0.01)
-    finally:
-        logger.removeHandler(handler)
-    assert records and "/sse" in records[0].getMessage()
-    assert "MY-PRIVATE-QUESTION" not in records[0].getMessage()
+    line = access_log_line("GET", "/sse?message=MY-PRIVATE-QUESTION&session=abc")
+    assert "/sse" in line and "MY-PRIVATE-QUESTION" not in line
 
 
 async def test_an_upstream_redirect_never_carries_a_key_elsewhere(make_harness, upstream):
@@ -498,7 +483,6 @@ class FakeClock:
 def freeze(h, what: str = "throttle") -> FakeClock:
     """Stop time for the guard's throttle (or login sessions), so no test depends on its speed.
     (Before this existed, there was nothing to freeze: the test then fails on its assertions.)"""
-    import nexlm.security as security
 
     clock = FakeClock()
     key = getattr(__import__("nexlm.appkeys").appkeys, "GUARD", None)
@@ -653,21 +637,9 @@ async def test_login_sessions_expire_and_are_capped(make_harness, upstream):
 # ---------------------------------------------------------------------------- log forging
 
 def access_log_line(method: str, path: str, **kw) -> str:
-    from aiohttp import web
+    from invariants import access_log_line as line
 
-    from app import AccessLogger
-    logger = logging.getLogger("test.access.forging")
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        AccessLogger(logger, "").log(make_mocked_request(method, path, **kw), web.Response(status=404), 0.01)
-    finally:
-        logger.removeHandler(handler)
-    [record] = records
-    return record.getMessage()
+    return line(method, path, 404, **kw)
 
 
 @pytest.mark.parametrize("path", [
@@ -691,23 +663,15 @@ def test_access_log_shortens_session_ids_in_paths():
 
 async def test_real_server_log_has_no_forged_lines_session_ids_or_queries(upstream, tmp_path):
     """``python app.py``'s own stderr, with its access logger and aiohttp's request-error logging."""
-    import os
-    import sys
-    from pathlib import Path
 
     import aiohttp
 
     from conftest import extra_config
-    from invariants import free_port
-    root = Path(__file__).resolve().parent.parent
+    from invariants import free_port, spawn_app
     cfg = tmp_path / "nexlm.toml"
     cfg.write_text(extra_config(upstream.url, ""))
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NEXLM_", "DEEPSEEK_", "OPENAI_", "LOCAL_LLM", "LOCAL_MODEL"))}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(root / "app.py"), "--config", str(cfg), "--port", str(port),
-        cwd=root, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await spawn_app(cfg, port)
     secret = "MY-PRIVATE-QUESTION-2718"
     try:
         async with asyncio.timeout(15):
