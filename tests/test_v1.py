@@ -15,7 +15,7 @@ from aiohttp import web
 from conftest import extra_config
 from fake_upstream import Script, chunk, error, from_fixture, reply
 
-from nexlm.appkeys import CONVERSATIONS, REGISTRY
+from nexlm.appkeys import CONVERSATIONS, GATEWAY, REGISTRY
 from nexlm.config import load_settings
 from nexlm.server import create_app
 
@@ -347,4 +347,23 @@ async def _eventually(predicate, timeout: float = 2.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+
+async def test_shutdown_ends_running_v1_turns_after_the_grace(sdk, upstream):
+    oa, client = await sdk()
+    upstream.push(Script([chunk("first", role=True), "hang"]))
+    stream = await oa.chat.completions.create(model="fakey", messages=HI, stream=True)
+    first = await stream.__anext__()
+    assert first.choices[0].delta.role == "assistant"
+    await client.app[GATEWAY].close(0.05)
+    await upstream.wait_closed(1, timeout=1.0)
+    with pytest.raises(openai.APIError) as exc:
+        async for _ in stream:
+            pass
+    assert "restarting" in exc.value.message  # told in the stream, not cut
+    assert settled(client)
+    with pytest.raises(openai.APIStatusError) as exc:  # and no new turn starts
+        await oa.chat.completions.create(model="fakey", messages=HI)
+    assert exc.value.status_code == 503 and "Retry-After" in exc.value.response.headers
 
