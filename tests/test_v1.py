@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 
 import aiohttp
 import openai
@@ -14,6 +15,7 @@ import pytest
 from aiohttp import web
 from conftest import extra_config
 from fake_upstream import Script, chunk, error, from_fixture, reply
+from invariants import free_port, spawn_app
 
 from nexlm.appkeys import CONVERSATIONS, GATEWAY, REGISTRY
 from nexlm.config import load_settings
@@ -213,6 +215,7 @@ async def test_unknown_model_is_not_found(sdk, upstream):
     with pytest.raises(openai.NotFoundError) as exc:
         await oa.chat.completions.create(model="nope/none", messages=HI)
     assert exc.value.code == "model_not_found" and "Unknown model" in exc.value.message
+    assert exc.value.param == "model"
     assert upstream.requests == [] and settled(client)
 
 
@@ -245,6 +248,27 @@ async def test_body_not_json_and_too_large(sdk):
         {"role": "user", "content": "x" * 5000}]})
     assert resp.status == 413 and resp.headers["x-should-retry"] == "false"
     assert set((await resp.json())["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_unknown_routes_and_methods_in_the_envelope(sdk):
+    _, client = await sdk()
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+        resp = await client.request(method, path)
+        assert resp.status == status
+        assert set((await resp.json())["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_empty_reply(sdk, upstream, stream):
+    oa, _ = await sdk()
+    upstream.push(reply())
+    r = await oa.chat.completions.create(model="fakey", messages=HI, stream=stream)
+    if stream:
+        chunks = [c async for c in r]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    else:
+        assert r.choices[0].message.content == "" and r.choices[0].finish_reason == "stop"
 
 
 async def test_rate_limit(sdk, upstream):
@@ -367,3 +391,43 @@ async def test_shutdown_ends_running_v1_turns_after_the_grace(sdk, upstream):
         await oa.chat.completions.create(model="fakey", messages=HI)
     assert exc.value.status_code == 503 and "Retry-After" in exc.value.response.headers
 
+
+
+async def test_through_app_py_leaving_and_sigterm(upstream, tmp_path):
+    """``python app.py`` as users run it: a client leaving mid-stream closes the upstream, and
+    SIGTERM ends a running /v1 stream with an error event after the grace, then exits cleanly."""
+    cfg = tmp_path / "nexlm.toml"
+    cfg.write_text(extra_config(upstream.url, "[server]\nshutdown_grace_seconds = 0.3"))
+    port = free_port()
+    upstream.push(Script([chunk("one", role=True), "hang"]), Script([chunk("two", role=True), "hang"]))
+    proc = await spawn_app(cfg, port)
+    oa = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                            http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
+    try:
+        async with asyncio.timeout(15):
+            assert b"NexLM is running" in await proc.stdout.readline()
+        stream = await oa.chat.completions.create(model="fakey", messages=HI, stream=True)
+        async for c in stream:
+            if c.choices and c.choices[0].delta.content:
+                break
+        await stream.close()
+        await upstream.wait_closed(1, timeout=1.0)
+
+        stream = await oa.chat.completions.create(model="fakey", messages=HI, stream=True)
+        got = []
+        with pytest.raises(openai.APIError) as exc:
+            async for c in stream:
+                got.append(c.choices[0].delta.content or "")
+                if got[-1] == "two":
+                    proc.send_signal(signal.SIGTERM)
+        assert "".join(got) == "two" and "restarting" in exc.value.message
+        await upstream.wait_closed(2, timeout=2.0)
+        async with asyncio.timeout(10):
+            assert await proc.wait() == 0
+        stderr = (await proc.stderr.read()).decode()
+        assert "Traceback" not in stderr and "sk-test-secret-key-123" not in stderr, stderr
+    finally:
+        await oa.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
