@@ -431,3 +431,24 @@ async def test_through_app_py_leaving_and_sigterm(upstream, tmp_path):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_origins_programs_and_listed_pages(sdk, upstream):
+    """Programs send no Origin: allowed. A listed page gets CORS (preflight without the token,
+    then Access-Control-Allow-Origin); any other origin is refused before anything runs."""
+    _, client = await sdk(f'[auth]\ntokens = ["{TOKEN}"]\n[server]\nallowed_origins = ["https://ui.example"]')
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"model": "fakey", "messages": HI}
+    resp = await client.post("/v1/chat/completions", json=body, headers=auth)
+    assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
+    pre = await client.options("/v1/chat/completions", headers={
+        "Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert pre.status == 204 and pre.headers["Access-Control-Allow-Origin"] == "https://ui.example"
+    assert "x-stainless-os" in pre.headers["Access-Control-Allow-Headers"]
+    resp = await client.post("/v1/chat/completions", json=body, headers={**auth, "Origin": "https://ui.example"})
+    assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == "https://ui.example"
+    evil = await client.post("/v1/chat/completions", json=body, headers={**auth, "Origin": "https://evil.example"})
+    assert evil.status == 403 and (await evil.json())["error"]["code"] == "forbidden_origin"
+    assert "Access-Control-Allow-Origin" not in evil.headers
+    assert len(upstream.requests) == 2
