@@ -14,7 +14,7 @@ import openai
 import pytest
 from aiohttp import web
 from conftest import extra_config
-from fake_upstream import Script, chunk, error, from_fixture, reply
+from fake_upstream import FIXTURES, Script, chunk, error, from_fixture, reply
 from invariants import free_port, spawn_app
 
 from nexlm.appkeys import CONVERSATIONS, GATEWAY, REGISTRY
@@ -137,6 +137,8 @@ async def test_chat_streamed_wire_bytes(sdk, upstream):
     assert all(o["usage"] is None and len(o["choices"]) == 1 for o in objs)
     assert objs[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert objs[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    theirs = json.loads((FIXTURES / "openai-tool-calls-stream.txt").read_text().split("\n\n")[0].removeprefix("data: "))
+    assert all(set(o) == set(theirs) and set(o["choices"][0]) == set(theirs["choices"][0]) for o in objs)
 
 
 async def test_reasoning_streamed_and_not(sdk, upstream):
@@ -452,3 +454,20 @@ async def test_origins_programs_and_listed_pages(sdk, upstream):
     assert evil.status == 403 and (await evil.json())["error"]["code"] == "forbidden_origin"
     assert "Access-Control-Allow-Origin" not in evil.headers
     assert len(upstream.requests) == 2
+
+
+async def test_non_streamed_tool_calls_have_openais_shape(sdk, upstream):
+    """Our chat.completion for a tool-calling reply has the fields, at every level, of OpenAI's own
+    (tests/fixtures/openai-tool-calls-nonstream.json)."""
+    _, client = await sdk()
+    theirs = json.loads((FIXTURES / "openai-tool-calls-nonstream.json").read_text())
+    upstream.push(from_fixture("openai-tool-calls-stream.txt"))
+    resp = await client.post("/v1/chat/completions", json={"model": "fakey", "messages": HI, "tools": WEATHER})
+    ours = await resp.json()
+    assert set(ours) == set(theirs)
+    [oc], [tc] = ours["choices"], theirs["choices"]
+    assert set(oc) == set(tc) and set(oc["message"]) == set(tc["message"])
+    assert set(oc["message"]["tool_calls"][0]) == set(tc["message"]["tool_calls"][0])
+    assert set(oc["message"]["tool_calls"][0]["function"]) == set(tc["message"]["tool_calls"][0]["function"])
+    assert oc["finish_reason"] == tc["finish_reason"] == "tool_calls" and oc["message"]["content"] is None
+    assert ours["object"] == theirs["object"] and set(ours["usage"]) >= set(theirs["usage"])
