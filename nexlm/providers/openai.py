@@ -4,7 +4,7 @@ OpenAI, DeepSeek, Ollama, vLLM and llama.cpp's server differ only in data
 (base URL, key, model names), so a provider is a ``ProviderConfig`` plus the
 app's one shared ``aiohttp.ClientSession``. Each quirk of the wire format is
 handled here once: keep-alive comments, ``reasoning_content`` / ``reasoning``,
-usage in its own ``choices: []`` chunk or on the last choice, errors as HTTP
+``tool_calls`` fragments (relayed as they come), usage in its own ``choices: []`` chunk or on the last choice, errors as HTTP
 status + JSON or in-band after a 200, and streams that are cut short.
 """
 
@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import random
-import re
 import urllib.request
 from typing import AsyncIterator
 
@@ -24,7 +23,17 @@ from yarl import URL
 
 from ..config import ProviderConfig
 from ..logsafe import printable
-from .base import ChatRequest, Finish, ProviderEvent, ReasoningDelta, StreamError, TextDelta, Usage
+from .base import (
+    ChatRequest,
+    Finish,
+    ProviderEvent,
+    ReasoningDelta,
+    StreamError,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+from .chunks import SurrogateJoiner, _add_calls, _loads
 from .redact import Redactor
 from .sse import SSEDecoder
 from .upstream_errors import _error_object, _known_token, _reason, _retry_after, _status_reason
@@ -41,6 +50,7 @@ class OpenAIProvider:
     """A provider for any OpenAI-compatible streaming chat API."""
 
     single_slot = False  # the server behind it queues (or scales) on its own
+    supports_tools = True  # tools go upstream as given; tool_calls come back as ToolCallDelta
 
     def __init__(self, config: ProviderConfig, http: aiohttp.ClientSession) -> None:
         self.config = config
@@ -74,6 +84,7 @@ class OpenAIProvider:
             "stream": True,
             "stream_options": {"include_usage": True},
             **request.params.as_dict(),
+            **request.extra,  # validated by the front door (base.EXTRA_KEYS)
         }
         try:
             return orjson.dumps(body)
@@ -213,6 +224,7 @@ class OpenAIProvider:
                     watch.last = watch._loop.time()
                 text: list[str] = []
                 reasoning: list[str] = []
+                tools: list[ToolCallDelta] = []  # fragments of this read, neighbours of one call merged
                 failure: StreamError | None = None
                 for data in decoder.feed_data(raw):
                     if data == b"[DONE]":
@@ -237,8 +249,25 @@ class OpenAIProvider:
                     if not isinstance(delta, dict):
                         failure = StreamError("upstream_error", f"{self.label} sent a malformed chunk")
                         break
+                    calls = delta.get("tool_calls")
+                    if calls and isinstance(calls, list):
+                        if reasoning:  # keep the order: what came before the call goes first
+                            r = fix_r("".join(reasoning))
+                            if r:
+                                yield ReasoningDelta(r)
+                            reasoning = []
+                        if text:
+                            t = fix_t("".join(text))
+                            if t:
+                                yield TextDelta(t)
+                            text = []
+                        _add_calls(tools, calls)
                     r = delta.get("reasoning_content") or delta.get("reasoning")
                     if r and isinstance(r, str):
+                        if tools:
+                            for tc in tools:
+                                yield tc
+                            tools = []
                         if text:  # keep the order of the two kinds
                             t = fix_t("".join(text))
                             if t:
@@ -247,6 +276,10 @@ class OpenAIProvider:
                         reasoning.append(r)
                     c = delta.get("content")
                     if c and isinstance(c, str):
+                        if tools:
+                            for tc in tools:
+                                yield tc
+                            tools = []
                         if reasoning:
                             r = fix_r("".join(reasoning))
                             if r:
@@ -255,8 +288,10 @@ class OpenAIProvider:
                         text.append(c)
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
-                if watch is not None and (text or reasoning):
+                if watch is not None and (text or reasoning or tools):
                     watch.got_token = True
+                for tc in tools:
+                    yield tc
                 if reasoning:
                     r = fix_r("".join(reasoning))
                     if r:
@@ -288,7 +323,6 @@ class OpenAIProvider:
 
 
 # ---------------------------------------------------------------------- helpers
-
 def env_proxy(url: str) -> str | None:
     """HTTP(S)_PROXY / NO_PROXY for ``url``, read once: aiohttp's trust_env looks them up
     (and ~/.netrc) in a worker thread on every request, which showed in time to first token."""
@@ -296,53 +330,3 @@ def env_proxy(url: str) -> str | None:
     if u.host and urllib.request.proxy_bypass(u.host):
         return None
     return urllib.request.getproxies().get(u.scheme)
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class SurrogateJoiner:
-    """Rejoin a UTF-16 surrogate pair that an upstream split across two chunks.
-
-    JSON escapes like ``"\\ud83d"`` + ``"\\ude00"`` in consecutive chunks decode to
-    two lone surrogates; joined they are one emoji. A high surrogate at the end of
-    a delta waits for the next; anything still unpaired becomes U+FFFD, because a
-    lone surrogate cannot be encoded as UTF-8 for the client.
-    """
-
-    __slots__ = ("carry",)
-
-    def __init__(self) -> None:
-        self.carry = ""
-
-    def __call__(self, text: str) -> str:
-        if self.carry:
-            text, self.carry = self.carry + text, ""
-        if not _SURROGATE.search(text):
-            return text
-        if "\ud800" <= text[-1] <= "\udbff":
-            text, self.carry = text[:-1], text[-1]
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-def _no_constant(name: str) -> None:
-    return None  # NaN / Infinity from an upstream: a missing number, not invalid JSON to relay
-
-
-_strict_fallback = json.JSONDecoder(parse_constant=_no_constant).decode
-
-
-def _loads(data: bytes):
-    """A chunk's JSON, or ``None`` if it is not JSON.
-
-    orjson is the fast path (a third of the relay's CPU went to json.loads).
-    It refuses NaN and lone surrogate escapes, which the stdlib then reads
-    (NaN as null; a surrogate pair split across chunks is rejoined later).
-    """
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        return _strict_fallback(data.decode("utf-8", errors="replace"))
-    except (ValueError, RecursionError):  # orjson stops at 1024 levels, the stdlib at the stack's limit
-        return None
