@@ -42,8 +42,7 @@ class InvalidRequest(ChatError):
     """A refused field; ``param`` names it, as OpenAI's error envelope does."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__("bad_request", message, status)
-        self.param = param
+        super().__init__("bad_request", message, status, param=param)
 
 
 @dataclass(slots=True)

@@ -25,12 +25,29 @@ import time
 import orjson
 
 from .events import encode
+from .providers.base import (
+    Queued,
+    ReasoningDelta,
+    StreamError,
+    TextDelta,
+    ToolCallDelta,
+)
 
 MESSAGE, REASONING, CALL = "message", "reasoning", "function_call"
 # finish_reason -> (status, incomplete_details.reason)
 INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # NexLM's failure codes -> the Responses API's error codes (the SDK's ResponseError.code values)
 ERROR_CODES = {"rate_limited": "rate_limit_exceeded"}
+
+
+def is_failure(ev) -> bool:
+    """The turn's ``StreamError`` (its last event), for front doors that hold no provider types."""
+    return type(ev) is StreamError
+
+
+def is_queued(ev) -> bool:
+    """A ``Queued`` notice: the turn waits for a single-slot model, no token yet."""
+    return type(ev) is Queued
 
 
 def new_id(prefix: str) -> str:
@@ -66,7 +83,7 @@ def usage(u: dict | None) -> dict | None:
 
 
 class _Item:
-    __slots__ = ("kind", "id", "index", "pieces", "call_id", "name", "status", "prefix", "suffix")
+    __slots__ = ("call_id", "id", "index", "kind", "name", "pieces", "prefix", "status", "suffix")
 
     def __init__(self, kind: str, index: int, call_id: str = "", name: str = "") -> None:
         self.kind = kind
@@ -116,8 +133,21 @@ class ResponseWriter:
     """One response. ``stream=True``: every method returns the bytes to send (``start`` first);
     ``stream=False``: they return ``b""`` and ``response()`` is the answer."""
 
-    __slots__ = ("id", "model", "echo", "created_at", "wire", "seq", "items", "_open", "_calls", "status",
-                 "error", "incomplete", "usage")
+    __slots__ = (
+        "_calls",
+        "_open",
+        "created_at",
+        "echo",
+        "error",
+        "id",
+        "incomplete",
+        "items",
+        "model",
+        "seq",
+        "status",
+        "usage",
+        "wire",
+    )
 
     def __init__(self, model: str, echo: dict, stream: bool = True, created_at: int | None = None) -> None:
         self.id = new_id("resp")
@@ -153,6 +183,20 @@ class ResponseWriter:
         out = self._event("response.created", {"type": "response.created", "response": self.response()})
         return out + self._event("response.in_progress", {"type": "response.in_progress",
                                                           "response": self.response()})
+
+    def feed(self, ev) -> bytes:
+        """One turn event: a delta (``TextDelta``, ``ReasoningDelta``, ``ToolCallDelta``) or the
+        ``StreamError`` that ends it (``response.failed``); ``Queued`` notices have no event here."""
+        kind = type(ev)
+        if kind is TextDelta:
+            return self.text(ev.text)
+        if kind is ReasoningDelta:
+            return self.reasoning(ev.text)
+        if kind is ToolCallDelta:
+            return self.tool_call(ev.index, ev.id, ev.name, ev.arguments)
+        if kind is StreamError:
+            return self.fail(ev.code, ev.message)
+        return b""
 
     def text(self, text: str) -> bytes:
         item = self._open

@@ -38,7 +38,7 @@ from .gateway import Gateway
 from .looplag import LoopLag
 from .providers.registry import Registry
 from .security import Guard
-from .transports import http, sse, ws
+from .transports import http, sse, v1_responses, ws
 from .transports.common import CLOSE_DEADLINE, cut
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_route("GET", base + "/sse", sse.sse)
     r.add_route("POST", base + "/sse", sse.sse)
     r.add_get(base + "/api/models", http.models)
+    r.add_post(base + "/v1/responses", v1_responses.responses)
     r.add_post(base + "/api/sessions", http.create_session)
     r.add_get(base + "/api/sessions/{sid}", http.get_session)
     r.add_delete(base + "/api/sessions/{sid}", http.delete_session)

@@ -182,3 +182,23 @@ def test_usage_mapping():
                  "output_tokens": 4, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 14}
     assert usage({"prompt_tokens": 2, "completion_tokens": 1, "prompt_cache_hit_tokens": 2}
                  )["input_tokens_details"]["cached_tokens"] == 2
+
+
+def test_feed_takes_the_turns_own_events():
+    from nexlm.providers.base import (
+        Queued,
+        ReasoningDelta,
+        StreamError,
+        TextDelta,
+        ToolCallDelta,
+    )
+
+    w = ResponseWriter("m", {}, stream=True)
+    raw = w.start() + w.feed(Queued(1)) + w.feed(ReasoningDelta("r")) + w.feed(TextDelta("t"))
+    raw += w.feed(ToolCallDelta(0, "call_1", "f", '{"a":1}'))
+    raw += w.feed(StreamError("upstream_error", "The upstream closed the connection."))
+    events = [EVENTS.validate_python(d) for _, d in frames(raw)]
+    assert [e.type for e in events if e.type.endswith(".delta")] == [
+        "response.reasoning_text.delta", "response.output_text.delta", "response.function_call_arguments.delta"]
+    assert events[-1].type == "response.failed"
+    assert [o.status for o in events[-1].response.output] == ["completed", "completed", "incomplete"]
