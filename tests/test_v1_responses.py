@@ -225,3 +225,38 @@ async def test_an_upstream_without_usage_completes_with_usage_null(oai, upstream
     upstream.push(Script([chunk("", role=True), chunk("ok"), chunk(finish="stop"), DONE]))
     r = await oai.responses.create(model=MODEL, input="Hi")
     assert r.output_text == "ok" and r.usage is None
+
+
+async def test_a_codex_shaped_request(client, upstream):
+    """What Codex CLI sends (store false, include, reasoning, prompt_cache_key, reasoning items back)."""
+    upstream.push(from_fixture("openai-tool-calls-stream.txt"))
+    body = {
+        "model": MODEL, "instructions": "You are Codex.", "store": False, "stream": True,
+        "input": [
+            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Sandbox: on"}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
+            {"type": "reasoning", "id": "rs_1", "summary": [], "content": None, "encrypted_content": None},
+        ],
+        "tools": [{**WEATHER, "strict": False}], "tool_choice": "auto", "parallel_tool_calls": False,
+        "reasoning": {"effort": "medium", "summary": "auto"}, "include": ["reasoning.encrypted_content"],
+        "prompt_cache_key": "0c1f", "text": {"verbosity": "medium"},
+    }
+    r = await client.post("/v1/responses", json=body)
+    assert r.status == 200
+    text = await r.text()
+    assert text.rstrip().split("\n")[-2] == "event: response.completed"
+    up = sent(upstream)
+    assert up["messages"] == [{"role": "system", "content": "You are Codex."},
+                              {"role": "system", "content": "Sandbox: on"},
+                              {"role": "user", "content": "Weather in Paris?"}]
+    assert up["parallel_tool_calls"] is False and up["tools"][0]["function"]["strict"] is False
+    assert not {"reasoning", "include", "prompt_cache_key", "store", "text", "input"} & set(up)
+
+
+async def test_a_body_over_the_limit_is_413_in_openais_envelope(make_client, upstream):
+    c = await make_client("[limits]\nmax_frame_bytes = 2000")
+    async with sdk(c) as oai:
+        with pytest.raises(openai.APIStatusError) as info:
+            await oai.responses.create(model=MODEL, input="x" * 5000)
+    assert info.value.status_code == 413 and "2000 bytes" in info.value.message
+    assert upstream.requests == []
