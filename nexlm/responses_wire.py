@@ -26,7 +26,6 @@ import orjson
 
 from .events import encode
 from .providers.base import (
-    Queued,
     ReasoningDelta,
     StreamError,
     TextDelta,
@@ -38,16 +37,6 @@ MESSAGE, REASONING, CALL = "message", "reasoning", "function_call"
 INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # NexLM's failure codes -> the Responses API's error codes (the SDK's ResponseError.code values)
 ERROR_CODES = {"rate_limited": "rate_limit_exceeded"}
-
-
-def is_failure(ev) -> bool:
-    """The turn's ``StreamError`` (its last event), for front doors that hold no provider types."""
-    return type(ev) is StreamError
-
-
-def is_queued(ev) -> bool:
-    """A ``Queued`` notice: the turn waits for a single-slot model, no token yet."""
-    return type(ev) is Queued
 
 
 def new_id(prefix: str) -> str:

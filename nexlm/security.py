@@ -23,6 +23,7 @@ from .clients import client_address, from_trusted_proxy, request_scheme
 from .config import MAX_TOKEN_CHARS, Settings
 from .events import error_event
 from .logins import FailureThrottle, LoginSessions
+from .openai_errors import as_openai
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,18 @@ class Guard:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         path = request.path[len(self.base):] if self.base and request.path.startswith(self.base) else request.path
+        if path.startswith("/v1/"):
+            # Programs on OpenAI's API read its error envelope (the openai package picks its exception by status).
+            try:
+                return as_openai(await self._check(request, handler, path))
+            except web.HTTPException as exc:  # no such route or method
+                if exc.status < 400:
+                    raise
+                return as_openai(web.json_response(error_event("not_found" if exc.status == 404 else "bad_request",
+                                                               exc.reason), status=exc.status))
+        return await self._check(request, handler, path)
+
+    async def _check(self, request: web.Request, handler, path: str):
         if not self.host_allowed(request):
             return web.json_response(error_event("forbidden_host", "This server does not answer to that host name "
                                                  "(see [server] allowed_hosts)."), status=421)

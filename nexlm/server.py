@@ -38,7 +38,9 @@ from .gateway import Gateway
 from .looplag import LoopLag
 from .providers.registry import Registry
 from .security import Guard
-from .transports import http, sse, v1_responses, ws
+from .transports import http, sse, ws
+from .transports.v1 import chat as v1
+from .transports.v1 import responses as v1_responses
 from .transports.common import CLOSE_DEADLINE, cut
 
 log = logging.getLogger(__name__)
@@ -77,13 +79,16 @@ def create_app(settings: Settings) -> web.Application:
     r.add_route("GET", base + "/sse", sse.sse)
     r.add_route("POST", base + "/sse", sse.sse)
     r.add_get(base + "/api/models", http.models)
-    r.add_post(base + "/v1/responses", v1_responses.responses)
     r.add_post(base + "/api/sessions", http.create_session)
     r.add_get(base + "/api/sessions/{sid}", http.get_session)
     r.add_delete(base + "/api/sessions/{sid}", http.delete_session)
     r.add_post(base + "/api/sessions/{sid}/stop", http.stop)
     r.add_get(base + "/api/metrics", http.metrics)
     r.add_get(base + "/healthz", http.healthz)
+    r.add_get(base + "/v1/models", v1.models)  # OpenAI's API for programs (stateless; see README)
+    r.add_get(base + "/v1/models/{model:.+}", v1.model)
+    r.add_post(base + "/v1/chat/completions", v1.chat_completions)
+    r.add_post(base + "/v1/responses", v1_responses.responses)
     r.add_get(base + "/login", guard.login_page)
     r.add_post(base + "/login", guard.login)
     r.add_post(base + "/logout", guard.logout)

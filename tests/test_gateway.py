@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from fake_upstream import Script, chunk, error, reply
+
 from nexlm.appkeys import CONVERSATIONS, GATEWAY
 from nexlm.openai_errors import from_chat_error, from_stream_error
 from nexlm.providers.base import StreamError, TextDelta, plain_messages

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nexlm.config import LimitsConfig
-from nexlm.responses_input import InvalidRequest, parse_request
+from nexlm.transports.v1.responses_request import InvalidRequest, parse_request
 
 LIMITS = LimitsConfig()
 

@@ -16,9 +16,12 @@ nothing to be kept, so omitted (or null) means false here; only an explicit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .config import LimitsConfig
-from .validation import ChatError, check_params, clean_text
+from ...validation import ChatError, check_params, clean_text
+
+if TYPE_CHECKING:
+    from ...config import LimitsConfig
 
 # Used and checked below.
 USED = frozenset({
