@@ -260,3 +260,49 @@ async def test_a_body_over_the_limit_is_413_in_openais_envelope(make_client, ups
             await oai.responses.create(model=MODEL, input="x" * 5000)
     assert info.value.status_code == 413 and "2000 bytes" in info.value.message
     assert upstream.requests == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_leaving_is_noticed_without_handler_cancellation(upstream, tmp_path, stream):
+    """aiohttp's default (handler_cancellation off): chat's Watch stops the turn here too, and the
+    client's reply slot is given back."""
+    from aiohttp import web
+    from conftest import extra_config
+
+    from nexlm.appkeys import CONVERSATIONS
+    from nexlm.config import load_settings
+    from nexlm.server import create_app
+
+    path = tmp_path / "nexlm.toml"
+    path.write_text(extra_config(upstream.url, ""))
+    app = create_app(load_settings(str(path), env={}))
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    upstream.push(Script([chunk("", role=True), chunk("Hel"), "hang"] if stream else ["hang"]))
+    try:
+        async with aiohttp.ClientSession() as http:
+            r = None
+            if stream:  # the stream has started (a delta arrived), then the client goes
+                r = await http.post(f"http://127.0.0.1:{port}/v1/responses",
+                                    json={"model": MODEL, "input": "Hi", "stream": True})
+                seen = b""
+                while b"response.output_text.delta" not in seen:
+                    seen += await r.content.readany()
+                r.close()
+            else:
+                task = asyncio.create_task(http.post(f"http://127.0.0.1:{port}/v1/responses",
+                                                     json={"model": MODEL, "input": "Hi"}))
+                await upstream.wait_requests(1)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+        await upstream.wait_closed(1)
+        assert upstream.cut_by_client == 1
+        async with asyncio.timeout(5):
+            while app[CONVERSATIONS].limiter.running_total:
+                await asyncio.sleep(0.01)
+    finally:
+        await runner.cleanup()
