@@ -187,11 +187,13 @@ async def test_a_failure_after_the_first_token_is_response_failed(oai, upstream)
 async def test_access_control_and_limits(make_client, upstream):
     c = await make_client('[auth]\ntokens = ["tok-A-7f3c9e"]\n[limits]\nmessages_per_minute = 1')
     async with sdk(c, "wrong") as bad, sdk(c, "tok-A-7f3c9e") as good:
-        with pytest.raises(openai.AuthenticationError):
+        with pytest.raises(openai.AuthenticationError) as info:
             await bad.responses.create(model=MODEL, input="Hi")
+        assert info.value.body["type"] == "authentication_error"  # OpenAI's envelope, not NexLM's
         assert (await good.responses.create(model=MODEL, input="Hi")).output_text == "Hello world"
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as info:
             await good.responses.create(model=MODEL, input="Hi")
+        assert int(info.value.response.headers["retry-after"]) >= 1
     assert len(upstream.requests) == 1
 
 
