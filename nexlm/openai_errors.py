@@ -63,7 +63,10 @@ def from_chat_error(exc: ChatError) -> Failure:
     status = exc.status
     if exc.code == "busy":
         status = 429
-    return failure(status, exc.message, exc.code, getattr(exc, "param", None), exc.retry_after)
+    param = getattr(exc, "param", None)
+    if param is None and exc.code in ("unknown_model", "provider_unavailable", "tools_unsupported"):
+        param = "model" if exc.code != "tools_unsupported" else "tools"
+    return failure(status, exc.message, exc.code, param, exc.retry_after)
 
 
 def from_stream_error(ev: StreamError) -> Failure:

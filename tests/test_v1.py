@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 
 import aiohttp
 import openai
@@ -14,8 +15,9 @@ import pytest
 from aiohttp import web
 from conftest import extra_config
 from fake_upstream import Script, chunk, error, from_fixture, reply
+from invariants import free_port, spawn_app
 
-from nexlm.appkeys import CONVERSATIONS, REGISTRY
+from nexlm.appkeys import CONVERSATIONS, GATEWAY, REGISTRY
 from nexlm.config import load_settings
 from nexlm.server import create_app
 
@@ -213,6 +215,7 @@ async def test_unknown_model_is_not_found(sdk, upstream):
     with pytest.raises(openai.NotFoundError) as exc:
         await oa.chat.completions.create(model="nope/none", messages=HI)
     assert exc.value.code == "model_not_found" and "Unknown model" in exc.value.message
+    assert exc.value.param == "model"
     assert upstream.requests == [] and settled(client)
 
 
@@ -245,6 +248,27 @@ async def test_body_not_json_and_too_large(sdk):
         {"role": "user", "content": "x" * 5000}]})
     assert resp.status == 413 and resp.headers["x-should-retry"] == "false"
     assert set((await resp.json())["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_unknown_routes_and_methods_in_the_envelope(sdk):
+    _, client = await sdk()
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+        resp = await client.request(method, path)
+        assert resp.status == status
+        assert set((await resp.json())["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_empty_reply(sdk, upstream, stream):
+    oa, _ = await sdk()
+    upstream.push(reply())
+    r = await oa.chat.completions.create(model="fakey", messages=HI, stream=stream)
+    if stream:
+        chunks = [c async for c in r]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    else:
+        assert r.choices[0].message.content == "" and r.choices[0].finish_reason == "stop"
 
 
 async def test_rate_limit(sdk, upstream):
@@ -348,3 +372,83 @@ async def _eventually(predicate, timeout: float = 2.0) -> None:
         while not predicate():
             await asyncio.sleep(0.01)
 
+
+
+async def test_shutdown_ends_running_v1_turns_after_the_grace(sdk, upstream):
+    oa, client = await sdk()
+    upstream.push(Script([chunk("first", role=True), "hang"]))
+    stream = await oa.chat.completions.create(model="fakey", messages=HI, stream=True)
+    first = await stream.__anext__()
+    assert first.choices[0].delta.role == "assistant"
+    await client.app[GATEWAY].close(0.05)
+    await upstream.wait_closed(1, timeout=1.0)
+    with pytest.raises(openai.APIError) as exc:
+        async for _ in stream:
+            pass
+    assert "restarting" in exc.value.message  # told in the stream, not cut
+    assert settled(client)
+    with pytest.raises(openai.APIStatusError) as exc:  # and no new turn starts
+        await oa.chat.completions.create(model="fakey", messages=HI)
+    assert exc.value.status_code == 503 and "Retry-After" in exc.value.response.headers
+
+
+
+async def test_through_app_py_leaving_and_sigterm(upstream, tmp_path):
+    """``python app.py`` as users run it: a client leaving mid-stream closes the upstream, and
+    SIGTERM ends a running /v1 stream with an error event after the grace, then exits cleanly."""
+    cfg = tmp_path / "nexlm.toml"
+    cfg.write_text(extra_config(upstream.url, "[server]\nshutdown_grace_seconds = 0.3"))
+    port = free_port()
+    upstream.push(Script([chunk("one", role=True), "hang"]), Script([chunk("two", role=True), "hang"]))
+    proc = await spawn_app(cfg, port)
+    oa = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                            http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
+    try:
+        async with asyncio.timeout(15):
+            assert b"NexLM is running" in await proc.stdout.readline()
+        stream = await oa.chat.completions.create(model="fakey", messages=HI, stream=True)
+        async for c in stream:
+            if c.choices and c.choices[0].delta.content:
+                break
+        await stream.close()
+        await upstream.wait_closed(1, timeout=1.0)
+
+        stream = await oa.chat.completions.create(model="fakey", messages=HI, stream=True)
+        got = []
+        with pytest.raises(openai.APIError) as exc:
+            async for c in stream:
+                got.append(c.choices[0].delta.content or "")
+                if got[-1] == "two":
+                    proc.send_signal(signal.SIGTERM)
+        assert "".join(got) == "two" and "restarting" in exc.value.message
+        await upstream.wait_closed(2, timeout=2.0)
+        async with asyncio.timeout(10):
+            assert await proc.wait() == 0
+        stderr = (await proc.stderr.read()).decode()
+        assert "Traceback" not in stderr and "sk-test-secret-key-123" not in stderr, stderr
+    finally:
+        await oa.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_origins_programs_and_listed_pages(sdk, upstream):
+    """Programs send no Origin: allowed. A listed page gets CORS (preflight without the token,
+    then Access-Control-Allow-Origin); any other origin is refused before anything runs."""
+    _, client = await sdk(f'[auth]\ntokens = ["{TOKEN}"]\n[server]\nallowed_origins = ["https://ui.example"]')
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"model": "fakey", "messages": HI}
+    resp = await client.post("/v1/chat/completions", json=body, headers=auth)
+    assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
+    pre = await client.options("/v1/chat/completions", headers={
+        "Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert pre.status == 204 and pre.headers["Access-Control-Allow-Origin"] == "https://ui.example"
+    assert "x-stainless-os" in pre.headers["Access-Control-Allow-Headers"]
+    resp = await client.post("/v1/chat/completions", json=body, headers={**auth, "Origin": "https://ui.example"})
+    assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == "https://ui.example"
+    evil = await client.post("/v1/chat/completions", json=body, headers={**auth, "Origin": "https://evil.example"})
+    assert evil.status == 403 and (await evil.json())["error"]["code"] == "forbidden_origin"
+    assert "Access-Control-Allow-Origin" not in evil.headers
+    assert len(upstream.requests) == 2

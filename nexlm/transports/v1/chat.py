@@ -28,9 +28,11 @@ from ...openai_wire import (
 )
 from ...validation import ChatError
 from .. import clientjson
+from ..common import CLOSE_DEADLINE
 from .request import parse_chat
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SHUTDOWN = "The server is restarting; the reply was cut short. Try again in a moment."
 WATCH_INTERVAL = 0.25  # seconds between looks at the connection, when aiohttp does not cancel for us
 
 
@@ -149,6 +151,17 @@ async def _stream(request: web.Request, turn, include_usage: bool, started: list
                 tail += enc.usage(turn.usage)
             await resp.write(tail + DONE)
         await resp.write_eof()
+    except asyncio.CancelledError:
+        if not request.app[GATEWAY].closing or transport is None or transport.is_closing():
+            raise
+        # Shutdown ended the turn after its grace: say so in the stream rather than cut it.
+        asyncio.current_task().uncancel()
+        try:
+            async with asyncio.timeout(CLOSE_DEADLINE):
+                await resp.write(error_chunk(from_chat_error(ChatError("shutting_down", SHUTDOWN, 503)).error))
+                await resp.write_eof()
+        except (ConnectionError, TimeoutError):
+            pass
     finally:
         streams.discard(transport)
     return resp
