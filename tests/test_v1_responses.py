@@ -20,7 +20,9 @@ MODEL = "fake/fake-model"
 
 
 def sdk(client, key: str = "unused") -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=key, max_retries=0)
+    # trust_env off: no proxy from the environment between the SDK and 127.0.0.1
+    return AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=key, max_retries=0,
+                       http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
 
 
 @pytest.fixture
@@ -308,3 +310,22 @@ async def test_leaving_is_noticed_without_handler_cancellation(upstream, tmp_pat
                 await asyncio.sleep(0.01)
     finally:
         await runner.cleanup()
+
+
+async def test_shutdown_ends_a_running_stream_with_response_failed(oai, client, upstream):
+    from nexlm.appkeys import GATEWAY
+
+    upstream.push(Script([chunk("", role=True), chunk("Hel"), "hang"]))
+    stream = await oai.responses.create(model=MODEL, input="Hi", stream=True)
+    async for ev in stream:
+        if ev.type == "response.output_text.delta":
+            break
+    await client.app[GATEWAY].close(0.05)
+    await upstream.wait_closed(1)
+    rest = [ev async for ev in stream]
+    assert rest[-1].type == "response.failed"
+    assert "restarting" in rest[-1].response.error.message
+    assert rest[-1].response.output[0].content[0].text == "Hel"
+    with pytest.raises(openai.APIStatusError) as info:  # and no new turn starts
+        await oai.responses.create(model=MODEL, input="Hi")
+    assert info.value.status_code == 503 and "retry-after" in info.value.response.headers

@@ -22,7 +22,8 @@ from ...openai_errors import from_chat_error, from_stream_error, response
 from ...openai_wire import Queued, StreamError
 from ...responses_wire import ResponseWriter
 from ...validation import ChatError
-from .chat import SSE_HEADERS, Watch, _read_json
+from ..common import CLOSE_DEADLINE
+from .chat import SHUTDOWN, SSE_HEADERS, Watch, _read_json
 from .responses_request import parse_request
 
 
@@ -91,6 +92,17 @@ async def _stream(request: web.Request, writer: ResponseWriter, turn, events, fi
         if not failed:
             await resp.write(writer.end(turn.finish, turn.usage))
         await resp.write_eof()
+    except asyncio.CancelledError:
+        if not request.app[GATEWAY].closing or transport is None or transport.is_closing():
+            raise
+        # Shutdown ended the turn after its grace: response.failed says so rather than a cut stream.
+        asyncio.current_task().uncancel()
+        try:
+            async with asyncio.timeout(CLOSE_DEADLINE):
+                await resp.write(writer.fail("shutting_down", SHUTDOWN))
+                await resp.write_eof()
+        except (ConnectionError, TimeoutError):
+            pass
     finally:
         streams.discard(transport)
     return resp
