@@ -329,3 +329,11 @@ async def test_shutdown_ends_a_running_stream_with_response_failed(oai, client, 
     with pytest.raises(openai.APIStatusError) as info:  # and no new turn starts
         await oai.responses.create(model=MODEL, input="Hi")
     assert info.value.status_code == 503 and "retry-after" in info.value.response.headers
+
+
+async def test_stored_responses_do_not_exist(oai):
+    for call in (oai.responses.retrieve("resp_abc"), oai.responses.delete("resp_abc"),
+                 oai.responses.cancel("resp_abc"), oai.responses.input_items.list("resp_abc")):
+        with pytest.raises(openai.NotFoundError) as info:
+            await call
+        assert "does not store responses" in info.value.message

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from ...appkeys import GATEWAY, SETTINGS, STREAMS
 from ...clients import identity
-from ...openai_errors import from_chat_error, from_stream_error, response
+from ...openai_errors import failure, from_chat_error, from_stream_error, response
 from ...openai_wire import Queued, StreamError
 from ...responses_wire import ResponseWriter
 from ...validation import ChatError
@@ -59,6 +59,13 @@ async def responses(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         watch.close()
+
+
+async def not_stored(request: web.Request) -> web.Response:
+    """``GET``/``DELETE /v1/responses/{id}`` (and ``/cancel``, ``/input_items``): nothing is stored."""
+    return response(failure(404, "This server does not store responses (yet), so there is none to "
+                            f"retrieve, cancel or delete: {request.match_info['id'][:64]!r}.",
+                            "not_found", "response_id"))
 
 
 async def _whole(writer: ResponseWriter, turn, events, first) -> web.Response:
