@@ -40,6 +40,7 @@ from .providers.registry import Registry
 from .security import Guard
 from .transports import http, sse, ws
 from .transports.v1 import chat as v1
+from .transports.v1 import responses as v1_responses
 from .transports.common import CLOSE_DEADLINE, cut
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,11 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get(base + "/v1/models", v1.models)  # OpenAI's API for programs (stateless; see README)
     r.add_get(base + "/v1/models/{model:.+}", v1.model)
     r.add_post(base + "/v1/chat/completions", v1.chat_completions)
+    r.add_post(base + "/v1/responses", v1_responses.responses)
+    r.add_get(base + "/v1/responses/{id}", v1_responses.not_stored)
+    r.add_delete(base + "/v1/responses/{id}", v1_responses.not_stored)
+    r.add_post(base + "/v1/responses/{id}/cancel", v1_responses.not_stored)
+    r.add_get(base + "/v1/responses/{id}/input_items", v1_responses.not_stored)
     r.add_get(base + "/login", guard.login_page)
     r.add_post(base + "/login", guard.login)
     r.add_post(base + "/logout", guard.logout)

@@ -10,8 +10,9 @@ import pytest
 from nexlm.providers.sse import SSEDecoder, SSEEvent
 
 FIXTURES = Path(__file__).parent / "fixtures"
-STREAM_FIXTURES = sorted({p.name for p in FIXTURES.glob("*stream*.txt")} | {"in-stream-error.txt",
-                                                                            "openai-usage-then-done.txt"})
+# Upstream samples only: responses-*.txt are what /v1/responses sends (tests/test_responses_wire.py).
+STREAM_FIXTURES = sorted({p.name for p in FIXTURES.glob("*stream*.txt") if not p.name.startswith("responses-")}
+                         | {"in-stream-error.txt", "openai-usage-then-done.txt"})
 
 # (number of events, number of comments) in each sample, counted by hand from the files.
 EXPECTED_COUNTS = {
