@@ -136,16 +136,39 @@ max_retries = 0
     return await aiohttp_client(create_app(load_settings(str(cfg), env={})))
 
 
-async def test_ws_reply_is_the_servers_own_answer(nexlm, reference):
-    ws = await nexlm.ws_connect("/ws")
-    assert (await ws.receive_json(timeout=10))["type"] == "session"
-    await ws.send_json({"type": "chat", "message": QUESTION, "model": f"llama/{MODEL}", "params": PARAMS})
+async def ws_turn(ws, message: str, **frame) -> tuple[str, dict]:
+    """One chat turn on /ws: (the deltas' text, the done frame)."""
+    await ws.send_json({"type": "chat", "message": message, **frame})
     frames = []
     while not frames or frames[-1]["type"] not in ("done", "error"):
         frames.append(await ws.receive_json(timeout=60))
-    await ws.close()
     assert frames[-1]["type"] == "done", frames[-1]
-    text = "".join(f["content"] for f in frames if f["type"] == "delta")
+    return "".join(f["content"] for f in frames if f["type"] == "delta"), frames[-1]
+
+
+async def test_ws_reply_is_the_servers_own_answer(nexlm, reference):
+    ws = await nexlm.ws_connect("/ws")
+    assert (await ws.receive_json(timeout=10))["type"] == "session"
+    text, done = await ws_turn(ws, QUESTION, model=f"llama/{MODEL}", params=PARAMS)
+    await ws.close()
     assert text == reference["text"]
-    assert frames[-1]["finish_reason"] == "length"
-    assert frames[-1]["model"] == f"llama/{MODEL}"
+    assert done["finish_reason"] == "length"
+    assert done["model"] == f"llama/{MODEL}"
+
+
+async def test_ws_second_turn_sends_the_conversation_as_the_server_expects(nexlm, llama_server):
+    """System prompt, first turn and follow-up, as NexLM builds them: the server answers NexLM what it
+    answers the same three messages sent directly."""
+    system = "You are a geography teacher. Answer briefly."
+    follow_up = "And of Germany?"
+    ws = await nexlm.ws_connect("/ws")
+    assert (await ws.receive_json(timeout=10))["type"] == "session"
+    texts = [(await ws_turn(ws, message, params={**PARAMS, "system": system}))[0] for message in (QUESTION, follow_up)]
+    await ws.close()
+    first = own_answer(llama_server, [{"role": "system", "content": system}, {"role": "user", "content": QUESTION}],
+                       stream=False, **PARAMS)
+    second = own_answer(llama_server, [{"role": "system", "content": system}, {"role": "user", "content": QUESTION},
+                                       {"role": "assistant", "content": first["text"]},
+                                       {"role": "user", "content": follow_up}], stream=False, **PARAMS)
+    assert texts == [first["text"], second["text"]]
+    assert second["text"] != first["text"]  # the follow-up was answered, not the first question again
