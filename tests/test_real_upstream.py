@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
 from invariants import free_port
 
@@ -116,7 +117,10 @@ def reference(llama_server) -> dict:
     streamed = own_answer(llama_server, messages, stream=True, **PARAMS)
     assert plain["text"] and plain["text"] == streamed["text"], (plain, streamed)
     assert plain["finish_reason"] == streamed["finish_reason"] == "length", (plain, streamed)
-    return plain
+    # llama-cpp-python 0.3.36 counts tokens in plain answers only: its streams carry no usage (it
+    # ignores stream_options), and NexLM always streams from its upstream
+    assert plain["usage"]["completion_tokens"] == PARAMS["max_tokens"] and streamed["usage"] is None
+    return plain | {"stream_usage": streamed["usage"]}
 
 
 @pytest.fixture
@@ -172,3 +176,41 @@ async def test_ws_second_turn_sends_the_conversation_as_the_server_expects(nexlm
                                        {"role": "user", "content": follow_up}], stream=False, **PARAMS)
     assert texts == [first["text"], second["text"]]
     assert second["text"] != first["text"]  # the follow-up was answered, not the first question again
+
+
+@pytest.fixture
+async def sdk(nexlm):
+    """The official ``openai`` package, pointed at NexLM's /v1 (no retries: one answer per call)."""
+    client = openai.AsyncOpenAI(base_url=str(nexlm.make_url("/v1")), api_key="sk-unused", max_retries=0,
+                                timeout=60, http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
+    yield client
+    await client.close()
+
+
+async def test_v1_answer_is_the_servers_own(sdk, reference):
+    resp = await sdk.chat.completions.create(model=f"llama/{MODEL}", messages=[{"role": "user", "content": QUESTION}],
+                                             **PARAMS)
+    assert resp.object == "chat.completion"
+    [choice] = resp.choices
+    assert choice.message.role == "assistant"
+    assert choice.message.content == reference["text"]
+    assert choice.finish_reason == reference["finish_reason"] == "length"
+    assert resp.model == f"llama/{MODEL}"
+    assert resp.usage == reference["stream_usage"]  # relayed as NexLM got it (None from this server), not made up
+
+
+async def test_v1_stream_is_the_servers_own(sdk, reference):
+    stream = await sdk.chat.completions.create(model=f"llama/{MODEL}", messages=[{"role": "user", "content": QUESTION}],
+                                               stream=True, stream_options={"include_usage": True}, **PARAMS)
+    text, finishes, usage_chunks = [], [], []
+    async for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        if not chunk.choices:
+            usage_chunks.append(chunk.usage)
+            continue
+        text.append(chunk.choices[0].delta.content or "")
+        if chunk.choices[0].finish_reason:
+            finishes.append(chunk.choices[0].finish_reason)
+    assert "".join(text) == reference["text"]
+    assert finishes == [reference["finish_reason"]]
+    assert usage_chunks == [reference["stream_usage"]]  # one last chunk, choices [], the usage as relayed
