@@ -6,8 +6,9 @@ Not part of NexLM. About a hundred lines of the obvious aiohttp code: upstream
 SSE -> one WebSocket frame (or SSE event) per upstream read's tokens, no
 sessions beyond a reset, no limits, no logging. It speaks just enough of
 NexLM's protocol for the benchmark (``/ws`` session/chat/stop/reset,
-``POST /sse``, ``/healthz``, ``/api/metrics``, ``DELETE /api/sessions/{id}``), so
-the suite can put NexLM's figures next to what plain aiohttp costs.
+``POST /sse``, ``POST /v1/chat/completions`` streaming and not, ``/healthz``,
+``/api/metrics``, ``DELETE /api/sessions/{id}``), so the suite can put NexLM's
+figures next to what plain aiohttp costs.
 """
 
 from __future__ import annotations
@@ -109,6 +110,30 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def completion_chunk(cid: str, model: str, delta: dict, finish=None) -> bytes:
+    return b"data: " + dumps({"id": cid, "object": "chat.completion.chunk", "created": 0, "model": model,
+                              "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).encode() + b"\n\n"
+
+
+async def v1_handler(request: web.Request) -> web.StreamResponse:
+    """The OpenAI format back out: the obvious re-encoding of each upstream read's tokens."""
+    body = await request.json()
+    model, cid = body.get("model", "fake/fake-model"), "chatcmpl-" + secrets.token_urlsafe(9)
+    message = body["messages"][-1]["content"]
+    if not body.get("stream"):
+        text = "".join([t async for t in upstream_tokens(request.app, message)])
+        return web.json_response({"id": cid, "object": "chat.completion", "created": 0, "model": model,
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                               "finish_reason": "stop"}]}, dumps=dumps)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    await resp.write(completion_chunk(cid, model, {"role": "assistant", "content": ""}))
+    async for text in upstream_tokens(request.app, message):
+        await resp.write(completion_chunk(cid, model, {"content": text}))
+    await resp.write(completion_chunk(cid, model, {}, "stop") + b"data: [DONE]\n\n")
+    return resp
+
+
 async def ok(request):
     return web.json_response({"status": "ok"})
 
@@ -138,6 +163,7 @@ def main() -> None:
     app.cleanup_ctx.append(client_ctx)
     app.router.add_get("/ws", ws_handler)
     app.router.add_post("/sse", sse_handler)
+    app.router.add_post("/v1/chat/completions", v1_handler)
     app.router.add_get("/healthz", ok)
     app.router.add_get("/api/metrics", ok)
     app.router.add_delete("/api/sessions/{sid}", not_found)

@@ -7,7 +7,11 @@ It speaks three things with the same code paths and the same clock:
 * ``ws``: NexLM's ``/ws`` (first frame ``session``; ``chat`` -> ``start``,
   ``delta``..., ``done``; ``stop``; ``reset``);
 * ``sse``: NexLM's ``POST /sse`` (``event:``/``data:``/``id:``; first
-  ``session``, last ``done``).
+  ``session``, last ``done``);
+* ``v1``: NexLM's ``POST /v1/chat/completions``, streaming: the same request
+  and the same parser as ``direct``, only the model id differs (issue 12);
+* ``direct_ns`` / ``v1_ns``: the same, non-streaming (``"stream": false``):
+  one ``chat.completion`` JSON body, its "first token" the whole answer parsed.
 
 The HTTP/1.1 client, the SSE parser and the WebSocket client (RFC 6455, with
 ``permessage-deflate`` offered like a browser does unless ``--no-compress``)
@@ -21,6 +25,7 @@ so tokens are counted from text length even if a relay coalesces deltas.
 Modes::
 
     python bench/loadgen.py serve --upstream HOST:PORT --nexlm HOST:PORT   # JSON lines on stdin/stdout
+          [--nexlm-model fake/fake-model]   # the model id the v1 targets ask NexLM for
     python bench/loadgen.py once  --upstream ... --nexlm ... '{"cmd":"replies","target":"ws",...}'
     python bench/loadgen.py probe --nexlm HOST:PORT [--path /healthz] [--interval-ms 10]
 
@@ -63,6 +68,11 @@ except ImportError:  # pragma: no cover
         return json.dumps(o, separators=(",", ":")).encode()
 
 TOKEN_CHARS = 4
+# what the `openai` package sends, less its telemetry headers; the key is ignored by the bench's
+# NexLM (no access control) and by the fake upstream
+OPENAI_HEADERS = (b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+                  b"Authorization: Bearer sk-bench\r\n")
+OPENAI_NS_HEADERS = b"Content-Type: application/json\r\nAccept: application/json\r\nAuthorization: Bearer sk-bench\r\n"
 
 
 # ----------------------------------------------------------------- replies
@@ -214,6 +224,41 @@ class OpenAISink:
             self.reply.end(None, "stream ended without [DONE]")
         else:
             self.reply.end(self.finish)
+
+    def on_error(self, msg) -> None:
+        self.reply.end(None, msg)
+
+
+class CompletionSink:
+    """A non-streaming ``chat.completion`` answer: the reply's only "token" is the whole message,
+    time-stamped when its body is complete and parsed."""
+
+    __slots__ = ("reply", "status", "body")
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+        self.status = 0
+        self.body = b""
+
+    def on_head(self, status, headers, t) -> None:
+        self.status = status
+
+    def on_body(self, data, t) -> None:
+        self.body = self.body + data if self.body else data
+
+    def on_end(self, t) -> None:
+        r = self.reply
+        if self.status != 200:
+            r.end(None, f"http {self.status}: {self.body[:200]!r}")
+            return
+        try:
+            c0 = loads(self.body)["choices"][0]
+            content = c0["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            r.end(None, f"not a chat.completion: {self.body[:200]!r}")
+            return
+        r.got(len(content), t)
+        r.end(c0.get("finish_reason"))
 
     def on_error(self, msg) -> None:
         self.reply.end(None, msg)
@@ -720,12 +765,14 @@ def _mask(data: bytes, key: bytes) -> bytes:
 
 class LoadGen:
     def __init__(self, upstream: tuple[str, int] | None, nexlm: tuple[str, int] | None,
-                 compress: bool = True, ws_path: str = "/ws", direct_model: str = "fake-model") -> None:
+                 compress: bool = True, ws_path: str = "/ws", direct_model: str = "fake-model",
+                 nexlm_model: str = "fake/fake-model") -> None:
         self.upstream = upstream
         self.nexlm = nexlm
         self.compress = compress
         self.ws_path = ws_path
         self.direct_model = direct_model
+        self.nexlm_model = nexlm_model
         self.up_pool = Pool(*upstream) if upstream else None
         self.nex_pool = Pool(*nexlm) if nexlm else None
         self.sessions: set[str] = set()
@@ -799,20 +846,28 @@ class LoadGen:
             conn.request(b"POST", b"/sse", self.nex_pool.hostport,
                          b"Content-Type: application/json\r\nAccept: text/event-stream\r\nOrigin: http://%s\r\n"
                          % self.nex_pool.hostport, body, sink)
-        else:
-            body = dumps({"model": self.direct_model, "messages": [{"role": "user", "content": msg}],
-                          "stream": True, "stream_options": {"include_usage": True}})
-            sink = OpenAISink(r)
+        else:  # the OpenAI API: direct, v1 (through NexLM), and their non-streaming twins
+            stream = target in ("direct", "v1")
+            pool = self.pool(target)
+            req = {"model": self.direct_model if pool is self.up_pool else self.nexlm_model,
+                   "messages": [{"role": "user", "content": msg}], "stream": stream}
+            if stream:
+                req["stream_options"] = {"include_usage": True}
+            body = dumps(req)
+            sink = OpenAISink(r) if stream else CompletionSink(r)
             r.t0 = now()
-            conn.request(b"POST", b"/v1/chat/completions", self.up_pool.hostport,
-                         b"Content-Type: application/json\r\nAccept: text/event-stream\r\n", body, sink)
+            conn.request(b"POST", b"/v1/chat/completions", pool.hostport,
+                         OPENAI_HEADERS if stream else OPENAI_NS_HEADERS, body, sink)
         return r
+
+    def pool(self, target: str) -> "Pool":
+        """The HTTP connections a target's requests go over (``ws`` has its own sockets)."""
+        return self.up_pool if target in ("direct", "direct_ns") else self.nex_pool
 
     async def worker_conn(self, target: str):
         if target == "ws":
             return await self.ws_connect()
-        pool = self.nex_pool if target == "sse" else self.up_pool
-        return await pool.acquire()
+        return await self.pool(target).acquire()
 
     # -- commands
     async def cmd_replies(self, a: dict) -> dict:
@@ -829,7 +884,7 @@ class LoadGen:
         reset = bool(a.get("reset_between", True))
         conns, open_errors = await self.open_many(lambda: self.worker_conn(target), C)
         if target != "ws":  # HTTP connections live in the pool; each reply takes one from there
-            pool = self.nex_pool if target == "sse" else self.up_pool
+            pool = self.pool(target)
             for c in conns:
                 pool.release(c)
         replies: list[Reply] = []
@@ -852,7 +907,7 @@ class LoadGen:
                             await conn.recv_type("session")
                         r = self.start_reply("ws", conn, n, iv, record, self.tag())
                     else:
-                        pool = self.nex_pool if target == "sse" else self.up_pool
+                        pool = self.pool(target)
                         t_acq = now()
                         c = await pool.acquire()
                         r = self.start_reply(target, c, n, iv, record, self.tag())
@@ -1264,7 +1319,7 @@ def _hostport(s: str | None):
 
 async def serve_main(args) -> None:
     lg = LoadGen(_hostport(args.upstream), _hostport(args.nexlm), compress=not args.no_compress,
-                 ws_path=args.ws_path)
+                 ws_path=args.ws_path, nexlm_model=args.nexlm_model)
     mon = asyncio.ensure_future(lg.lag_monitor())
     loop = asyncio.get_running_loop()
     if args.mode == "once":
@@ -1298,6 +1353,7 @@ def main(argv=None) -> None:
     ap.add_argument("--upstream", help="HOST:PORT of the fake upstream (direct rounds)")
     ap.add_argument("--nexlm", help="HOST:PORT of NexLM")
     ap.add_argument("--ws-path", default="/ws")
+    ap.add_argument("--nexlm-model", default="fake/fake-model", help="the model id v1 and v1_ns ask NexLM for")
     ap.add_argument("--no-compress", action="store_true",
                     help="do not offer permessage-deflate (browsers do offer it)")
     ap.add_argument("--no-uvloop", action="store_true")

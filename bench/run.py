@@ -45,6 +45,8 @@ FULL = dict(
     b5_ops=1000, b5_conc=20, b5_direct_ops=200,
     b6_idle=10000, b6_active=1000, b6_active_iv=100,
     idle_rounds=[0, 10000, 0, 10000], idle_streams=[200, 500], idle_tokens=200, idle_wait_s=45, idle_gc_off=0,
+    v1_rounds=10, v1_per_round=50, v1_conc=64, v1_conc_rounds=3, v1_conc_count=5, v1_conc_tokens=20,
+    v1_tput_rounds=5, v1_tput_single_tokens=10000, v1_tput_multi_tokens=1000,
 )
 QUICK = dict(
     b1_rounds=2, b1_per_round=10,
@@ -55,13 +57,17 @@ QUICK = dict(
     b5_ops=30, b5_conc=5, b5_direct_ops=10,
     b6_idle=200, b6_active=40, b6_active_iv=100,
     idle_rounds=[0, 200], idle_streams=[10, 20], idle_tokens=40, idle_wait_s=0, idle_gc_off=0,
+    v1_rounds=2, v1_per_round=10, v1_conc=8, v1_conc_rounds=1, v1_conc_count=2, v1_conc_tokens=10,
+    v1_tput_rounds=1, v1_tput_single_tokens=1000, v1_tput_multi_tokens=100,
 )
 
 # every row the table always has (the smoke test checks them)
 ROW_IDS = ["B1-ws", "B1-sse", "B2-ws", "B2-sse", "B3-1-ws", "B3-1-sse", "B3-64-ws", "B3-64-sse",
            "B4", "B5-stop", "B5-orphans", "B6-idle", "B6-active", "B6-after", "B7",
-           "B4-idle-200", "B4-idle-500", "B7-idle"]
-IDLE_ROW_IDS = ROW_IDS[-3:]  # phase IDLE (issue 11): its rows are named after the sizes of FULL
+           "B4-idle-200", "B4-idle-500", "B7-idle",
+           "V1-ttft-1", "V1-ttft-64", "V1-tput-1", "V1-tput-64", "V1-nonstream"]
+IDLE_ROW_IDS = ROW_IDS[-8:-5]  # phase IDLE (issue 11): its rows are named after the sizes of FULL
+V1_ROW_IDS = ROW_IDS[-5:]  # phase V1 (issue 12): /v1/chat/completions vs the direct connection
 
 
 # ----------------------------------------------------------------- small helpers
@@ -386,6 +392,64 @@ models = ["fake-model"]
                                                for t, v in cpt.items() if v and v[0]}}
         self.res["phases"]["B3"] = out
 
+    def v1(self) -> None:
+        """Issue 12: ``/v1/chat/completions`` against the direct connection, rounds interleaved.
+
+        * TTFT at concurrency 1: sequential 5-token replies, as B1 (request written -> first token parsed);
+        * TTFT at ``v1_conc`` concurrent streams: each worker runs ``v1_conc_count`` 20 ms-paced replies
+          in a row, starts spread over one reply's length, so every start meets the others mid-stream;
+        * unpaced tokens/s, 1 stream and ``v1_conc`` streams, the ratio taken per round as in B3;
+        * non-streaming: sequential 5-token answers, request written -> whole body parsed."""
+        P = self.P
+        for t in ("v1", "v1_ns"):
+            r = self.lg_call({"cmd": "replies", "target": t, "concurrency": 2, "count": 5, "n": 20})
+            if r["errors"]:
+                raise RuntimeError(f"V1 warm-up over {t} (POST /v1/chat/completions) failed: {r['error_samples']}")
+        out: dict = {}
+
+        cpu: dict = {}  # NexLM's CPU µs per token in the /v1 rounds, by measurement
+
+        def rounds(name, pair, n_rounds, cmd, key):
+            vals = {t: [] for t in pair}
+            errors = dict.fromkeys(pair, 0)
+            for i in range(n_rounds):
+                for t in (pair if i % 2 == 0 else pair[::-1]):
+                    r = self.lg_call({"cmd": "replies", "target": t, **cmd})
+                    vals[t] += r[key] if key == "ttft" else [r.get(key, 0.0) if not r["errors"] else 0.0]
+                    errors[t] += r["errors"]
+                    if t == pair[1] and "nexlm" in r.get("cpu_us_per_token", {}):
+                        cpu.setdefault(name, []).append(r["cpu_us_per_token"]["nexlm"])
+            return vals, errors
+
+        def added(vals, errors, pair):
+            d, v = pair
+            return {"ms": {t: summ(x) for t, x in vals.items()}, "errors": errors,
+                    "added": {"p50": q(vals[v], .5) - q(vals[d], .5), "p99": q(vals[v], .99) - q(vals[d], .99)}}
+
+        pair = ("direct", "v1")
+        vals, errors = rounds("ttft_1", pair, P["v1_rounds"], {"concurrency": 1, "count": P["v1_per_round"], "n": 5,
+                                                               "raw_ttft": True, "pause_ms": 2}, "ttft")
+        out["ttft_1"] = added(vals, errors, pair)
+        iv, n = 20, P["v1_conc_tokens"]
+        vals, errors = rounds("ttft_conc", pair, P["v1_conc_rounds"],
+                              {"concurrency": P["v1_conc"], "count": P["v1_conc_count"], "n": n, "iv": iv,
+                               "stagger_ms": n * iv, "raw_ttft": True}, "ttft")
+        out["ttft_conc"] = added(vals, errors, pair) | {"streams": P["v1_conc"]}
+        for label, conc, n in (("1", 1, P["v1_tput_single_tokens"]), ("conc", P["v1_conc"], P["v1_tput_multi_tokens"])):
+            tps, errors = rounds(f"tput_{label}", pair, P["v1_tput_rounds"], {"concurrency": conc, "count": 1, "n": n},
+                                 "tokens_per_s")
+            ratios = [v / d for d, v in zip(tps["direct"], tps["v1"]) if d]
+            out[f"tput_{label}"] = {"streams": conc, "tokens_per_stream": n, "errors": errors,
+                                    "tokens_per_s": {t: median(x) for t, x in tps.items()},
+                                    "ratio": median(ratios), "ratios_all": ratios}
+        pair = ("direct_ns", "v1_ns")
+        vals, errors = rounds("nonstream", pair, P["v1_rounds"], {"concurrency": 1, "count": P["v1_per_round"], "n": 5,
+                                                                  "raw_ttft": True, "pause_ms": 2}, "ttft")
+        out["nonstream"] = added(vals, errors, pair)
+        for key in out:
+            out[key]["nexlm_us_per_token"] = median(cpu.get(key, []))
+        self.res["phases"]["V1"] = out
+
     def b4(self) -> None:
         """Ladder of concurrent 20 ms-paced streams; the probe samples /healthz during each round."""
         P = self.P
@@ -709,7 +773,7 @@ models = ["fake-model"]
         self.log(f"fake upstream :{self.up_port} (pid {self.up.pid}), NexLM :{self.nex_port} (pid {self.nex.pid}), "
                  f"loadgen pid {self.lg.pid}; harness cpus {self.harness_cpus}, NexLM cpus {self.nexlm_cpus}")
         self.warmup()
-        plan = [("B1", self.b1), ("B2", self.b2), ("B3", self.b3), ("B5", self.b5), ("B4", self.b4),
+        plan = [("B1", self.b1), ("B2", self.b2), ("B3", self.b3), ("V1", self.v1), ("B5", self.b5), ("B4", self.b4),
                 ("B6", self.memory_load), ("after", self.after), ("B6", self.b6_idle), ("B6", self.b6_active),
                 ("IDLE", self.idle_sessions)]
         for name, fn in plan:
@@ -909,7 +973,44 @@ def build_rows(res: dict, P: dict) -> list[dict]:
     else:
         row("B7", "event-loop lag during B4 load", "p99 ≤ 10 ms", "not run", "", "", None)
     idle_rows(ph.get("IDLE"), P, row)
+    v1_rows(ph.get("V1"), row)
     return rows
+
+
+def v1_rows(v1, row) -> None:
+    """Issue 12's Speed targets for ``/v1/chat/completions``, each against the direct connection."""
+    specs = [("V1-ttft-1", "added TTFT, 1 stream, /v1 streaming", "p50 ≤ 0.5 ms, p99 ≤ 2 ms"),
+             ("V1-ttft-64", "added TTFT, 64 concurrent 20 ms-paced streams, /v1 streaming", "p99 ≤ 5 ms"),
+             ("V1-tput-1", "unpaced tokens/s /v1 ÷ direct, 1 stream", "≥ 0.90"),
+             ("V1-tput-64", "unpaced tokens/s /v1 ÷ direct, 64 streams", "≥ 0.90"),
+             ("V1-nonstream", "added latency, non-streaming /v1, 5 tokens, 1 client", "p50 ≤ 1 ms")]
+    if not v1:
+        for rid, what, target in specs:
+            row(rid, what, target, "not run", "", "", None)
+        return
+
+    def ttft(rid, what, target, x, v, d, p50_max, p99_max):
+        a, m, dm = x["added"], x["ms"][v], x["ms"][d]
+        ok = x["errors"][v] == 0 and (p50_max is None or a["p50"] <= p50_max) and a["p99"] <= p99_max
+        row(rid, what, target,
+            f"p50 {sfmt(a['p50'])}, p99 {sfmt(a['p99'])} (/v1 p50 {fmt(m.get('p50'))}, p99 {fmt(m.get('p99'))} ms; n={m['n']})",
+            f"p50 {fmt(dm.get('p50'), nd=3)}, p99 {fmt(dm.get('p99'), nd=3)} ms", x["errors"][v], ok)
+
+    (r1, w1, t1), (r64, w64, t64), (rt1, wt1, tt1), (rt64, wt64, tt64), (rns, wns, tns) = specs
+    c = v1["ttft_conc"]["streams"]
+    ttft(r1, w1, t1, v1["ttft_1"], "v1", "direct", 0.5, 2.0)
+    ttft(r64, w64.replace("64", str(c)), t64, v1["ttft_conc"], "v1", "direct", None, 5.0)
+    for rid, what, target, x in ((rt1, wt1, tt1, v1["tput_1"]), (rt64, wt64.replace("64", str(c)), tt64, v1["tput_conc"])):
+        r = x["ratio"]
+        row(rid, what, target,
+            f"{fmt(r)} ({x['tokens_per_s']['v1']:,.0f} tok/s; rounds {', '.join(fmt(v) for v in x['ratios_all'])})",
+            f"{x['tokens_per_s']['direct']:,.0f} tok/s", x["errors"]["v1"],
+            x["errors"]["v1"] == 0 and r is not None and r >= 0.90)
+    x = v1["nonstream"]
+    a, m, dm = x["added"], x["ms"]["v1_ns"], x["ms"]["direct_ns"]
+    row(rns, wns, tns, f"p50 {sfmt(a['p50'])}, p99 {sfmt(a['p99'])} (/v1 p50 {fmt(m.get('p50'))} ms; n={m['n']})",
+        f"p50 {fmt(dm.get('p50'), nd=3)}, p99 {fmt(dm.get('p99'), nd=3)} ms", x["errors"]["v1_ns"],
+        x["errors"]["v1_ns"] == 0 and a["p50"] <= 1.0)
 
 
 def _by_variant(rounds, N, key):
@@ -1129,6 +1230,9 @@ def details(res, P) -> str:
                 for t, v in ph[name][key].items():
                     out.append(f"- {name} {t}: " + ", ".join(f"{k} {fmt(x, nd=3) if k != 'n' else x}"
                                                            for k, x in v.items()))
+    if "V1" in ph:
+        out.append("\n### V1: /v1/chat/completions vs direct (issue 12)")
+        out += v1_details(ph["V1"])
     if "IDLE" in ph:
         out.append("\n### Idle sessions stored (issue 11): every round a fresh NexLM, under bench/gc_trace.py")
         out += idle_details(ph["IDLE"], P)
@@ -1136,6 +1240,40 @@ def details(res, P) -> str:
     if res.get("notes"):
         out.append("\nNotes from this run: " + "; ".join(res["notes"]))
     return "\n".join(out)
+
+
+def v1_details(v1) -> list[str]:
+    out = []
+    for key, what in (("ttft_1", "TTFT, 1 stream"), ("ttft_conc", f"TTFT, {v1['ttft_conc']['streams']} streams"),
+                      ("nonstream", "non-streaming answer, 1 client")):
+        for t, v in v1[key]["ms"].items():
+            out.append(f"- {what}, {t}: " + ", ".join(f"{k} {fmt(x, nd=3) if k != 'n' else x}" for k, x in v.items())
+                       + " ms")
+    for key in ("tput_1", "tput_conc"):
+        x = v1[key]
+        out.append(f"- unpaced, {x['streams']} stream(s) × {x['tokens_per_stream']} tokens: "
+                   + ", ".join(f"{t} {v:,.0f} tok/s" for t, v in x["tokens_per_s"].items()))
+    out.append("- NexLM CPU µs per relayed token, unpaced (median of rounds): "
+               + ", ".join(f"{v1[k]['streams']} stream(s) {v1[k].get('nexlm_us_per_token', 'n/a')}"
+                           for k in ("tput_1", "tput_conc")))
+    return out
+
+
+V1_BEGIN = "<!-- v1: begin (added by bench/run.py --only V1) -->"
+V1_END = "<!-- v1: end -->"
+
+
+def v1_section(rows, res, args, when, cmdline) -> str:
+    ids = set(V1_ROW_IDS)
+    return "\n".join([
+        V1_BEGIN,
+        "## OpenAI-compatible /v1/chat/completions (issue 12)", "",
+        f"Run {when}: `python bench/run.py {cmdline}` ({res['wall_s']:.0f} s). Direct and /v1 rounds interleaved "
+        "against the same fake upstream, in the same run.", "",
+        *machine_info(args, res), "",
+        render([r for r in rows if r["id"] in ids], res, args, None), "",
+        *(v1_details(res["phases"]["V1"]) if "V1" in res["phases"] else []),
+        V1_END, ""])
 
 
 IDLE_BEGIN = "<!-- idle-sessions: begin (added by bench/run.py --only IDLE) -->"
@@ -1171,7 +1309,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-logs", action="store_true", help="keep the temporary directory (config, logs)")
     ap.add_argument("--json", default=None, help="also write every raw figure as JSON here")
     ap.add_argument("--only", default=None, help="comma-separated phases to run: B1,B2,B3,B4,B5,B6 (B7 rides on B4), IDLE "
-                         "(issue 11; alone, it adds a dated section to --out and leaves the rest)")
+                         "(issue 11), V1 (issue 12); IDLE or V1 alone adds a dated section to --out and leaves the rest")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
     ap.add_argument("--nexlm-asyncio", action="store_true", help="run NexLM with [server] uvloop = false")
     ap.add_argument("--no-uvloop", action="store_true", help="harness without uvloop")
@@ -1235,6 +1373,8 @@ def main(argv=None) -> int:
     if b.only == {"IDLE"} and Path(args.out).exists():
         # the IDLE phase alone: a section of its own is added, the rest of the report stays
         text = merge_section(Path(args.out).read_text(), idle_section(rows, res, args, b.P, when, cmdline))
+    elif b.only == {"V1"} and Path(args.out).exists():  # the same for V1 (issue 12)
+        text = merge_section(Path(args.out).read_text(), v1_section(rows, res, args, when, cmdline))
     Path(args.out).write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "res": res}, indent=1, default=str))

@@ -2,7 +2,7 @@
 
 No timing is asserted here -- timing belongs to the benchmark itself. This only
 checks that the fake upstream, NexLM and the load generator start, talk to each
-other over /ws, /sse and the direct connection, and that the report has every row.
+other over /ws, /sse, /v1/chat/completions and the direct connection, and that the report has every row.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_quick_bench_writes_every_row(tmp_path):
     assert proc.returncode == 0, f"bench failed:\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     report = out.read_text()
     assert "CPU:" in report and "Python" in report and "aiohttp" in report  # the machine it ran on
-    table = [line for line in report.splitlines() if line.startswith("| B")]
+    table = [line for line in report.splitlines() if line.startswith(("| B", "| V1"))]
     ids = [line.split("|")[1].strip() for line in table]
     assert ids == _row_ids(), report
     for line in table:
