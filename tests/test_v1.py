@@ -95,6 +95,21 @@ async def test_chat_needs_the_token_when_access_control_is_on(sdk, upstream):
 
 # --------------------------------------------------------------------------- chat: text
 
+async def test_openais_bookkeeping_fields_are_accepted_and_its_tuning_fields_forwarded(sdk, upstream):
+    """What IDE tools send along with a chat (store, metadata, service_tier, logprobs false...) is
+    not a reason to refuse it; reasoning_effort, logit_bias and verbosity reach the upstream."""
+    oa, client = await sdk()
+    upstream.push(reply("ok"))
+    r = await oa.chat.completions.create(
+        model="fakey", messages=HI, store=False, metadata={"app": "ide"}, service_tier="auto", logprobs=False,
+        modalities=["text"], reasoning_effort="low", logit_bias={"50256": -100}, verbosity="low")
+    assert r.choices[0].message.content == "ok"
+    sent = upstream.requests[-1]["body"]
+    assert (sent["reasoning_effort"], sent["logit_bias"], sent["verbosity"]) == ("low", {"50256": -100}, "low")
+    assert not {"store", "metadata", "service_tier", "logprobs", "modalities"} & set(sent)
+    assert settled(client)
+
+
 async def test_chat_not_streamed(sdk, upstream):
     oa, client = await sdk()
     r = await oa.chat.completions.create(model="fakey", messages=HI, temperature=0.2, max_tokens=50, seed=3,
@@ -238,6 +253,10 @@ async def test_unknown_model_is_not_found(sdk, upstream):
     ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"max_tokens": 0}, "max_tokens"),
+    ({"logprobs": True}, "logprobs"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"logit_bias": {"50256": 500}}, "logit_bias"),
 ])
 async def test_bad_requests_name_the_field(sdk, upstream, body, param):
     oa, client = await sdk()

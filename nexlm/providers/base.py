@@ -100,7 +100,7 @@ class Params:
 # OpenAI chat parameters beyond ``Params`` that /v1 accepts (checked there) and an
 # OpenAI-compatible provider merges into the upstream body as they are.
 EXTRA_KEYS = ("stop", "seed", "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
-              "parallel_tool_calls", "user", "max_completion_tokens")
+              "parallel_tool_calls", "user", "max_completion_tokens", "reasoning_effort", "logit_bias", "verbosity")
 
 
 @dataclass(frozen=True, slots=True)

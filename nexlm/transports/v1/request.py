@@ -18,7 +18,23 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 PART_TYPES = ("text", "image_url", "input_audio", "file", "refusal")
 KNOWN = ("model", "messages", "stream", "stream_options", "n", "temperature", "top_p", "max_tokens",
          "max_completion_tokens", "stop", "seed", "presence_penalty", "frequency_penalty", "response_format",
-         "tools", "tool_choice", "parallel_tool_calls", "user")
+         "tools", "tool_choice", "parallel_tool_calls", "user", "reasoning_effort", "logit_bias", "verbosity")
+# OpenAI's own bookkeeping fields that IDE tools and SDK wrappers send along: accepted, and
+# not forwarded (they change nothing a gateway could honour: store/metadata are about OpenAI's
+# dashboard, service_tier and the cache keys about its billing and routing).
+IGNORED = ("store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier")
+# Known OpenAI fields NexLM cannot honour: a 400 that says so, rather than "unrecognized".
+UNSUPPORTED = {
+    "logprobs": "logprobs are not relayed",
+    "top_logprobs": "logprobs are not relayed",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "functions": "the deprecated functions parameter is not supported: use tools",
+    "function_call": "the deprecated function_call parameter is not supported: use tool_choice",
+}
+HARMLESS_VALUES = {"logprobs": (False,), "top_logprobs": (0,), "modalities": (["text"],)}
 MAX_MESSAGES = 4096
 MAX_TOOLS = 128
 
@@ -40,11 +56,16 @@ def bad(message: str, param: str | None) -> ChatError:
 def parse_chat(body, max_tokens_cap: int) -> ChatCall:
     if not isinstance(body, dict):
         raise bad("The request body must be a JSON object.", None)
-    for key in body:
-        if key not in KNOWN:
-            raise bad(f"Unrecognized request argument supplied: {str(key)[:60]} (supported: {', '.join(KNOWN)}).",
-                      str(key)[:60])
-    b = {k: v for k, v in body.items() if v is not None}
+    for key, value in body.items():
+        if key in KNOWN or key in IGNORED or value is None:
+            continue
+        if key in UNSUPPORTED:
+            if value in HARMLESS_VALUES.get(key, ()):
+                continue
+            raise bad(f"{key}: {UNSUPPORTED[key]}.", key)
+        raise bad(f"Unrecognized request argument supplied: {str(key)[:60]} (supported: {', '.join(KNOWN)}).",
+                  str(key)[:60])
+    b = {k: v for k, v in body.items() if v is not None and k in KNOWN}
     model = b.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model is required (a model id from GET /v1/models).", "model")
@@ -93,6 +114,17 @@ def parse_chat(body, max_tokens_cap: int) -> ChatCall:
         if not isinstance(b["parallel_tool_calls"], bool):
             raise bad("parallel_tool_calls must be true or false.", "parallel_tool_calls")
         extra["parallel_tool_calls"] = b["parallel_tool_calls"]
+    if "reasoning_effort" in b:
+        if b["reasoning_effort"] not in ("none", "minimal", "low", "medium", "high", "xhigh"):
+            raise bad('reasoning_effort must be "none", "minimal", "low", "medium", "high" or "xhigh".',
+                      "reasoning_effort")
+        extra["reasoning_effort"] = b["reasoning_effort"]
+    if "verbosity" in b:
+        if b["verbosity"] not in ("low", "medium", "high"):
+            raise bad('verbosity must be "low", "medium" or "high".', "verbosity")
+        extra["verbosity"] = b["verbosity"]
+    if "logit_bias" in b:
+        extra["logit_bias"] = _logit_bias(b["logit_bias"])
     if "response_format" in b:
         extra["response_format"] = _response_format(b["response_format"])
     if "tools" in b:
@@ -115,6 +147,14 @@ def _stop(v):
     if isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) and s for s in v):
         return [clean_text(s) for s in v]
     raise bad("stop must be a string or a list of up to 4 non-empty strings.", "stop")
+
+
+def _logit_bias(v) -> dict:
+    if not isinstance(v, dict) or len(v) > 300 or not all(
+            isinstance(k, str) and k.isdigit() and not isinstance(b, bool) and isinstance(b, (int, float))
+            and -100 <= b <= 100 for k, b in v.items()):
+        raise bad("logit_bias must map up to 300 token ids to numbers from -100 to 100.", "logit_bias")
+    return v
 
 
 def _response_format(v) -> dict:
