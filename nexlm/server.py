@@ -36,7 +36,7 @@ from .conversations import Conversations
 from .looplag import LoopLag
 from .providers.registry import Registry
 from .security import Guard
-from .transports import http, sse, ws
+from .transports import http, seed_ws, sse, ws
 from .transports.common import CLOSE_DEADLINE, cut
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def create_app(settings: Settings) -> web.Application:
     if base:
         r.add_get(base, lambda request: _redirect(base + "/"))
     r.add_get(base + "/ws", ws.websocket)
-    r.add_get(base + "/api/ai/chat/websocket", ws.websocket)  # the seed's route
+    r.add_get(base + "/api/ai/chat/websocket", seed_ws.websocket)  # the seed's route ([compat] seed_frames)
     r.add_route("GET", base + "/sse", sse.sse)
     r.add_route("POST", base + "/sse", sse.sse)
     r.add_get(base + "/api/models", http.models)

@@ -21,6 +21,7 @@ PACKAGE = ROOT / "nexlm"
 # small shared vocabulary (keys, who a request comes from, refusals, JSON from clients).
 TRANSPORT_MAY_USE = {
     "nexlm.appkeys", "nexlm.clients", "nexlm.conversations", "nexlm.events", "nexlm.wire", "nexlm.validation",
+    "nexlm.seed_wire",  # the original NexLM's wire form: an encoder of the same events, like nexlm.wire
 }
 
 
