@@ -15,15 +15,16 @@ import time
 from dataclasses import dataclass
 
 from . import wire
+from .admission import Admission
 from .config import Settings
 from .context import context
 from .context import params as turn_params
 from .engine import Turn
 from .eventlog import EventLog
 from .events import Outbox
-from .limits import Limiter, LimitError
-from .providers.base import ChatRequest, StreamError
-from .providers.registry import ModelError, Registry, Resolved
+from .limits import LimitError
+from .providers.base import ChatRequest
+from .providers.registry import Registry, Resolved
 from .records import Conversation
 from .runner import Live, Reply, Runner
 from .store import MemoryStore, StoreFull
@@ -50,10 +51,12 @@ class View:
 
 
 class Conversations:
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, admission: Admission | None = None) -> None:
         self.settings = settings
         self.registry = registry
-        self.limiter = Limiter(settings.limits)
+        # Shared with the stateless Gateway (/v1): one set of limits and one shutdown flag for all doors.
+        self.admission = admission if admission is not None else Admission(settings, registry)
+        self.limiter = self.admission.limiter
         self.events = EventLog()
         self.live: dict[str, Live] = {}  # conversations in use in this process
         self.store = MemoryStore(settings.chat.session_ttl_seconds, settings.chat.max_sessions,
@@ -61,7 +64,14 @@ class Conversations:
         self.runner = Runner(self.events, self.limiter, settings.limits.max_history_messages,
                              on_commit=self._commit, on_released=self._release_listeners)
         self._dirty: set[str] = set()  # live records changed since they were last written
-        self.closing = False
+
+    @property
+    def closing(self) -> bool:
+        return self.admission.closing
+
+    @closing.setter
+    def closing(self, value: bool) -> None:
+        self.admission.closing = value
 
     def _in_use(self, cid: str) -> bool:
         live = self.live.get(cid)
@@ -153,10 +163,7 @@ class Conversations:
     # ------------------------------------------------------------ choices
 
     def _resolve(self, model: str) -> Resolved:
-        try:
-            return self.registry.resolve(model)
-        except ModelError as exc:
-            raise ChatError(exc.code, exc.message, 404 if exc.code == "unknown_model" else 503) from None
+        return self.admission.resolve(model)
 
     def _choice(self, conv: Conversation, model=None, params=None) -> tuple[str, dict]:
         """The model and params a ``set`` would give the conversation; raises, changes nothing."""
@@ -193,18 +200,12 @@ class Conversations:
 
     def _admit(self, live: Live, model=None, params=None) -> Resolved:
         """Check everything a new reply needs; only when all pass, apply model/params and take a slot."""
-        if self.closing:
-            raise ChatError("shutting_down", "The server is restarting; try again in a moment.", 503)
+        self.admission.check_open()
         if live.reply is not None:
             raise ChatError("busy", BUSY, 409)
         new_model, new_params = self._choice(live.conv, model, params)
         resolved = self._resolve(new_model)
-        try:
-            self.limiter.take_message(live.conv.client)
-            self.limiter.acquire_reply(live.conv.client)
-        except LimitError as exc:
-            raise ChatError(exc.code, exc.message, 429 if exc.code == "rate_limited" else 503,
-                            exc.retry_after) from None
+        self.admission.take(live.conv.client)
         live.conv.model, live.conv.params = new_model, new_params
         return resolved
 
@@ -263,20 +264,7 @@ class Conversations:
             conv.title = next((m["content"][:80] for m in conv.history if m["role"] == "user"), "")
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
         self._commit(live)
-        return self.runner.launch(live, Turn(resolved, request, self._fallback_for))
-
-    def _fallback_for(self, resolved: Resolved, failure: StreamError) -> Resolved | None:
-        """The provider's ``fallback`` model, for a failure worth another try."""
-        if not (failure.retryable or failure.code in ("upstream_timeout", "provider_unavailable")):
-            return None
-        cfg = self.settings.providers.get(resolved.provider.name)
-        if cfg is None or not cfg.fallback:
-            return None
-        try:
-            fallback = self.registry.resolve(cfg.fallback)
-        except ModelError:
-            return None
-        return fallback if fallback.id != resolved.id else None
+        return self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for))
 
     async def stop(self, live: Live, reason: str = "stopped") -> bool:
         return await self.runner.stop(live, reason)

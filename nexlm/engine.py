@@ -8,7 +8,8 @@ first event before it commits HTTP headers, so a failure before the first token
 can still be a real status.
 
 A turn's events are the providers' own: ``Queued`` notices (single-slot
-models), ``TextDelta``/``ReasoningDelta``, then at most one ``StreamError`` (the
+models), ``TextDelta``/``ReasoningDelta``/``ToolCallDelta`` (any of them is the
+first token), then at most one ``StreamError`` (the
 failure that no fallback saved) before the iterator ends; ``turn.finish``,
 ``turn.usage`` and ``turn.timing()`` then say how it ended. Cancelling the task
 that iterates closes the provider stream, which closes the upstream request.
@@ -16,31 +17,45 @@ that iterates closes the provider stream, which closes the upstream request.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import AsyncIterator, Callable, Union
 
-from .providers.base import ChatRequest, Finish, Queued, ReasoningDelta, StreamError, TextDelta, Usage
+from .providers.base import (
+    ChatRequest,
+    Finish,
+    Queued,
+    ReasoningDelta,
+    StreamError,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from .providers.registry import Resolved
 
 log = logging.getLogger(__name__)
 
 
-# A turn's events are the providers' own (one vocabulary): text and reasoning deltas,
+# A turn's events are the providers' own (one vocabulary): text, reasoning and tool-call deltas,
 # Queued notices from a single-slot model, and at most one StreamError, the last event.
-TurnEvent = Union[TextDelta, ReasoningDelta, Queued, StreamError]
+TurnEvent = Union[TextDelta, ReasoningDelta, ToolCallDelta, Queued, StreamError]
+DOORS = ("ws", "sse", "v1", "seed")  # the front doors a turn can come through (labels for logs and metrics)
 
 
 class Turn:
     """One reply. Iterate it once; read ``model``, ``usage``, ``finish``, ``timing()`` and
-    ``fallback`` as it goes and when it ends (also after a cancellation)."""
+    ``fallback`` as it goes and when it ends (also after a cancellation). ``door`` is the
+    front door it came through (one of ``DOORS``)."""
 
     __slots__ = ("resolved", "request", "model", "usage", "finish", "fallback", "started", "first_token",
-                 "provider", "_fallback_to")
+                 "provider", "door", "_fallback_to")
 
     def __init__(self, resolved: Resolved, request: ChatRequest,
-                 fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None) -> None:
+                 fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None,
+                 *, door: str = "ws") -> None:
         self.resolved = resolved
+        self.door = door
         self.request = request
         self.model = resolved.id  # changes when the fallback answers
         self.provider = resolved.provider
@@ -66,12 +81,7 @@ class Turn:
             try:
                 async for ev in stream:
                     kind = type(ev)
-                    if kind is TextDelta:
-                        if self.first_token is None:
-                            self.first_token = time.monotonic()
-                        streamed = True
-                        yield ev
-                    elif kind is ReasoningDelta:
+                    if kind is TextDelta or kind is ReasoningDelta or kind is ToolCallDelta:
                         if self.first_token is None:
                             self.first_token = time.monotonic()
                         streamed = True
@@ -93,6 +103,8 @@ class Turn:
             nxt = None
             if not streamed and self.fallback is None and self._fallback_to is not None:
                 nxt = self._fallback_to(resolved, failure)
+                if nxt is not None and request.extra.get("tools") and not getattr(nxt.provider, "supports_tools", False):
+                    nxt = None  # a fallback that cannot call the tools would answer another question
             if nxt is None:
                 self.finish = "error"
                 yield failure
@@ -100,5 +112,5 @@ class Turn:
             self.fallback = {"from": resolved.id, "to": nxt.id, "reason": failure.message}
             log.info("%s failed (%s), falling back to %s", resolved.id, failure.code, nxt.id)
             resolved = nxt
-            request = ChatRequest(nxt.model, request.messages, request.params)
+            request = dataclasses.replace(request, model=nxt.model)
             self.model, self.provider = nxt.id, nxt.provider

@@ -23,6 +23,7 @@ from aiohttp import web
 from . import __version__
 from .appkeys import (
     CONVERSATIONS,
+    GATEWAY,
     GUARD,
     HTTP,
     LOOP_LAG,
@@ -33,6 +34,7 @@ from .appkeys import (
 )
 from .config import Settings
 from .conversations import Conversations
+from .gateway import Gateway
 from .looplag import LoopLag
 from .providers.registry import Registry
 from .security import Guard
@@ -124,6 +126,8 @@ async def _resources(app: web.Application):
         app[REGISTRY] = registry
         chat = Conversations(settings, registry)
         app[CONVERSATIONS] = chat
+        gateway = Gateway(chat.admission)  # one admission (limits, shutdown) for every door
+        app[GATEWAY] = gateway
         sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
         lag = asyncio.create_task(app[LOOP_LAG].run(), name="loop lag")
         try:
@@ -132,7 +136,7 @@ async def _resources(app: web.Application):
             for task in (sweeper, lag):
                 task.cancel()
             await asyncio.wait([sweeper, lag])
-            await chat.close(0, None)  # normally done in _shutdown already; this catches test teardown
+            await asyncio.gather(chat.close(0, None), gateway.close(0))  # normally done in _shutdown already
             await registry.close()
 
 
@@ -141,7 +145,8 @@ async def _shutdown(app: web.Application) -> None:
     reconnect; everything is over within the grace plus ``CLOSE_DEADLINE``, whatever clients do."""
     # Closing each outbox (in close) lets its writer flush the final events, then close with 1001
     # (SSE: the stream ends), under the write deadline. A peer that does not read is cut after it.
-    await app[CONVERSATIONS].close(app[SETTINGS].server.shutdown_grace_seconds, cancel_wait=1.0)
+    grace = app[SETTINGS].server.shutdown_grace_seconds
+    await asyncio.gather(app[CONVERSATIONS].close(grace, cancel_wait=1.0), app[GATEWAY].close(grace))
     streams = app[STREAMS]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CLOSE_DEADLINE
