@@ -259,7 +259,7 @@ class Guard:
         if not self.host_allowed(request):
             return web.json_response(error_event("forbidden_host", "This server does not answer to that host name "
                                                  "(see [server] allowed_hosts)."), status=421)
-        streaming = path in ("/ws", "/sse", SEED_WS)
+        streaming = path in ("/ws", "/sse", SEED_WS, "/api/ai/chat/stream")  # GETs that start a generation
         if (streaming or request.method not in ("GET", "HEAD", "OPTIONS")) and not origin_allowed(request, self.allowed):
             self._log_refused_origin(request, path)
             return web.json_response(

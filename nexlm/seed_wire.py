@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import orjson
 
+from .providers.base import StreamError, TextDelta
 from .validation import ChatError
 
 
@@ -55,6 +56,16 @@ def command(frame) -> dict:
                                        "access control is on).")
     model = frame.get("modelType")
     return {"type": "chat", "message": frame["message"], "model": model if model != "" else None}
+
+
+def text_of(event) -> str | None:
+    """A stateless turn's event (``gateway``) as the seed's text: answer deltas only (it had no
+    reasoning, tool calls or queue notices)."""
+    return event.text if type(event) is TextDelta else None
+
+
+def failure_of(event) -> StreamError | None:
+    return event if type(event) is StreamError else None
 
 
 def sse_text(text: str) -> bytes:
