@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import jwt as pyjwt
 import pytest
 from aiohttp import WSMsgType, WSServerHandshakeError
 
 from fake_upstream import Script, chunk, reply
 from nexlm.appkeys import CONVERSATIONS
 from nexlm.security import principal_of
+from test_jwt import ENV, HS, SECRET, claims
 
 SEED = "[compat]\nseed_frames = true"
 TOKENS = '[auth]\ntokens = ["tok-A-7f3c9e", "tok-B-21d8aa"]'
@@ -188,3 +190,18 @@ async def test_cross_origin_page_needs_allowed_origins_and_the_403_is_logged(mak
     await sock.send_json({"modelType": "fakey", "message": "hi"})
     assert "".join(await texts_until(sock, lambda t: t == "Hello world")) == "Hello world"
     await sock.close()
+
+
+async def test_a_jwt_in_the_frame_is_verified_like_a_bearer_one(make_client, upstream):
+    client = await make_client(SEED + "\n" + HS, env=ENV)
+    sock = await client.ws_connect(ROUTE)
+    await sock.send_json({"modelType": "fakey", "message": "hi", "token": pyjwt.encode(claims(), SECRET, "HS256")})
+    assert "".join(await texts_until(sock, lambda t: t == "Hello world")) == "Hello world"
+    [view] = client.app[CONVERSATIONS].views()
+    assert view.owner == "u:alice"
+    await sock.close()
+    expired = pyjwt.encode(claims(exp=1000, iat=900), SECRET, "HS256")
+    sock = await client.ws_connect(ROUTE)
+    await sock.send_json({"modelType": "fakey", "message": "hi", "token": expired})
+    assert await closed(sock) == (1008, ["Error: A valid access token is required."])
+    assert len(upstream.requests) == 1
