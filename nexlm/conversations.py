@@ -209,15 +209,16 @@ class Conversations:
         live.conv.model, live.conv.params = new_model, new_params
         return resolved
 
-    def send(self, live: Live, message, model=None, params=None) -> Reply:
-        """Accept a user message and start its reply. Raises ``ChatError`` if refused."""
+    def send(self, live: Live, message, model=None, params=None, door: str = "ws") -> Reply:
+        """Accept a user message and start its reply. Raises ``ChatError`` if refused.
+        ``door`` (here and below) names the front door, for the turn's logs and metrics."""
         message = check_message(self.settings.limits, message)
         resolved = self._admit(live, model, params)
         live.conv.history.append({"role": "user", "content": message})
-        return self._launch(live, resolved)
+        return self._launch(live, resolved, door)
 
     async def send_new(self, owner: str | None, client: str, message, model=None,
-                       params=None) -> tuple[Live, Reply]:
+                       params=None, door: str = "sse") -> tuple[Live, Reply]:
         """A first message without a conversation (``POST /sse``): everything is checked before
         the conversation exists, so a refusal leaves nothing behind."""
         message = check_message(self.settings.limits, message)
@@ -230,9 +231,9 @@ class Conversations:
             raise
         live.conv.model, live.conv.params = probe.conv.model, probe.conv.params
         live.conv.history.append({"role": "user", "content": message})
-        return live, self._launch(live, resolved)
+        return live, self._launch(live, resolved, door)
 
-    def regenerate(self, live: Live, model=None, params=None) -> Reply:
+    def regenerate(self, live: Live, model=None, params=None, door: str = "ws") -> Reply:
         """Replace the last reply with a new one."""
         if live.reply is not None:
             raise ChatError("busy", BUSY, 409)
@@ -241,9 +242,9 @@ class Conversations:
             raise ChatError("bad_request", "There is no reply to regenerate yet.")
         resolved = self._admit(live, model, params)
         h.pop()
-        return self._launch(live, resolved)
+        return self._launch(live, resolved, door)
 
-    def edit(self, live: Live, index, message, model=None, params=None) -> Reply:
+    def edit(self, live: Live, index, message, model=None, params=None, door: str = "ws") -> Reply:
         """Replace the user message at ``index`` (and everything after it) and answer it."""
         message = check_message(self.settings.limits, message)
         if live.reply is not None:
@@ -255,16 +256,16 @@ class Conversations:
         resolved = self._admit(live, model, params)
         del h[index:]
         h.append({"role": "user", "content": message})
-        return self._launch(live, resolved)
+        return self._launch(live, resolved, door)
 
-    def _launch(self, live: Live, resolved: Resolved) -> Reply:
+    def _launch(self, live: Live, resolved: Resolved, door: str = "ws") -> Reply:
         conv = live.conv
         conv.updated = time.time()
         if not conv.title:
             conv.title = next((m["content"][:80] for m in conv.history if m["role"] == "user"), "")
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
         self._commit(live)
-        return self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for))
+        return self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door))
 
     async def stop(self, live: Live, reason: str = "stopped") -> bool:
         return await self.runner.stop(live, reason)

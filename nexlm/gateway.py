@@ -101,6 +101,11 @@ class Gateway:
         return Turn(resolved, request, self.admission.fallback_for, door=door)
 
     @property
+    def closing(self) -> bool:
+        """Shutting down: new turns are refused, running ones end after the grace."""
+        return self.admission.closing
+
+    @property
     def running(self) -> int:
         """Stateless turns running now."""
         return len(self._active)

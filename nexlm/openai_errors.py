@@ -12,6 +12,7 @@ front doors (chat completions, responses).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -62,7 +63,10 @@ def from_chat_error(exc: ChatError) -> Failure:
     status = exc.status
     if exc.code == "busy":
         status = 429
-    return failure(status, exc.message, exc.code, getattr(exc, "param", None), exc.retry_after)
+    param = getattr(exc, "param", None)
+    if param is None and exc.code in ("unknown_model", "provider_unavailable", "tools_unsupported"):
+        param = "model" if exc.code != "tools_unsupported" else "tools"
+    return failure(status, exc.message, exc.code, param, exc.retry_after)
 
 
 def from_stream_error(ev: StreamError) -> Failure:
@@ -83,3 +87,26 @@ def from_stream_error(ev: StreamError) -> Failure:
 def response(f: Failure) -> web.Response:
     """The failure as a JSON response (before any byte of a stream was sent)."""
     return web.json_response(f.envelope, status=f.status, headers=f.headers)
+
+
+def as_openai(resp: web.StreamResponse) -> web.StreamResponse:
+    """A refusal in NexLM's own error shape (the access middleware's 401/403/421/429) in OpenAI's
+    envelope, for the /v1 paths, keeping its status, ``WWW-Authenticate`` and ``Retry-After``.
+    Anything else (a stream, an envelope already) is returned as it is."""
+    if resp.status < 400 or resp.prepared or not isinstance(resp, web.Response) \
+            or resp.content_type != "application/json" or not isinstance(resp.body, bytes):
+        return resp
+    try:
+        body = json.loads(resp.body)
+    except ValueError:
+        return resp
+    if not isinstance(body, dict) or body.get("type") != "error":
+        return resp
+    retry = resp.headers.get("Retry-After")
+    f = failure(resp.status, str(body.get("message") or resp.reason), body.get("code"),
+                retry_after=float(retry) if retry and retry.isdigit() else None)
+    out = response(f)
+    for key in ("WWW-Authenticate", "Retry-After"):
+        if key in resp.headers:
+            out.headers[key] = resp.headers[key]
+    return out

@@ -39,6 +39,7 @@ from .looplag import LoopLag
 from .providers.registry import Registry
 from .security import Guard
 from .transports import http, seed_http, seed_ws, sse, ws
+from .transports.v1 import chat as v1
 from .transports.common import CLOSE_DEADLINE, cut
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ def create_app(settings: Settings) -> web.Application:
     r.add_post(base + "/api/sessions/{sid}/stop", http.stop)
     r.add_get(base + "/api/metrics", http.metrics)
     r.add_get(base + "/healthz", http.healthz)
+    r.add_get(base + "/v1/models", v1.models)  # OpenAI's API for programs (stateless; see README)
+    r.add_get(base + "/v1/models/{model:.+}", v1.model)
+    r.add_post(base + "/v1/chat/completions", v1.chat_completions)
     r.add_get(base + "/login", guard.login_page)
     r.add_post(base + "/login", guard.login)
     r.add_post(base + "/logout", guard.logout)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fake_upstream import DONE, Script, chunk, error, from_fixture, reply
 
-from fake_upstream import Script, chunk, error, reply
 from nexlm.appkeys import CONVERSATIONS, GATEWAY
 from nexlm.openai_errors import from_chat_error, from_stream_error
 from nexlm.providers.base import StreamError, TextDelta, plain_messages
@@ -129,7 +129,7 @@ def test_chat_errors_in_the_envelope(exc, status, err_type, retry):
     assert f.status == status
     assert set(f.envelope) == {"error"} and set(f.error) == {"message", "type", "param", "code"}
     assert f.error["type"] == err_type and f.error["message"] == exc.message
-    assert f.error["param"] == exc.param
+    assert f.error["param"] == (exc.param or ("model" if exc.code == "unknown_model" else None))
     if retry:
         assert int(f.headers["Retry-After"]) >= 1 and "x-should-retry" not in f.headers
     else:
@@ -170,3 +170,40 @@ def test_plain_messages_for_a_text_only_model():
     assert all(isinstance(m["content"], str) and set(m) == {"role", "content"} for m in out)
     assert out[1]["content"].startswith("What is\nthis?\n[image_url omitted")
     assert "look({})" in out[2]["content"] and "a cat" in out[3]["content"]
+
+
+# --------------------------------------------------------------------------- the page's doors
+
+async def test_the_page_ignores_tool_call_events(connect, upstream, client):
+    """A tool-calling upstream reply on /ws: no crash, the turn ends as the upstream said."""
+    upstream.push(from_fixture("openai-tool-calls-stream.txt"))
+    ws = await connect()
+    await ws.recv()  # session
+    await ws.send({"type": "chat", "message": "weather?"})
+    frames = await ws.until("done")
+    assert frames[-1]["finish_reason"] == "tool_calls"
+    assert not [f for f in frames if f["type"] in ("delta", "error")]
+    await ws.close()
+
+
+async def test_turns_know_their_door(client, upstream, connect):
+    chat = client.app[CONVERSATIONS]
+    doors = []
+    for path in ("sse", "ws"):
+        gate = asyncio.Event()
+        upstream.push(Script([chunk("a", role=True), gate, chunk(finish="stop"), DONE]))
+        if path == "sse":
+            resp = await client.post("/sse", json={"message": "hi"})
+        else:
+            ws = await connect()
+            await ws.recv()
+            await ws.send({"type": "chat", "message": "hi"})
+        await upstream.wait_requests(len(doors) + 1)
+        doors += [live.reply.turn.door for live in chat.live.values() if live.reply is not None]
+        gate.set()
+        if path == "sse":
+            await resp.read()
+        else:
+            await ws.until("done")
+            await ws.close()
+    assert doors == ["sse", "ws"]
