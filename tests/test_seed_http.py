@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
+from aiohttp import web
+
+from conftest import extra_config
 from fake_upstream import Script, chunk, error, reply
 from nexlm.appkeys import CONVERSATIONS, GATEWAY
+from nexlm.config import load_settings
 from nexlm.providers.sse import SSEDecoder
+from nexlm.server import create_app
 
 TOKENS = '[auth]\ntokens = ["tok-A-7f3c9e"]'
 ROLE = chunk("", role=True)
@@ -178,3 +184,49 @@ async def test_a_client_that_leaves_cancels_the_upstream_request(make_client, up
         while client.app[GATEWAY].running or client.app[CONVERSATIONS].stats()["limiter_running"]:
             await asyncio.sleep(0.01)
     settled(client)
+
+
+async def test_shutdown_ends_running_turns_with_a_readable_answer(make_client, upstream):
+    client = await make_client()
+    upstream.push(Script([ROLE, chunk("first"), "hang"]), Script(["hang"]))
+    r = await client.get("/api/ai/chat/stream", params={"prompt": "streaming"})
+    assert r.status == 200
+    await r.content.readuntil(b"first\n\n")
+    post = asyncio.create_task(client.post("/api/ai/chat", json={"message": "waiting"}))
+    await upstream.wait_requests(2)
+    await client.app[GATEWAY].close(0.05)
+    await upstream.wait_closed(2)
+    rest = SSEDecoder().feed(await r.read())
+    assert [e.event for e in rest] == ["error", "done"] and "restarting" in rest[0].data
+    answer = await post
+    assert answer.status == 503 and "restarting" in await answer.text() and answer.headers["Retry-After"]
+    r = await client.post("/api/ai/chat", json={"message": "after"})
+    assert r.status == 503  # and no new turn starts
+    settled(client)
+
+
+async def test_leaving_is_noticed_without_handler_cancellation(upstream, tmp_path):
+    """aiohttp's default (handler_cancellation off): /v1's Watch stops the turn here too."""
+    path = tmp_path / "nexlm.toml"
+    path.write_text(extra_config(upstream.url, ""))
+    app = create_app(load_settings(str(path), env={}))
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as http:
+            for n, (method, path, kw) in enumerate((("POST", "/api/ai/chat", {"json": {"message": "a"}}),
+                                                    ("GET", "/api/ai/chat/stream", {"params": {"prompt": "b"}})), 1):
+                upstream.push(Script(["hang"]))
+                task = asyncio.create_task(http.request(method, f"http://127.0.0.1:{port}{path}", **kw))
+                await upstream.wait_requests(n)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await upstream.wait_closed(n)
+        async with asyncio.timeout(5):
+            while app[CONVERSATIONS].stats()["limiter_running"]:
+                await asyncio.sleep(0.01)
+    finally:
+        await runner.cleanup()

@@ -5,28 +5,34 @@ Stateless single turns on the gateway (nothing stored), in the seed's formats
 or an event stream of raw text ended by ``event: done``. A refusal, or an upstream
 failure before the first token, is a real HTTP status with a readable message; the
 stream's headers wait for the first piece of text. A client that leaves cancels the
-handler (``handler_cancellation``), and leaving ``gateway.turn`` closes the upstream request.
+handler (``handler_cancellation``, or /v1's ``Watch`` when that is off), and leaving
+``gateway.turn`` closes the upstream request. At shutdown a stream still running after
+the grace ends with an ``error`` event and ``done`` rather than a cut.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
 from aiohttp import web
 
 from .. import seed_wire
-from ..appkeys import GATEWAY, REGISTRY, SETTINGS
+from ..appkeys import GATEWAY, REGISTRY, SETTINGS, STREAMS
 from ..clients import identity
 from ..gateway import GatewayTurn
 from ..openai_errors import from_stream_error
 from ..validation import ChatError, check_message
 from . import clientjson
+from .common import CLOSE_DEADLINE
+from .v1.chat import Watch
 
 POST_KEYS = ("message", "modelType")
 KEEPALIVE_SECONDS = 15.0  # a comment while the model only reasons, so proxies do not time out
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
+SHUTDOWN = "The server is restarting; the reply was cut short. Try again in a moment."
 
 
 def _wants_json(request: web.Request) -> bool:
@@ -69,20 +75,36 @@ def _turn(request: web.Request, message, model, field: str) -> GatewayTurn:
     return request.app[GATEWAY].turn(owner, client, model, messages, door="seed")
 
 
-async def chat(request: web.Request) -> web.Response:
-    """``POST /api/ai/chat {"message", "modelType"?}``: the whole reply at once."""
+def _shut_down(request: web.Request) -> bool:
+    """Cancelled by the gateway's shutdown (after its grace) with the client still there: answer it,
+    instead of letting the cancellation cut the connection."""
+    transport = request.transport
+    if not request.app[GATEWAY].closing or transport is None or transport.is_closing():
+        return False
+    asyncio.current_task().uncancel()
+    return True
+
+
+async def _body(request: web.Request) -> dict:
     try:
-        try:
-            body = clientjson.loads(await request.read())
-        except clientjson.NotJSON:
-            raise ChatError("bad_request", "The request body is not valid JSON.") from None
-        except clientjson.RefusedJSON as exc:
-            raise ChatError("bad_request", f"The request body is refused: {exc}.") from None
-        if not isinstance(body, dict):
-            raise ChatError("bad_request", 'The request body must be a JSON object: {"message": TEXT, "modelType": MODEL}.')
-        unknown = [k for k in body if k not in POST_KEYS]
-        if unknown:
-            raise ChatError("bad_request", f"Unknown field {str(unknown[0])[:40]!r} (known: message, modelType).")
+        body = clientjson.loads(await request.read())
+    except clientjson.NotJSON:
+        raise ChatError("bad_request", "The request body is not valid JSON.") from None
+    except clientjson.RefusedJSON as exc:
+        raise ChatError("bad_request", f"The request body is refused: {exc}.") from None
+    if not isinstance(body, dict):
+        raise ChatError("bad_request", 'The request body must be a JSON object: {"message": TEXT, "modelType": MODEL}.')
+    unknown = [k for k in body if k not in POST_KEYS]
+    if unknown:
+        raise ChatError("bad_request", f"Unknown field {str(unknown[0])[:40]!r} (known: message, modelType).")
+    return body
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    """``POST /api/ai/chat {"message", "modelType"?}``: the whole reply at once."""
+    watch = Watch(request)
+    try:
+        body = await _body(request)
         async with _turn(request, body.get("message"), body.get("modelType"), "message") as turn:
             parts: list[str] = []
             async for ev in turn:
@@ -94,6 +116,14 @@ async def chat(request: web.Request) -> web.Response:
             reply, finish, model, usage = "".join(parts), turn.finish, turn.model, turn.usage
     except ChatError as exc:
         return _chat_error(request, exc)
+    except asyncio.CancelledError:
+        if watch.gone and asyncio.current_task().uncancel() == 0:
+            return web.Response(status=499)  # nobody is there to read it
+        if _shut_down(request):
+            return _refusal(request, 503, "shutting_down", SHUTDOWN, retry_after=5)
+        raise
+    finally:
+        watch.close()
     if _wants_json(request):
         return web.json_response({"reply": reply, "model": model, "finish_reason": finish, "usage": usage})
     return web.Response(text=reply)
@@ -102,7 +132,9 @@ async def chat(request: web.Request) -> web.Response:
 async def stream(request: web.Request) -> web.StreamResponse:
     """``GET /api/ai/chat/stream?prompt=TEXT&modelType=MODEL``: the reply as an event stream."""
     q = request.query
+    watch = Watch(request)
     resp: web.StreamResponse | None = None
+    streams, transport = request.app[STREAMS], request.transport
     try:
         async with _turn(request, q.get("prompt"), q.get("modelType"), "prompt") as turn:
             last = time.monotonic()
@@ -112,8 +144,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     if not text:
                         continue
                     if resp is None:
-                        resp = web.StreamResponse(headers=SSE_HEADERS)
-                        await resp.prepare(request)
+                        resp = await _start(request, streams)
                     await resp.write(seed_wire.sse_text(text))
                     last = time.monotonic()
                 elif (failure := seed_wire.failure_of(ev)) is not None:
@@ -124,12 +155,34 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     await resp.write(b": thinking\n\n")
                     last = time.monotonic()
             if resp is None:  # ended without any text (an empty answer): still a stream
-                resp = web.StreamResponse(headers=SSE_HEADERS)
-                await resp.prepare(request)
+                resp = await _start(request, streams)
             await resp.write(seed_wire.sse_done(turn.finish, turn.model, turn.usage))
             await resp.write_eof()
     except ChatError as exc:
         return _chat_error(request, exc)
     except ConnectionResetError:  # the client left mid-stream: the turn (and upstream) is closed already
         pass
+    except asyncio.CancelledError:
+        if watch.gone and asyncio.current_task().uncancel() == 0:
+            return resp or web.Response(status=499)
+        if not _shut_down(request):
+            raise
+        if resp is None:
+            return _refusal(request, 503, "shutting_down", SHUTDOWN, retry_after=5)
+        try:
+            async with asyncio.timeout(CLOSE_DEADLINE):
+                await resp.write(seed_wire.sse_error(SHUTDOWN) + seed_wire.sse_done("interrupted", turn.model, None))
+                await resp.write_eof()
+        except (ConnectionError, TimeoutError):
+            pass
+    finally:
+        watch.close()
+        streams.discard(transport)
+    return resp
+
+
+async def _start(request: web.Request, streams: set) -> web.StreamResponse:
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    streams.add(request.transport)  # cut at shutdown if it hangs, like every open stream
+    await resp.prepare(request)
     return resp
