@@ -205,3 +205,18 @@ async def test_a_jwt_in_the_frame_is_verified_like_a_bearer_one(make_client, ups
     await sock.send_json({"modelType": "fakey", "message": "hi", "token": expired})
     assert await closed(sock) == (1008, ["Error: A valid access token is required."])
     assert len(upstream.requests) == 1
+
+
+async def test_a_page_that_leaves_stops_its_reply_at_once(make_client, upstream):
+    """The seed's page cannot resume (it never learns its session), so the resume grace that
+    /ws gives a reply would only spend the upstream's tokens for nobody."""
+    client = await make_client(SEED + "\n[chat]\nresume_grace_seconds = 30")
+    upstream.push(Script([chunk("", role=True), chunk("some"), "hang"]))
+    sock = await client.ws_connect(ROUTE)
+    await sock.send_json({"modelType": "fakey", "message": "hi"})
+    assert await texts_until(sock, lambda t: t == "some") == ["some"]
+    await sock.close()
+    await upstream.wait_closed(1)
+    assert upstream.cut_by_client == 1
+    await idle(client)
+    assert stats(client)["sessions"] == 0 and stats(client)["limiter_running"] == 0

@@ -31,8 +31,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     if not request.app[SETTINGS].compat.seed_frames:
         return await ws.websocket(request)
     conn = SeedConnection(request)
+    # Ephemeral: the seed's page never learns its session's id, so it cannot resume; a reply
+    # whose page left is stopped at once and the session does not linger for its TTL.
     return await ws.serve(request, conn.frames.encode, conn.parse,
-                          conn.admit if conn.late is not None else None)
+                          conn.admit if conn.late is not None else None, ephemeral=True)
 
 
 def _read(data: str):

@@ -40,7 +40,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def serve(request: web.Request, encoder: Encode, parse: Parse,
-                admit: Admit | None = None) -> web.WebSocketResponse:
+                admit: Admit | None = None, ephemeral: bool = False) -> web.WebSocketResponse:
+    """The connection's loop. ``ephemeral``: its client never learns the session's id (no
+    ``session`` frame), so nobody can come back to it: a session it made ends with it."""
     chat: Conversations = request.app[CONVERSATIONS]
     settings = request.app[SETTINGS]
     try:
@@ -97,16 +99,23 @@ async def serve(request: web.Request, encoder: Encode, parse: Parse,
             # CLOSE / ERROR end the loop by themselves (aiohttp closes with 1009 on an oversized frame)
     finally:
         request.app[WEBSOCKETS].discard(ws)
-        chat.detach(session, outbox)
+        # Ephemeral: its reply stops now (closing the upstream request), not after the resume grace.
+        chat.detach(session, outbox, 0 if ephemeral else None)
         outbox.close()
-        # The writer ends by itself: it flushes what is left and closes, under the write deadline.
-        done, _ = await asyncio.wait([writer], timeout=CLOSE_DEADLINE + 0.5)
-        if not done:
-            writer.cancel()
-            await asyncio.wait([writer])
-        for timer in timers:
-            timer.cancel()
-        request.app[STREAMS].discard(transport)
+        try:
+            # The writer ends by itself: it flushes what is left and closes, under the write deadline.
+            await asyncio.wait([writer], timeout=CLOSE_DEADLINE + 0.5)
+        finally:
+            # Also when this handler is cancelled meanwhile (its client's connection is gone, and
+            # aiohttp cancels the handler): the rest must still be let go of, or STREAMS keeps it.
+            if not writer.done():
+                writer.cancel()
+                await asyncio.wait([writer])
+            for timer in timers:
+                timer.cancel()
+            request.app[STREAMS].discard(transport)
+            if ephemeral and not existed:
+                await chat.delete(session)
     return ws
 
 
