@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 COOKIE = "nexlm_token"  # the login cookie: a random session id (see logins.py), not the token
 JWT_COOKIE = "AUTH-TOKEN"  # a JWT set by the identity service
 SEED_WS = "/api/ai/chat/websocket"
+SEED_HTTP = ("/api/ai/chat", "/api/ai/chat/stream")  # the seed's HTTP routes: CORS for listed origins, as /v1
 WS_PATHS = ("/ws", SEED_WS)  # the only routes that take ?token= (browsers cannot set headers there)
 LATE = object()  # _authenticate: no credentials yet, the route takes them after the upgrade
 UNAUTHORIZED = "A valid access token is required."
@@ -268,6 +269,9 @@ class Guard:
                     raise
                 return as_openai(web.json_response(error_event("not_found" if exc.status == 404 else "bad_request",
                                                                exc.reason), status=exc.status))
+        if path in SEED_HTTP and request.method == "OPTIONS" and self._cors_origin(request) \
+                and self.host_allowed(request):
+            return self._preflight(request)  # an old NexLM page on a listed origin calling fetch()
         return await self._check(request, handler, path)
 
     async def _check(self, request: web.Request, handler, path: str):
@@ -326,6 +330,10 @@ class Guard:
             h["Access-Control-Allow-Origin"] = origin  # Bearer tokens, no cookies: no Allow-Credentials
             h["Vary"] = "Origin"
             h["Access-Control-Expose-Headers"] = "Retry-After, x-should-retry"
+        elif request.path[len(self.base):] in SEED_HTTP and (origin := self._cors_origin(request)):
+            h["Access-Control-Allow-Origin"] = origin
+            h["Vary"] = "Origin"
+            h["Access-Control-Expose-Headers"] = "Retry-After"
         h.setdefault("Content-Security-Policy", self.csp)
         h.setdefault("X-Content-Type-Options", "nosniff")
         # same-origin, not no-referrer: with no-referrer Chrome sends "Origin: null" on form posts.

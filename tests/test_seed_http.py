@@ -230,3 +230,25 @@ async def test_leaving_is_noticed_without_handler_cancellation(upstream, tmp_pat
                 await asyncio.sleep(0.01)
     finally:
         await runner.cleanup()
+
+
+async def test_cors_for_a_listed_origin_only(make_client, upstream):
+    page = "http://127.0.0.1:5500"
+    client = await make_client(f'[server]\nallowed_origins = ["{page}"]')
+    r = await client.options("/api/ai/chat", headers={"Origin": page, "Access-Control-Request-Method": "POST",
+                                                     "Access-Control-Request-Headers": "content-type"})
+    assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == page
+    assert "POST" in r.headers["Access-Control-Allow-Methods"]
+    assert r.headers["Access-Control-Allow-Headers"] == "content-type"
+    r = await client.post("/api/ai/chat", json={"message": "hi"}, headers={"Origin": page})
+    assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == page and await r.text() == "Hello world"
+    r = await client.get("/api/ai/chat/stream", params={"prompt": "hi"}, headers={"Origin": page})
+    assert r.headers["Access-Control-Allow-Origin"] == page
+    *data, done = await events(r)
+    assert "".join(d for _, d in data) == "Hello world" and done[0] == "done"
+    other = "http://127.0.0.1:5501"
+    r = await client.options("/api/ai/chat", headers={"Origin": other, "Access-Control-Request-Method": "POST"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+    r = await client.post("/api/ai/chat", json={"message": "hi"}, headers={"Origin": other})
+    assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+    assert len(upstream.requests) == 2
