@@ -55,6 +55,8 @@ def command(frame) -> dict:
         raise ChatError("bad_request", 'Send {"modelType": MODEL, "message": TEXT} (and "token" when '
                                        "access control is on).")
     model = frame.get("modelType")
+    if model is not None and not isinstance(model, str):
+        raise ChatError("bad_request", "modelType must be a string (a model id or alias)")
     return {"type": "chat", "message": frame["message"], "model": model if model != "" else None}
 
 

@@ -87,6 +87,9 @@ async def test_errors_are_readable_text_frames(make_client, upstream):
     await sock.send_str("[1, 2]")
     [text] = await texts_until(sock, bool)
     assert text.startswith("Error: ") and "modelType" in text
+    await sock.send_json({"modelType": 7, "message": "hi"})
+    [text] = await texts_until(sock, bool)
+    assert text == "Error: modelType must be a string (a model id or alias)"
     # Mid-reply: the failure on a paragraph of its own, after the text that came.
     upstream.push(Script([chunk("", role=True), chunk("partial"), "reset"]))
     await sock.send_json({"modelType": "fakey", "message": "fail me"})
