@@ -31,3 +31,8 @@ GUARD = web.AppKey("guard", object)
 PRINCIPAL = web.RequestKey("principal", object)
 # ... and the user's groups (from a JWT's groups claim; empty otherwise), for per-group rules.
 GROUPS = web.RequestKey("groups", tuple)
+# Set instead of PRINCIPAL when a route may take its credentials after the upgrade (the seed's
+# WebSocket with ``[compat] seed_frames``: its page sends the token in its frames):
+# ``await request[LATE_AUTH](token)`` checks it (throttled like any guess), sets PRINCIPAL and
+# GROUPS, or raises ``validation.ChatError``. Nothing may be done for the client before it succeeds.
+LATE_AUTH = web.RequestKey("late_auth", object)

@@ -119,11 +119,18 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class CompatConfig:
+    """``[compat]``: for pages written for the original NexLM (the seed article's)."""
+    seed_frames: bool = False  # /api/ai/chat/websocket speaks the seed's frames (plain text), not NexLM's JSON
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerConfig = ServerConfig()
     chat: ChatConfig = ChatConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
+    compat: CompatConfig = CompatConfig()
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     source: str = "<built-in defaults>"
 
@@ -230,10 +237,10 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
         except OSError as exc:
             raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
 
-    sections = {"server": "server", "chat": "chat", "limits": "limits", "auth": "auth"}
+    sections = {"server": "server", "chat": "chat", "limits": "limits", "auth": "auth", "compat": "compat"}
     unknown = set(data) - set(sections) - {"providers"}
     if unknown:
-        raise _fail(source, f"[{sorted(unknown)[0]}]", "unknown section (known: server, chat, limits, auth, providers)")
+        raise _fail(source, f"[{sorted(unknown)[0]}]", "unknown section (known: server, chat, limits, auth, compat, providers)")
     changes = {}
     jwt_table = None
     if isinstance(data.get("auth"), dict) and "jwt" in data["auth"]:

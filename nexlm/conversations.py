@@ -291,12 +291,14 @@ class Conversations:
         self.events.subscribe(live.id, outbox, after, live.reply.id if live.reply else None)
         self.store.touch(live.id)
 
-    def detach(self, live: Live, outbox: Outbox) -> None:
-        """Remove a listener. The last one leaving starts the resume grace (or stops the reply)."""
+    def detach(self, live: Live, outbox: Outbox, grace: float | None = None) -> None:
+        """Remove a listener. The last one leaving starts the resume grace (``grace`` instead of
+        ``[chat] resume_grace_seconds``: 0 for a client that cannot resume), or stops the reply."""
         left = self.events.unsubscribe(live.id, outbox)
         self.store.touch(live.id)
         if left == 0:
-            self.runner.nobody_listening(live, self.settings.chat.resume_grace_seconds, self.closing)
+            grace = self.settings.chat.resume_grace_seconds if grace is None else grace
+            self.runner.nobody_listening(live, grace, self.closing)
 
     def can_resume(self, live: Live, after: int) -> bool:
         """Is there anything to follow after ``after``: a running reply, or missed events?"""

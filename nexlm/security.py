@@ -9,6 +9,7 @@ server-side session id), the ``AUTH-TOKEN`` JWT cookie.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -18,18 +19,26 @@ import aiohttp_jinja2
 from aiohttp import web
 from yarl import URL
 
-from .appkeys import GROUPS, PRINCIPAL
+from .appkeys import GROUPS, LATE_AUTH, PRINCIPAL
 from .clients import client_address, from_trusted_proxy, request_scheme
 from .config import MAX_TOKEN_CHARS, Settings
 from .events import error_event
 from .logins import FailureThrottle, LoginSessions
+from .logsafe import printable
 from .openai_errors import as_openai
+from .validation import ChatError
 
 log = logging.getLogger(__name__)
 
 COOKIE = "nexlm_token"  # the login cookie: a random session id (see logins.py), not the token
 JWT_COOKIE = "AUTH-TOKEN"  # a JWT set by the identity service
-WS_PATHS = ("/ws", "/api/ai/chat/websocket")  # the only routes that take ?token= (browsers cannot set headers there)
+SEED_WS = "/api/ai/chat/websocket"
+SEED_HTTP = ("/api/ai/chat", "/api/ai/chat/stream")  # the seed's HTTP routes: CORS for listed origins, as /v1
+WS_PATHS = ("/ws", SEED_WS)  # the only routes that take ?token= (browsers cannot set headers there)
+LATE = object()  # _authenticate: no credentials yet, the route takes them after the upgrade
+UNAUTHORIZED = "A valid access token is required."
+TOO_MANY = "Too many failed sign-in attempts; try again later."
+MAX_WARNED_ORIGINS = 64  # refused origins logged at WARNING (once each); more go to DEBUG
 MIN_TOKEN_CHARS = 16
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -94,12 +103,12 @@ def _digest(value: str) -> bytes:
 
 
 def _unauthorized() -> web.Response:
-    return web.json_response(error_event("unauthorized", "A valid access token is required."), status=401,
+    return web.json_response(error_event("unauthorized", UNAUTHORIZED), status=401,
                              headers={"WWW-Authenticate": 'Bearer realm="nexlm"'})
 
 
 def _too_many(wait: int) -> web.Response:
-    return web.json_response(error_event("rate_limited", "Too many failed sign-in attempts; try again later."),
+    return web.json_response(error_event("rate_limited", TOO_MANY),
                              status=429, headers={"Retry-After": str(wait)})
 
 
@@ -125,6 +134,8 @@ class Guard:
         self.required = bool(self.tokens or self.jwt)
         self.logins = LoginSessions(settings.auth.login_ttl_seconds, settings.auth.max_logins)
         self.throttle = FailureThrottle()
+        self.late_route = settings.compat.seed_frames  # the seed's page sends its token in a frame
+        self._warned_origins: set[str] = set()
         short = sum(1 for t in self.tokens if len(t) < MIN_TOKEN_CHARS)
         if short:
             log.warning("[auth] tokens: %d of %d tokens are shorter than %d characters and could be guessed; "
@@ -183,8 +194,36 @@ class Guard:
             return None
         return "u:" + who.user, who.groups
 
-    async def _authenticate(self, request: web.Request, path: str):
-        """(principal, groups), principal ``None`` when auth is off; or a refusal response."""
+    async def _guess(self, supplied: str, client: str, where: str):
+        """A token a client offers: (principal, groups), or the seconds it must wait first
+        (0: the token is wrong). Throttled per client, and refused unchecked while throttled."""
+        if not supplied:
+            return 0
+        wait = self.throttle.retry_after(client)
+        if wait:
+            return wait
+        principal = self.static_principal(supplied)
+        if principal is not None:
+            return principal, ()
+        if self.jwt is not None and supplied.count(".") == 2:
+            who = await self._jwt(supplied, client, where)
+            if who is not None:
+                return who
+        self.throttle.failed(client)
+        return 0
+
+    async def _late(self, request: web.Request, token) -> None:
+        """``request[LATE_AUTH]``: the token from the seed page's frame, checked like a header's."""
+        who = await self._guess(token.strip() if isinstance(token, str) else "", client_address(request), "frame")
+        if isinstance(who, int):
+            if who:
+                raise ChatError("rate_limited", TOO_MANY, 429, who)
+            raise ChatError("unauthorized", UNAUTHORIZED, 401)
+        request[PRINCIPAL], request[GROUPS] = who
+
+    async def _authenticate(self, request: web.Request, path: str, late: bool = False):
+        """(principal, groups), principal ``None`` when auth is off; or a refusal response; or
+        ``LATE`` when ``late`` and no credentials came with the request."""
         if self.user_header and from_trusted_proxy(request):
             user = request.headers.get(self.user_header, "").strip()
             if user:
@@ -199,21 +238,10 @@ class Guard:
         elif path in WS_PATHS and "token" in request.query:
             supplied, where = request.query["token"].strip(), "query"
         if supplied is not None:
-            # A guess at a token: throttled per client, and refused unchecked while throttled.
-            if not supplied:
-                return _unauthorized()
-            wait = self.throttle.retry_after(client)
-            if wait:
-                return _too_many(wait)
-            principal = self.static_principal(supplied)
-            if principal is not None:
-                return principal, ()
-            if self.jwt is not None and supplied.count(".") == 2:
-                who = await self._jwt(supplied, client, where)
-                if who is not None:
-                    return who
-            self.throttle.failed(client)
-            return _unauthorized()
+            who = await self._guess(supplied, client, where)
+            if isinstance(who, int):
+                return _too_many(who) if who else _unauthorized()
+            return who
         # Cookies are not guesses (a 256-bit id, a signed JWT): a stale one is just 401.
         principal = self.logins.get(request.cookies.get(COOKIE, ""))
         if principal is not None:
@@ -222,7 +250,7 @@ class Guard:
             who = await self._jwt(request.cookies[JWT_COOKIE], client, "cookie")
             if who is not None:
                 return who
-        return _unauthorized()
+        return LATE if late else _unauthorized()
 
     def public(self, path: str) -> bool:
         return path in ("/healthz", "/login", "/logout") or path.startswith("/static/")
@@ -241,24 +269,46 @@ class Guard:
                     raise
                 return as_openai(web.json_response(error_event("not_found" if exc.status == 404 else "bad_request",
                                                                exc.reason), status=exc.status))
+        if path in SEED_HTTP and request.method == "OPTIONS" and self._cors_origin(request) \
+                and self.host_allowed(request):
+            return self._preflight(request)  # an old NexLM page on a listed origin calling fetch()
         return await self._check(request, handler, path)
 
     async def _check(self, request: web.Request, handler, path: str):
         if not self.host_allowed(request):
             return web.json_response(error_event("forbidden_host", "This server does not answer to that host name "
                                                  "(see [server] allowed_hosts)."), status=421)
-        streaming = path in ("/ws", "/sse", "/api/ai/chat/websocket")
+        streaming = path in ("/ws", "/sse", SEED_WS, "/api/ai/chat/stream")  # GETs that start a generation
         if (streaming or request.method not in ("GET", "HEAD", "OPTIONS")) and not origin_allowed(request, self.allowed):
+            self._log_refused_origin(request, path)
             return web.json_response(
                 error_event("forbidden_origin", "Cross-origin requests are not allowed from this origin."), status=403)
         if not self.public(path):
-            who = await self._authenticate(request, path)
+            who = await self._authenticate(request, path, self.late_route and path == SEED_WS)
+            if who is LATE:
+                request[PRINCIPAL], request[GROUPS] = None, ()
+                request[LATE_AUTH] = functools.partial(self._late, request)
+                return await handler(request)
             if isinstance(who, web.StreamResponse):
                 if who.status == 401 and path in ("", "/") and request.method == "GET":
                     raise web.HTTPFound(self.base + "/login")
                 return who
             request[PRINCIPAL], request[GROUPS] = who
         return await handler(request)
+
+    def _log_refused_origin(self, request: web.Request, path: str) -> None:
+        """A page on another origin fails with a 403 its user never sees (a WebSocket's close
+        event has no status): say in the log who was refused and which key would allow it.
+        Each origin once at WARNING, a bounded number of them; the rest at DEBUG."""
+        origin = request.headers.get("Origin")
+        shown = printable(origin, 100) if origin is not None else "(none; Sec-Fetch-Site: cross-site)"
+        level = logging.DEBUG
+        if shown not in self._warned_origins and len(self._warned_origins) < MAX_WARNED_ORIGINS:
+            self._warned_origins.add(shown)
+            level = logging.WARNING
+        log.log(level, "403 forbidden_origin: %s %s from Origin %s; if that page is yours, add %s to "
+                "[server] allowed_origins", request.method, printable(path, 100), shown,
+                shown if origin is not None else "its origin")
 
     def _cors_origin(self, request: web.Request) -> str | None:
         """A listed cross-origin page calling /v1 from the browser: its origin, else None
@@ -280,6 +330,10 @@ class Guard:
             h["Access-Control-Allow-Origin"] = origin  # Bearer tokens, no cookies: no Allow-Credentials
             h["Vary"] = "Origin"
             h["Access-Control-Expose-Headers"] = "Retry-After, x-should-retry"
+        elif request.path[len(self.base):] in SEED_HTTP and (origin := self._cors_origin(request)):
+            h["Access-Control-Allow-Origin"] = origin
+            h["Vary"] = "Origin"
+            h["Access-Control-Expose-Headers"] = "Retry-After"
         h.setdefault("Content-Security-Policy", self.csp)
         h.setdefault("X-Content-Type-Options", "nosniff")
         # same-origin, not no-referrer: with no-referrer Chrome sends "Origin: null" on form posts.

@@ -38,7 +38,7 @@ from .gateway import Gateway
 from .looplag import LoopLag
 from .providers.registry import Registry
 from .security import Guard
-from .transports import http, sse, ws
+from .transports import http, seed_http, seed_ws, sse, ws
 from .transports.v1 import chat as v1
 from .transports.v1 import responses as v1_responses
 from .transports.common import CLOSE_DEADLINE, cut
@@ -75,7 +75,9 @@ def create_app(settings: Settings) -> web.Application:
     if base:
         r.add_get(base, lambda request: _redirect(base + "/"))
     r.add_get(base + "/ws", ws.websocket)
-    r.add_get(base + "/api/ai/chat/websocket", ws.websocket)  # the seed's route
+    r.add_get(base + "/api/ai/chat/websocket", seed_ws.websocket)  # the seed's route ([compat] seed_frames)
+    r.add_post(base + "/api/ai/chat", seed_http.chat)  # the seed's HTTP routes: stateless, on the gateway
+    r.add_get(base + "/api/ai/chat/stream", seed_http.stream, allow_head=False)  # HEAD must not generate
     r.add_route("GET", base + "/sse", sse.sse)
     r.add_route("POST", base + "/sse", sse.sse)
     r.add_get(base + "/api/models", http.models)

@@ -343,3 +343,25 @@ async def test_oversized_frame_closes_1009(client):
     await ws.send_str("x" * 1100000)
     msg = await ws.receive(timeout=5)
     assert msg.type == WSMsgType.CLOSE and msg.data == 1009
+
+
+async def test_a_client_that_closes_mid_reply_is_let_go_of(make_client, upstream):
+    """aiohttp cancels the handler once the client's connection is gone, which used to land in
+    the middle of the handler's cleanup: its transport stayed in STREAMS (one per such close)."""
+    from nexlm.appkeys import CONVERSATIONS, STREAMS
+
+    client = await make_client("[chat]\nresume_grace_seconds = 30")
+    upstream.push(Script([chunk("", role=True), chunk("some"), "hang"]))
+    ws = await client.ws_connect("/ws")
+    await ws.receive_json(timeout=5)
+    await ws.send_json({"type": "chat", "message": "hi"})
+    while (await ws.receive_json(timeout=5))["type"] != "delta":
+        pass
+    await ws.close()
+    async with asyncio.timeout(5):
+        while client.app[STREAMS] or client.app[CONVERSATIONS].stats()["listeners"]:
+            await asyncio.sleep(0.01)
+    chat = client.app[CONVERSATIONS]
+    assert chat.stats()["replies_running"] == 1  # (its resume grace runs on)
+    [view] = chat.views()
+    assert await chat.stop(await chat.find(view.id, None))

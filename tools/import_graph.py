@@ -25,6 +25,7 @@ PACKAGE = ROOT / "nexlm"
 TRANSPORT_MAY_USE = {
     "nexlm.appkeys", "nexlm.clients", "nexlm.conversations", "nexlm.events", "nexlm.wire", "nexlm.validation",
     "nexlm.gateway", "nexlm.openai_wire", "nexlm.openai_errors", "nexlm.responses_wire",
+    "nexlm.seed_wire",  # the original NexLM's wire form: an encoder of the same events, like nexlm.wire
 }
 
 

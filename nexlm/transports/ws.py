@@ -1,5 +1,9 @@
 """``GET /ws``: the two-way transport. One reader loop turns frames into chat commands;
 one writer task drains the connection's outbox, so a reply never waits for this client.
+
+``serve`` is the loop for any dialect of it: NexLM's JSON frames here, the seed's plain
+text frames in ``seed_ws`` (another ``encode`` and ``parse``, and an ``admit`` step that
+reads the token frame before anything is done for the client).
 """
 
 from __future__ import annotations
@@ -7,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -23,7 +28,21 @@ log = logging.getLogger(__name__)
 MAX_QUEUED = 256  # events waiting for one client before its commands are no longer read
 
 
+Encode = Callable[[dict], "bytes | None"]  # an event as a text frame's bytes; None: not sent
+Parse = Callable[[str], dict]  # a text frame as a command (raises ChatError)
+# After the upgrade, before any session: the text of a first frame to run as a command once the
+# client is admitted, or None when it was refused (and the socket closed).
+Admit = Callable[[web.WebSocketResponse], Awaitable["str | None"]]
+
+
 async def websocket(request: web.Request) -> web.WebSocketResponse:
+    return await serve(request, encode, _parse)
+
+
+async def serve(request: web.Request, encoder: Encode, parse: Parse,
+                admit: Admit | None = None, ephemeral: bool = False) -> web.WebSocketResponse:
+    """The connection's loop. ``ephemeral``: its client never learns the session's id (no
+    ``session`` frame), so nobody can come back to it: a session it made ends with it."""
     chat: Conversations = request.app[CONVERSATIONS]
     settings = request.app[SETTINGS]
     try:
@@ -38,13 +57,16 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     )
     await ws.prepare(request)
     transport = request.transport
+    first = None
+    if admit is not None:
+        first = await admit(ws)
+        if first is None:
+            return ws
     owner, client = identity(request)
     try:
         session, existed = await chat.open(request.query.get("session"), owner, client)
     except ChatError as exc:  # no session to be had (rate, cap): say why, then close
-        try:
-            await ws.send_frame(encode(error_event(exc.code, exc.message)), WSMsgType.TEXT)
-        except ConnectionError:
+        if not await send_now(ws, encoder(error_event(exc.code, exc.message))):
             return ws
         await close(ws, transport, WSCloseCode.TRY_AGAIN_LATER, f"{exc.code}: try again later")
         return ws
@@ -60,11 +82,13 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     outbox.bound(settings.limits.max_queued_bytes)
     request.app[WEBSOCKETS].add(ws)
     request.app[STREAMS].add(transport)
-    writer = asyncio.create_task(_write(ws, outbox, transport, chat), name=f"ws writer {session.id[:6]}")
+    writer = asyncio.create_task(_write(ws, outbox, transport, chat, encoder), name=f"ws writer {session.id[:6]}")
     try:
+        if first is not None:
+            await _command(chat, session, outbox, first, parse)
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                await _command(chat, session, outbox, msg.data)
+                await _command(chat, session, outbox, msg.data, parse)
                 # Answers pile up when the client sends without reading: stop reading it until
                 # it catches up, so its own TCP window slows it down (replies' deltas merge anyway).
                 if len(outbox) >= MAX_QUEUED:
@@ -75,25 +99,46 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             # CLOSE / ERROR end the loop by themselves (aiohttp closes with 1009 on an oversized frame)
     finally:
         request.app[WEBSOCKETS].discard(ws)
-        chat.detach(session, outbox)
+        # Ephemeral: its reply stops now (closing the upstream request), not after the resume grace.
+        chat.detach(session, outbox, 0 if ephemeral else None)
         outbox.close()
-        # The writer ends by itself: it flushes what is left and closes, under the write deadline.
-        done, _ = await asyncio.wait([writer], timeout=CLOSE_DEADLINE + 0.5)
-        if not done:
-            writer.cancel()
-            await asyncio.wait([writer])
-        for timer in timers:
-            timer.cancel()
-        request.app[STREAMS].discard(transport)
+        try:
+            # The writer ends by itself: it flushes what is left and closes, under the write deadline.
+            await asyncio.wait([writer], timeout=CLOSE_DEADLINE + 0.5)
+        finally:
+            # Also when this handler is cancelled meanwhile (its client's connection is gone, and
+            # aiohttp cancels the handler): the rest must still be let go of, or STREAMS keeps it.
+            if not writer.done():
+                writer.cancel()
+                await asyncio.wait([writer])
+            for timer in timers:
+                timer.cancel()
+            request.app[STREAMS].discard(transport)
+            if ephemeral and not existed:
+                await chat.delete(session)
     return ws
 
 
-async def _write(ws: web.WebSocketResponse, outbox: Outbox, transport, chat: Conversations) -> None:
+async def send_now(ws: web.WebSocketResponse, data: bytes | None) -> bool:
+    """One frame outside the writer (before it runs); False if the connection is gone."""
+    if data is None:
+        return True
+    try:
+        await ws.send_frame(data, WSMsgType.TEXT)
+    except ConnectionError:
+        return False
+    return True
+
+
+async def _write(ws: web.WebSocketResponse, outbox: Outbox, transport, chat: Conversations,
+                 encoder: Encode = encode) -> None:
     seq = 0  # the last seq handed to the transport
     try:
         while batch := await outbox.get():
             for event in batch:
-                await ws.send_frame(encode(event), WSMsgType.TEXT)
+                data = encoder(event)
+                if data is not None:
+                    await ws.send_frame(data, WSMsgType.TEXT)
                 seq = event.get("seq", seq)
     except ConnectionError:  # reset, or lost while draining
         return  # the reader loop sees the close and cleans up
@@ -132,10 +177,10 @@ def _parse(data: str) -> dict:
     return frame
 
 
-async def _command(chat: Conversations, session, outbox: Outbox, data: str) -> None:
+async def _command(chat: Conversations, session, outbox: Outbox, data: str, parse: Parse = _parse) -> None:
     """Run one command; refusals become an error frame and the socket stays open."""
     try:
-        frame = _parse(data)
+        frame = parse(data)
         kind = frame.get("type")
         if kind == "chat":
             chat.send(session, frame.get("message"), frame.get("model"), frame.get("params"))

@@ -73,7 +73,7 @@ class Server:
     """``python app.py`` on a fixed port, so it can be killed and started again."""
 
     def __init__(self, tmp: Path, upstream_port: int, parent_origin: str, extra: str = "",
-                 base_path: str = "", local: bool = False) -> None:
+                 base_path: str = "", local: bool = False, fake_aliases: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.root = f"http://127.0.0.1:{self.port}"
         self.url = f"{self.root}{base_path}/"
@@ -99,6 +99,7 @@ class Server:
             kind = "openai"
             base_url = "http://127.0.0.1:{upstream_port}/v1"
             models = ["fake-model", "fake-reasoner"]
+            aliases = {json.dumps(list(fake_aliases))}
 
             [providers.offline]
             kind = "openai"
