@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from . import wire
 from .admission import Admission
+from .collector import collect_young
 from .config import Settings
 from .context import context
 from .context import params as turn_params
@@ -105,31 +106,32 @@ class Conversations:
         """A new conversation. It counts against the client's ``sessions_per_minute``
         (``rate_limited``, 429) and needs room in the store (``overloaded``/``busy``, 503,
         when every conversation in the way is in use)."""
+        conv = await self._add(Conversation(owner, client, self.registry.default_model()))
+        live = self.live[conv.id] = Live(conv)
+        return live
+
+    async def _add(self, conv: Conversation) -> Conversation:
         try:
-            self.limiter.take_session(client)
+            self.limiter.take_session(conv.client)
         except LimitError as exc:
             raise ChatError(exc.code, exc.message, 429, exc.retry_after) from None
-        conv = Conversation(owner, client, self.registry.default_model())
         try:
             evicted = await self.store.add(conv)
         except StoreFull as exc:
             raise ChatError(exc.code, exc.message, 503, 5) from None
         for cid in evicted:
             self._dropped(cid, "session limit reached")
-        live = self.live[conv.id] = Live(conv)
-        return live
+        return conv
 
     async def create_seeded(self, owner: str | None, client: str, model=None, params=None,
                             history=None) -> Live:
         """A new conversation with a model, params and a history (``POST /api/sessions``),
-        all checked before it exists."""
-        probe = Conversation(owner, client, self.registry.default_model())
-        probe.model, probe.params = self._choice(probe, model, params)
-        seeded = check_history(self.settings.limits, history) if history is not None else []
-        live = await self.create(owner, client)
-        live.conv.model, live.conv.params, live.conv.history = probe.model, probe.params, seeded
-        self._commit(live)
-        return live
+        all checked before it exists. Nothing runs in it and nobody listens yet, so it is
+        stored as a record only, not kept live (the client's /ws or /sse makes it live)."""
+        conv = Conversation(owner, client, self.registry.default_model())
+        conv.model, conv.params = self._choice(conv, model, params)
+        conv.history = check_history(self.settings.limits, history) if history is not None else []
+        return Live(await self._add(conv))
 
     async def delete(self, live: Live) -> None:
         await self.runner.stop(live, "stopped")
@@ -328,6 +330,8 @@ class Conversations:
                 await self._write_back(live)
                 if not self._in_use(cid):  # (the write may have yielded)
                     self.live.pop(cid, None)
+        if not self.limiter.running_total:  # no reply anywhere (any front door): a quiet moment
+            collect_young()
 
     async def _write_back(self, live: Live) -> None:
         if live.id in self._dirty:

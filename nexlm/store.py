@@ -51,8 +51,13 @@ class MemoryStore:
         self.max_sessions = max(1, max_sessions)
         self.max_per_client = max(1, max_per_client)
         self._in_use = in_use
-        # id -> (record, client, last active): a tuple of atomic values, which the GC does not track
-        self._rows: OrderedDict[str, tuple[bytes, str, float]] = OrderedDict()
+        # Three maps of atomic values, least recently used first in ``_rows``: nothing here is an
+        # object the garbage collector tracks, not even briefly (a (bytes, str, float) row tuple
+        # is tracked until a young collection first sees it, and 10,000 new ones advanced the
+        # collector's counters enough to move a young collection into live streams: bench IDLE).
+        self._rows: OrderedDict[str, bytes] = OrderedDict()  # id -> record
+        self._client: dict[str, str] = {}  # id -> client
+        self._last: dict[str, float] = {}  # id -> last active (monotonic)
         self._per_client: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -63,11 +68,11 @@ class MemoryStore:
         if row is None:
             return None
         self.touch(cid)
-        return Conversation.loads(row[0])
+        return Conversation.loads(row)
 
     def peek(self, cid: str) -> Conversation | None:
         row = self._rows.get(cid)
-        return None if row is None else Conversation.loads(row[0])
+        return None if row is None else Conversation.loads(row)
 
     def ids(self) -> list[str]:
         return list(self._rows)
@@ -88,39 +93,43 @@ class MemoryStore:
                                               "Try again shortly.")
             self._drop(oldest)
             evicted.append(oldest)
-        self._rows[conv.id] = (conv.dumps(), conv.client, time.monotonic())
+        self._rows[conv.id] = conv.dumps()
+        self._client[conv.id] = conv.client
+        self._last[conv.id] = time.monotonic()
         self._per_client[conv.client] = self._per_client.get(conv.client, 0) + 1
         return evicted
 
     def _oldest_idle(self, client: str | None) -> str | None:
-        for cid, (_, c, _) in self._rows.items():
-            if (client is None or c == client) and not self._in_use(cid):
+        clients = self._client
+        for cid in self._rows:
+            if (client is None or clients[cid] == client) and not self._in_use(cid):
                 return cid
         return None
 
     async def put(self, conv: Conversation) -> None:
         if conv.id in self._rows:
-            self._rows[conv.id] = (conv.dumps(), conv.client, time.monotonic())
+            self._rows[conv.id] = conv.dumps()
+            self._last[conv.id] = time.monotonic()
             self._rows.move_to_end(conv.id)
 
     def touch(self, cid: str) -> None:
-        row = self._rows.get(cid)
-        if row is not None:
-            self._rows[cid] = (row[0], row[1], time.monotonic())
+        if cid in self._last:
+            self._last[cid] = time.monotonic()
             self._rows.move_to_end(cid)
 
     async def delete(self, cid: str) -> bool:
         return self._drop(cid)
 
     def _drop(self, cid: str) -> bool:
-        row = self._rows.pop(cid, None)
-        if row is None:
+        if self._rows.pop(cid, None) is None:
             return False
-        n = self._per_client.get(row[1], 1) - 1
+        del self._last[cid]
+        client = self._client.pop(cid)
+        n = self._per_client.get(client, 1) - 1
         if n > 0:
-            self._per_client[row[1]] = n
+            self._per_client[client] = n
         else:
-            self._per_client.pop(row[1], None)
+            self._per_client.pop(client, None)
         return True
 
     def expire(self, now: float | None = None) -> list[str]:
@@ -128,8 +137,9 @@ class MemoryStore:
         scan stops at the first one still fresh."""
         now = time.monotonic() if now is None else now
         stale = []
-        for cid, (_, _, last) in self._rows.items():
-            if now - last <= self.ttl:
+        last_active = self._last
+        for cid in self._rows:
+            if now - last_active[cid] <= self.ttl:
                 break
             if not self._in_use(cid):
                 stale.append(cid)

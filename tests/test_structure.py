@@ -40,10 +40,9 @@ async def test_idle_conversations_cost_the_collector_nothing(client):
     """10,000 stored idle conversations add (almost) no objects for the garbage collector to walk:
     a full collection's pause grows with tracked objects, and it paused every live stream."""
     import gc
+    from dataclasses import replace
 
     from nexlm.appkeys import CONVERSATIONS
-
-    from dataclasses import replace
 
     convs = client.app[CONVERSATIONS]
     # the built-in caps would refuse 10,000 from one client; this is about what each one costs
@@ -59,3 +58,51 @@ async def test_idle_conversations_cost_the_collector_nothing(client):
     grown = len(gc.get_objects()) - before
     assert convs.stats()["sessions"] == 10000 and convs.stats()["live"] == 0
     assert grown < 500, f"{grown} more tracked objects for 10,000 idle conversations"
+
+
+async def test_storing_idle_conversations_leaves_the_collector_nothing_to_count(client):
+    """Creating 10,000 conversations through ``POST /api/sessions``'s path leaves no tracked object
+    behind, not even until the next collection: the young-generation counters barely move, so
+    idle conversations cannot shift a young collection into live streams (bench IDLE)."""
+    import gc
+    from dataclasses import replace
+
+    from nexlm.appkeys import CONVERSATIONS
+
+    convs = client.app[CONVERSATIONS]
+    convs.store.max_sessions = convs.store.max_per_client = 20000
+    convs.limiter.config = replace(convs.limiter.config, sessions_per_minute=0)
+    history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    gc.collect()
+    gc.disable()  # count, don't collect: what stays tracked shows in the counter
+    try:
+        before = gc.get_count()[0]
+        for _ in range(10000):
+            await convs.create_seeded(None, "c", params={"temperature": 0.5}, history=history)
+        grown = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert convs.stats()["sessions"] == 10000 and convs.stats()["live"] == 0
+    assert grown < 500, f"{grown} tracked objects left by 10,000 stored conversations"
+
+
+async def test_housekeeping_collects_the_young_generations_only_when_nothing_streams(client):
+    import gc
+
+    from nexlm.appkeys import CONVERSATIONS
+
+    convs = client.app[CONVERSATIONS]
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1_000_000, 1000, 1000)  # no automatic collection in the way of the counters
+    try:
+        junk = [[i] for i in range(3000)]  # tracked objects: the young counter is well above zero
+        convs.limiter.running_total = 1  # a reply is running somewhere: no collection now
+        await convs.housekeeping_once()
+        assert gc.get_count()[0] >= 3000
+        convs.limiter.running_total = 0
+        await convs.housekeeping_once()
+        assert gc.get_count()[:2] == (0, 0)
+    finally:
+        convs.limiter.running_total = 0
+        gc.set_threshold(*thresholds)
+        del junk
