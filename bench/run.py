@@ -673,8 +673,9 @@ models = ["fake-model"]
                     r = self.lg_call({"cmd": "store_sessions", "n": idle, "parallel": 32}, timeout=300)
                     rd["store"] = {k: r[k] for k in ("created", "statuses", "seconds")}
                     rd["store"]["nexlm_cpu_s"] = r["cpu_s"].get("nexlm")
-                # POST /api/sessions leaves each conversation live until the next housekeeping pass
-                # (every 30 s with this config) writes it back as a record: wait for that.
+                # Before issue 11's fix POST /api/sessions left each conversation live until the next
+                # housekeeping pass (every 30 s here); now it is a record at once and this wait is 0 s.
+                # Kept, so that the phase measures older commits the same way.
                 t_w = time.monotonic()
                 while True:
                     m = self.nex_metrics() or {}
