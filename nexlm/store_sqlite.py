@@ -8,9 +8,10 @@ design (a thread per connection) with one more dependency. WAL journal with
 power cut may lose the last transactions, ``kill -9`` loses nothing committed,
 so a running reply loses at most its last checkpoint interval (about 1 s).
 
-The file is locked for this process (``locking_mode=EXCLUSIVE``): one NexLM per
-file; a second one is refused at start instead of silently sharing it (use the
-Redis store for several instances).
+The file is locked for this process (``flock`` on it, beside SQLite's own locks):
+one NexLM per file; a second one is refused at start instead of silently sharing
+it (use the Redis store for several instances). Other readers (the ``sqlite3``
+shell, a backup, the tests) may read it meanwhile.
 
 Schema version in ``PRAGMA user_version``: older files are migrated step by step
 at open, a newer one is refused. Records are ``Conversation.dumps()``, serialized
@@ -23,6 +24,8 @@ write that needs it.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +75,7 @@ class SQLiteStore:
         self._in_use = in_use
         self._pool: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
+        self._lock: int | None = None  # a descriptor of the file, flock'ed; closed after the connection
         self._size = 0
         self._touched: dict[str, float] = {}  # id -> last activity, not yet written
 
@@ -95,16 +99,36 @@ class SQLiteStore:
 
     def _open(self) -> int:
         try:
-            db = sqlite3.connect(self.path, timeout=1.0, isolation_level=None, check_same_thread=False)
+            self._lock = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(exc.strerror or str(exc)) from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._unlock()
+            raise StoreError("the database file is in use by another NexLM process (one per file)") from None
+        try:
+            return self._connect()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # (after SQLite's connection is closed: closing a descriptor drops its locks)
+            self._lock = None
+
+    def _connect(self) -> int:
+        try:
+            db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise StoreError(f"{exc}") from None
         try:
-            db.execute("PRAGMA locking_mode = EXCLUSIVE")
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreError(f"cannot use WAL journal mode here (got {mode})")
             db.execute("PRAGMA synchronous = NORMAL")
-            db.execute("BEGIN IMMEDIATE")  # takes the file's lock now: a second process is refused here
+            db.execute("BEGIN IMMEDIATE")
             try:
                 self._migrate(db)
                 db.execute("COMMIT")
@@ -112,11 +136,6 @@ class SQLiteStore:
                 db.execute("ROLLBACK")
                 raise
             size = db.execute("SELECT count(*) FROM sessions").fetchone()[0]
-        except sqlite3.OperationalError as exc:
-            db.close()
-            if "locked" in str(exc):
-                raise StoreError("the database file is in use by another process (one NexLM per file)") from None
-            raise StoreError(str(exc)) from None
         except sqlite3.DatabaseError as exc:
             db.close()
             raise StoreError(str(exc)) from None
@@ -150,11 +169,14 @@ class SQLiteStore:
 
     def _close(self, touched: dict) -> None:
         db, self._db = self._db, None
-        if db is not None:
-            try:
-                self._write_touches(db, touched)
-            finally:
-                db.close()
+        try:
+            if db is not None:
+                try:
+                    self._write_touches(db, touched)
+                finally:
+                    db.close()
+        finally:
+            self._unlock()
 
     # -- reading
 
