@@ -13,7 +13,6 @@ import sqlite3
 
 import aiohttp
 import pytest
-
 from conftest import extra_config
 from fake_upstream import DONE, Script, chunk, reply, usage_chunk
 from invariants import eventually, free_port, spawn_app, strict_json

@@ -6,8 +6,8 @@ import asyncio
 import sqlite3
 
 import pytest
-
 from invariants import free_port, spawn_app
+
 from nexlm.records import Conversation
 from nexlm.store import StoreError
 from nexlm.store_sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
