@@ -265,3 +265,20 @@ async def test_without_background_replies_a_reply_nobody_follows_is_interrupted(
     await upstream.wait_closed(1)
     data = await (await client.get(f"/api/sessions/{sid}")).json()
     assert data["history"][-1]["finish_reason"] == "interrupted"
+
+
+def test_a_streaming_turn_is_the_running_reply_not_context_nor_history_to_draw():
+    """A record read while its reply still runs elsewhere (a shared store) ends with a ``streaming``
+    turn: it is not sent upstream as context, and the session frame leaves it to the replayed events."""
+    from nexlm import wire
+    from nexlm.config import ChatConfig
+    from nexlm.context import context
+
+    conv = Conversation("u:a", "c", "fake/fake-model", history=[
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1", "finish_reason": "stop"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "half", "finish_reason": "streaming"}])
+    assert [t["content"] for t in wire.session(conv)["history"]] == ["q1", "a1", "q2"]
+    conv.history.append({"role": "user", "content": "q3"})
+    assert [m["content"] for m in context(conv, ChatConfig())] == ["q1", "a1", "q3"]
