@@ -10,7 +10,7 @@ can still be a real status.
 A turn's events are the providers' own: ``Queued`` notices (single-slot
 models), ``TextDelta``/``ReasoningDelta``, then at most one ``StreamError`` (the
 failure that no fallback saved) before the iterator ends; ``turn.finish``,
-``turn.usage`` and ``turn.timing()`` then say how it ended. Cancelling the task
+``turn.usage`` and ``turn.timing()`` then say how it ended, and ``on_done`` is told. Cancelling the task
 that iterates closes the provider stream, which closes the upstream request.
 """
 
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import AsyncIterator, Callable, Union
 
-from .providers.base import ChatRequest, Finish, Queued, ReasoningDelta, StreamError, TextDelta, Usage
+from .providers.base import ChatRequest, Finish, Queued, ReasoningDelta, StreamError, TextDelta, UpstreamTiming, Usage
 from .providers.registry import Resolved
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,21 @@ TurnEvent = Union[TextDelta, ReasoningDelta, Queued, StreamError]
 
 class Turn:
     """One reply. Iterate it once; read ``model``, ``usage``, ``finish``, ``timing()`` and
-    ``fallback`` as it goes and when it ends (also after a cancellation)."""
+    ``fallback`` as it goes and when it ends (also after a cancellation).
+
+    ``door`` names the front door that runs it ("ws", "sse", "v1", "seed"), for metrics and
+    logs. ``on_done(turn)`` is called exactly once when the turn ends, finished, failed or
+    cancelled (the observers' one hook: nothing is observed per token). Whoever cancels the
+    task that iterates sets ``stop_reason`` first ("stopped", "interrupted"); an owner that
+    records the turn calls ``end(finish)`` with what it recorded, which also covers a turn
+    cancelled before it ever ran."""
 
     __slots__ = ("resolved", "request", "model", "usage", "finish", "fallback", "started", "first_token",
-                 "provider", "_fallback_to")
+                 "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures")
 
     def __init__(self, resolved: Resolved, request: ChatRequest,
-                 fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None) -> None:
+                 fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None, *,
+                 door: str = "ws", on_done: Callable[[Turn], None] | None = None) -> None:
         self.resolved = resolved
         self.request = request
         self.model = resolved.id  # changes when the fallback answers
@@ -50,6 +59,27 @@ class Turn:
         self.started = time.monotonic()
         self.first_token: float | None = None
         self._fallback_to = fallback_to
+        self.door = door
+        self.on_done = on_done
+        self.stop_reason: str | None = None  # set by whoever cancels it, before cancelling
+        self.ended: float | None = None  # when end() ran
+        self.upstream = UpstreamTiming()  # the answering provider's own timing
+        self.failures: list[tuple[str, str]] = []  # (provider name, error code), fallbacks' too
+
+    def end(self, finish: str | None = None) -> None:
+        """The turn is over (with ``finish``, when its owner recorded one): call ``on_done``, once."""
+        if self.ended is not None:
+            return
+        self.ended = time.monotonic()
+        if finish is not None:
+            self.finish = finish
+        elif self.finish is None:
+            self.finish = "error"
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:  # an observer's bug must not break a reply
+                log.exception("turn observer failed")
 
     def timing(self, now: float | None = None) -> dict:
         now = time.monotonic() if now is None else now
@@ -59,46 +89,55 @@ class Turn:
         }
 
     async def __aiter__(self) -> AsyncIterator[TurnEvent]:
-        resolved, request, streamed = self.resolved, self.request, False
-        while True:
-            stream = resolved.provider.stream(request)
-            failure: StreamError | None = None
-            try:
-                async for ev in stream:
-                    kind = type(ev)
-                    if kind is TextDelta:
-                        if self.first_token is None:
-                            self.first_token = time.monotonic()
-                        streamed = True
-                        yield ev
-                    elif kind is ReasoningDelta:
-                        if self.first_token is None:
-                            self.first_token = time.monotonic()
-                        streamed = True
-                        yield ev
-                    elif kind is Usage:
-                        self.usage = ev.data
-                    elif kind is Finish:
-                        self.finish = ev.reason
-                    elif kind is StreamError:
-                        failure = ev
-                    elif kind is Queued:
-                        yield ev
-            finally:
-                await stream.aclose()
-            if failure is None:
-                if self.finish is None:  # a provider breaking its contract: say so rather than "stop"
+        resolved, request, streamed = self.resolved, replace(self.request, timing=self.upstream), False
+        try:
+            while True:
+                stream = resolved.provider.stream(request)
+                failure: StreamError | None = None
+                try:
+                    async for ev in stream:
+                        kind = type(ev)
+                        if kind is TextDelta:
+                            if self.first_token is None:
+                                self.first_token = time.monotonic()
+                            streamed = True
+                            yield ev
+                        elif kind is ReasoningDelta:
+                            if self.first_token is None:
+                                self.first_token = time.monotonic()
+                            streamed = True
+                            yield ev
+                        elif kind is Usage:
+                            self.usage = ev.data
+                        elif kind is Finish:
+                            self.finish = ev.reason
+                        elif kind is StreamError:
+                            failure = ev
+                        elif kind is Queued:
+                            yield ev
+                finally:
+                    await stream.aclose()
+                if failure is None:
+                    if self.finish is None:  # a provider breaking its contract: say so rather than "stop"
+                        self.finish = "error"
+                    return
+                self.failures.append((resolved.provider.name, failure.code))
+                nxt = None
+                if not streamed and self.fallback is None and self._fallback_to is not None:
+                    nxt = self._fallback_to(resolved, failure)
+                if nxt is None:
                     self.finish = "error"
-                return
-            nxt = None
-            if not streamed and self.fallback is None and self._fallback_to is not None:
-                nxt = self._fallback_to(resolved, failure)
-            if nxt is None:
-                self.finish = "error"
-                yield failure
-                return
-            self.fallback = {"from": resolved.id, "to": nxt.id, "reason": failure.message}
-            log.info("%s failed (%s), falling back to %s", resolved.id, failure.code, nxt.id)
-            resolved = nxt
-            request = ChatRequest(nxt.model, request.messages, request.params)
-            self.model, self.provider = nxt.id, nxt.provider
+                    yield failure
+                    return
+                self.fallback = {"from": resolved.id, "to": nxt.id, "reason": failure.message}
+                log.info("%s failed (%s), falling back to %s", resolved.id, failure.code, nxt.id)
+                resolved = nxt
+                self.upstream = UpstreamTiming()
+                request = replace(request, model=nxt.model, timing=self.upstream)
+                self.model, self.provider = nxt.id, nxt.provider
+        except Exception:  # a provider's bug: the turn failed
+            self.finish = "error"
+            raise
+        finally:
+            # Ended by the upstream, or cancelled by its owner (stop_reason) or otherwise, or closed.
+            self.end(self.stop_reason or (None if self.finish else "interrupted"))

@@ -81,11 +81,26 @@ class Params:
         return {k: v for k in ("temperature", "top_p", "max_tokens") if (v := getattr(self, k)) is not None}
 
 
+class UpstreamTiming:
+    """When a remote provider sent its request and when the first token came back (monotonic s).
+
+    Filled by the provider, read once when the turn ends: the upstream's own time to first
+    token, subtracted from ours, is the latency NexLM itself adds. A provider with no
+    upstream (the embedded model) leaves it empty."""
+
+    __slots__ = ("sent", "first_token")
+
+    def __init__(self) -> None:
+        self.sent: float | None = None  # the last attempt's POST (retries count as upstream time)
+        self.first_token: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
     model: str  # the provider's own model name (no "provider/" prefix)
     messages: list[dict] = field(default_factory=list)  # [{"role", "content"}]
     params: Params = Params()
+    timing: UpstreamTiming | None = field(default=None, compare=False, repr=False)  # set by the turn engine
 
 
 class Provider(Protocol):
