@@ -14,6 +14,7 @@ from aiohttp import web
 from .config import Settings
 from .conversations import Conversations
 from .looplag import LoopLag
+from .metrics import Metrics
 from .providers.registry import Registry
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -21,6 +22,8 @@ CONVERSATIONS = web.AppKey("conversations", Conversations)
 REGISTRY = web.AppKey("registry", Registry)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
 STREAMS = web.AppKey("streams", set)  # transports of open /ws and /sse streams, cut at shutdown if they hang
+SSE_STREAMS = web.AppKey("sse_streams", set)  # those of /sse alone (the connections gauge)
+METRICS = web.AppKey("metrics", Metrics)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 GUARD = web.AppKey("guard", object)

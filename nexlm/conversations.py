@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from . import wire
 from .config import Settings
@@ -50,9 +52,12 @@ class View:
 
 
 class Conversations:
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry,
+                 on_turn_done: Callable[..., None] | None = None) -> None:
         self.settings = settings
         self.registry = registry
+        # Told once per ended turn, as on_turn_done(turn, session=id): metrics and the reply log line.
+        self.on_turn_done = on_turn_done
         self.limiter = Limiter(settings.limits)
         self.events = EventLog()
         self.live: dict[str, Live] = {}  # conversations in use in this process
@@ -208,15 +213,16 @@ class Conversations:
         live.conv.model, live.conv.params = new_model, new_params
         return resolved
 
-    def send(self, live: Live, message, model=None, params=None) -> Reply:
-        """Accept a user message and start its reply. Raises ``ChatError`` if refused."""
+    def send(self, live: Live, message, model=None, params=None, door: str = "ws") -> Reply:
+        """Accept a user message and start its reply. Raises ``ChatError`` if refused.
+        ``door`` (here and below) is the front door asking: "ws", "sse", "seed"."""
         message = check_message(self.settings.limits, message)
         resolved = self._admit(live, model, params)
         live.conv.history.append({"role": "user", "content": message})
-        return self._launch(live, resolved)
+        return self._launch(live, resolved, door)
 
     async def send_new(self, owner: str | None, client: str, message, model=None,
-                       params=None) -> tuple[Live, Reply]:
+                       params=None, door: str = "sse") -> tuple[Live, Reply]:
         """A first message without a conversation (``POST /sse``): everything is checked before
         the conversation exists, so a refusal leaves nothing behind."""
         message = check_message(self.settings.limits, message)
@@ -229,9 +235,9 @@ class Conversations:
             raise
         live.conv.model, live.conv.params = probe.conv.model, probe.conv.params
         live.conv.history.append({"role": "user", "content": message})
-        return live, self._launch(live, resolved)
+        return live, self._launch(live, resolved, door)
 
-    def regenerate(self, live: Live, model=None, params=None) -> Reply:
+    def regenerate(self, live: Live, model=None, params=None, door: str = "ws") -> Reply:
         """Replace the last reply with a new one."""
         if live.reply is not None:
             raise ChatError("busy", BUSY, 409)
@@ -240,9 +246,9 @@ class Conversations:
             raise ChatError("bad_request", "There is no reply to regenerate yet.")
         resolved = self._admit(live, model, params)
         h.pop()
-        return self._launch(live, resolved)
+        return self._launch(live, resolved, door)
 
-    def edit(self, live: Live, index, message, model=None, params=None) -> Reply:
+    def edit(self, live: Live, index, message, model=None, params=None, door: str = "ws") -> Reply:
         """Replace the user message at ``index`` (and everything after it) and answer it."""
         message = check_message(self.settings.limits, message)
         if live.reply is not None:
@@ -254,16 +260,18 @@ class Conversations:
         resolved = self._admit(live, model, params)
         del h[index:]
         h.append({"role": "user", "content": message})
-        return self._launch(live, resolved)
+        return self._launch(live, resolved, door)
 
-    def _launch(self, live: Live, resolved: Resolved) -> Reply:
+    def _launch(self, live: Live, resolved: Resolved, door: str) -> Reply:
         conv = live.conv
         conv.updated = time.time()
         if not conv.title:
             conv.title = next((m["content"][:80] for m in conv.history if m["role"] == "user"), "")
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
         self._commit(live)
-        return self.runner.launch(live, Turn(resolved, request, self._fallback_for))
+        observer = self.on_turn_done
+        on_done = None if observer is None else partial(observer, session=live.id)
+        return self.runner.launch(live, Turn(resolved, request, self._fallback_for, door=door, on_done=on_done))
 
     def _fallback_for(self, resolved: Resolved, failure: StreamError) -> Resolved | None:
         """The provider's ``fallback`` model, for a failure worth another try."""

@@ -15,7 +15,7 @@ import math
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from ..appkeys import CONVERSATIONS, SETTINGS, STREAMS
+from ..appkeys import CONVERSATIONS, SETTINGS, SSE_STREAMS, STREAMS
 from ..clients import identity
 from ..conversations import Conversations
 from ..events import Outbox, error_event, sse_frame
@@ -124,9 +124,9 @@ async def sse(request: web.Request) -> web.StreamResponse:
             if session is None:
                 raise ChatError("not_found", "No such session (it may have expired).", 404)
             if kind == "regenerate":
-                reply = chat.regenerate(session, model, params)
+                reply = chat.regenerate(session, model, params, door="sse")
             else:
-                reply = chat.edit(session, fields.get("index"), message, model, params)
+                reply = chat.edit(session, fields.get("index"), message, model, params, door="sse")
         elif kind != "chat":
             raise ChatError("bad_request", f"Unknown type {str(kind)[:40]!r} (chat, regenerate or edit).")
         elif message is None or message == "":
@@ -135,9 +135,9 @@ async def sse(request: web.Request) -> web.StreamResponse:
                 return await _stream(request, chat, session, since, chat.last_reply(session))
             raise ChatError("bad_request", "message is required")
         elif session is None:
-            session, reply = await chat.send_new(owner, client, message, model, params)
+            session, reply = await chat.send_new(owner, client, message, model, params, door="sse")
         else:
-            reply = chat.send(session, message, model, params)
+            reply = chat.send(session, message, model, params, door="sse")
     except ChatError as exc:
         return json_error(exc.code, exc.message, exc.status, exc.retry_after)
     return await _stream(request, chat, session, chat.running_since(session), reply.id)
@@ -157,6 +157,7 @@ async def _stream(request: web.Request, chat: Conversations, session, after: int
     chat.attach(session, outbox, after)
     outbox.bound(request.app[SETTINGS].limits.max_queued_bytes)
     request.app[STREAMS].add(transport)
+    request.app[SSE_STREAMS].add(transport)
     try:
         async with sse_response(request, allow_all_methods=True, sep="\n") as resp:
             while batch := await outbox.get():
@@ -176,4 +177,5 @@ async def _stream(request: web.Request, chat: Conversations, session, after: int
         for timer in timers:
             timer.cancel()
         request.app[STREAMS].discard(transport)
+        request.app[SSE_STREAMS].discard(transport)
     return resp

@@ -138,7 +138,7 @@ async def _command(chat: Conversations, session, outbox: Outbox, data: str) -> N
         frame = _parse(data)
         kind = frame.get("type")
         if kind == "chat":
-            chat.send(session, frame.get("message"), frame.get("model"), frame.get("params"))
+            chat.send(session, frame.get("message"), frame.get("model"), frame.get("params"), door="ws")
         elif kind == "stop":
             await chat.stop(session)
         elif kind == "set":
@@ -148,9 +148,10 @@ async def _command(chat: Conversations, session, outbox: Outbox, data: str) -> N
             await chat.reset(session)
             chat.broadcast_frame(session)
         elif kind == "regenerate":
-            chat.regenerate(session, frame.get("model"), frame.get("params"))
+            chat.regenerate(session, frame.get("model"), frame.get("params"), door="ws")
         elif kind == "edit":
-            chat.edit(session, frame.get("index"), frame.get("message"), frame.get("model"), frame.get("params"))
+            chat.edit(session, frame.get("index"), frame.get("message"), frame.get("model"), frame.get("params"),
+                      door="ws")
         elif kind == "restore":
             chat.restore(session, frame.get("history"))
             outbox.put(chat.frame(session))
