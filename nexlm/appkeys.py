@@ -13,12 +13,14 @@ from aiohttp import web
 
 from .config import Settings
 from .conversations import Conversations
+from .gateway import Gateway
 from .looplag import LoopLag
 from .metrics import Metrics
 from .providers.registry import Registry
 
 SETTINGS = web.AppKey("settings", Settings)
 CONVERSATIONS = web.AppKey("conversations", Conversations)
+GATEWAY = web.AppKey("gateway", Gateway)  # stateless turns (/v1 and other doors that store nothing)
 REGISTRY = web.AppKey("registry", Registry)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
 STREAMS = web.AppKey("streams", set)  # transports of open /ws and /sse streams, cut at shutdown if they hang

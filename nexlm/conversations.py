@@ -17,15 +17,16 @@ from dataclasses import dataclass
 from functools import partial
 
 from . import wire
+from .admission import Admission
 from .config import Settings
 from .context import context
 from .context import params as turn_params
 from .engine import Turn
 from .eventlog import EventLog
 from .events import Outbox
-from .limits import Limiter, LimitError
-from .providers.base import ChatRequest, StreamError
-from .providers.registry import ModelError, Registry, Resolved
+from .limits import LimitError
+from .providers.base import ChatRequest
+from .providers.registry import Registry, Resolved
 from .records import Conversation
 from .runner import Live, Reply, Runner
 from .store import MemoryStore, StoreFull
@@ -52,13 +53,15 @@ class View:
 
 
 class Conversations:
-    def __init__(self, settings: Settings, registry: Registry,
+    def __init__(self, settings: Settings, registry: Registry, admission: Admission | None = None,
                  on_turn_done: Callable[..., None] | None = None) -> None:
         self.settings = settings
         self.registry = registry
+        # Shared with the stateless Gateway (/v1): one set of limits and one shutdown flag for all doors.
+        self.admission = admission if admission is not None else Admission(settings, registry)
+        self.limiter = self.admission.limiter
         # Told once per ended turn, as on_turn_done(turn, session=id): metrics and the reply log line.
         self.on_turn_done = on_turn_done
-        self.limiter = Limiter(settings.limits)
         self.events = EventLog()
         self.live: dict[str, Live] = {}  # conversations in use in this process
         self.store = MemoryStore(settings.chat.session_ttl_seconds, settings.chat.max_sessions,
@@ -66,7 +69,14 @@ class Conversations:
         self.runner = Runner(self.events, self.limiter, settings.limits.max_history_messages,
                              on_commit=self._commit, on_released=self._release_listeners)
         self._dirty: set[str] = set()  # live records changed since they were last written
-        self.closing = False
+
+    @property
+    def closing(self) -> bool:
+        return self.admission.closing
+
+    @closing.setter
+    def closing(self, value: bool) -> None:
+        self.admission.closing = value
 
     def _in_use(self, cid: str) -> bool:
         live = self.live.get(cid)
@@ -158,10 +168,7 @@ class Conversations:
     # ------------------------------------------------------------ choices
 
     def _resolve(self, model: str) -> Resolved:
-        try:
-            return self.registry.resolve(model)
-        except ModelError as exc:
-            raise ChatError(exc.code, exc.message, 404 if exc.code == "unknown_model" else 503) from None
+        return self.admission.resolve(model)
 
     def _choice(self, conv: Conversation, model=None, params=None) -> tuple[str, dict]:
         """The model and params a ``set`` would give the conversation; raises, changes nothing."""
@@ -198,24 +205,18 @@ class Conversations:
 
     def _admit(self, live: Live, model=None, params=None) -> Resolved:
         """Check everything a new reply needs; only when all pass, apply model/params and take a slot."""
-        if self.closing:
-            raise ChatError("shutting_down", "The server is restarting; try again in a moment.", 503)
+        self.admission.check_open()
         if live.reply is not None:
             raise ChatError("busy", BUSY, 409)
         new_model, new_params = self._choice(live.conv, model, params)
         resolved = self._resolve(new_model)
-        try:
-            self.limiter.take_message(live.conv.client)
-            self.limiter.acquire_reply(live.conv.client)
-        except LimitError as exc:
-            raise ChatError(exc.code, exc.message, 429 if exc.code == "rate_limited" else 503,
-                            exc.retry_after) from None
+        self.admission.take(live.conv.client)
         live.conv.model, live.conv.params = new_model, new_params
         return resolved
 
     def send(self, live: Live, message, model=None, params=None, door: str = "ws") -> Reply:
         """Accept a user message and start its reply. Raises ``ChatError`` if refused.
-        ``door`` (here and below) is the front door asking: "ws", "sse", "seed"."""
+        ``door`` (here and below) names the front door, for the turn's logs and metrics."""
         message = check_message(self.settings.limits, message)
         resolved = self._admit(live, model, params)
         live.conv.history.append({"role": "user", "content": message})
@@ -262,7 +263,7 @@ class Conversations:
         h.append({"role": "user", "content": message})
         return self._launch(live, resolved, door)
 
-    def _launch(self, live: Live, resolved: Resolved, door: str) -> Reply:
+    def _launch(self, live: Live, resolved: Resolved, door: str = "ws") -> Reply:
         conv = live.conv
         conv.updated = time.time()
         if not conv.title:
@@ -271,20 +272,8 @@ class Conversations:
         self._commit(live)
         observer = self.on_turn_done
         on_done = None if observer is None else partial(observer, session=live.id)
-        return self.runner.launch(live, Turn(resolved, request, self._fallback_for, door=door, on_done=on_done))
-
-    def _fallback_for(self, resolved: Resolved, failure: StreamError) -> Resolved | None:
-        """The provider's ``fallback`` model, for a failure worth another try."""
-        if not (failure.retryable or failure.code in ("upstream_timeout", "provider_unavailable")):
-            return None
-        cfg = self.settings.providers.get(resolved.provider.name)
-        if cfg is None or not cfg.fallback:
-            return None
-        try:
-            fallback = self.registry.resolve(cfg.fallback)
-        except ModelError:
-            return None
-        return fallback if fallback.id != resolved.id else None
+        return self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door,
+                                             on_done=on_done))
 
     async def stop(self, live: Live, reason: str = "stopped") -> bool:
         return await self.runner.stop(live, reason)

@@ -8,7 +8,8 @@ first event before it commits HTTP headers, so a failure before the first token
 can still be a real status.
 
 A turn's events are the providers' own: ``Queued`` notices (single-slot
-models), ``TextDelta``/``ReasoningDelta``, then at most one ``StreamError`` (the
+models), ``TextDelta``/``ReasoningDelta``/``ToolCallDelta`` (any of them is the
+first token), then at most one ``StreamError`` (the
 failure that no fallback saved) before the iterator ends; ``turn.finish``,
 ``turn.usage`` and ``turn.timing()`` then say how it ended, and ``on_done`` is told. Cancelling the task
 that iterates closes the provider stream, which closes the upstream request.
@@ -21,22 +22,33 @@ import time
 from dataclasses import replace
 from typing import AsyncIterator, Callable, Union
 
-from .providers.base import ChatRequest, Finish, Queued, ReasoningDelta, StreamError, TextDelta, UpstreamTiming, Usage
+from .providers.base import (
+    ChatRequest,
+    Finish,
+    Queued,
+    ReasoningDelta,
+    StreamError,
+    TextDelta,
+    ToolCallDelta,
+    UpstreamTiming,
+    Usage,
+)
 from .providers.registry import Resolved
 
 log = logging.getLogger(__name__)
 
 
-# A turn's events are the providers' own (one vocabulary): text and reasoning deltas,
+# A turn's events are the providers' own (one vocabulary): text, reasoning and tool-call deltas,
 # Queued notices from a single-slot model, and at most one StreamError, the last event.
-TurnEvent = Union[TextDelta, ReasoningDelta, Queued, StreamError]
+TurnEvent = Union[TextDelta, ReasoningDelta, ToolCallDelta, Queued, StreamError]
+DOORS = ("ws", "sse", "v1", "seed")  # the front doors a turn can come through (labels for logs and metrics)
 
 
 class Turn:
     """One reply. Iterate it once; read ``model``, ``usage``, ``finish``, ``timing()`` and
     ``fallback`` as it goes and when it ends (also after a cancellation).
 
-    ``door`` names the front door that runs it ("ws", "sse", "v1", "seed"), for metrics and
+    ``door`` names the front door that runs it (one of ``DOORS``), for metrics and
     logs. ``on_done(turn)`` is called exactly once when the turn ends, finished, failed or
     cancelled (the observers' one hook: nothing is observed per token). Whoever cancels the
     task that iterates sets ``stop_reason`` first ("stopped", "interrupted"); an owner that
@@ -97,12 +109,7 @@ class Turn:
                 try:
                     async for ev in stream:
                         kind = type(ev)
-                        if kind is TextDelta:
-                            if self.first_token is None:
-                                self.first_token = time.monotonic()
-                            streamed = True
-                            yield ev
-                        elif kind is ReasoningDelta:
+                        if kind is TextDelta or kind is ReasoningDelta or kind is ToolCallDelta:
                             if self.first_token is None:
                                 self.first_token = time.monotonic()
                             streamed = True
@@ -125,6 +132,9 @@ class Turn:
                 nxt = None
                 if not streamed and self.fallback is None and self._fallback_to is not None:
                     nxt = self._fallback_to(resolved, failure)
+                    if nxt is not None and request.extra.get("tools") and not getattr(nxt.provider, "supports_tools",
+                                                                                      False):
+                        nxt = None  # a fallback that cannot call the tools would answer another question
                 if nxt is None:
                     self.finish = "error"
                     yield failure

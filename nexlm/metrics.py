@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from . import replylog
 from .config import Settings
+from .engine import DOORS as _DOORS
 from .engine import Turn
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format every Prometheus-compatible scraper reads
@@ -33,7 +34,7 @@ ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05
 LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 OTHER = "other"
-DOORS = frozenset({"ws", "sse", "v1", "seed"})
+DOORS = frozenset(_DOORS)  # ws, sse, v1, seed
 FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "error", "stopped", "interrupted"})
 ERROR_CODES = frozenset({"upstream_error", "rate_limited", "upstream_timeout", "provider_unavailable"})
 TRANSPORTS = ("ws", "sse")

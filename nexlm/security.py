@@ -23,6 +23,7 @@ from .clients import client_address, from_trusted_proxy, request_scheme
 from .config import MAX_TOKEN_CHARS, Settings
 from .events import error_event
 from .logins import FailureThrottle, LoginSessions
+from .openai_errors import as_openai
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,20 @@ class Guard:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         path = request.path[len(self.base):] if self.base and request.path.startswith(self.base) else request.path
+        if path.startswith("/v1/"):
+            if request.method == "OPTIONS" and self._cors_origin(request):
+                return self._preflight(request)  # carries no credentials: answered before the token check
+            # Programs on OpenAI's API read its error envelope (the openai package picks its exception by status).
+            try:
+                return as_openai(await self._check(request, handler, path))
+            except web.HTTPException as exc:  # no such route or method
+                if exc.status < 400:
+                    raise
+                return as_openai(web.json_response(error_event("not_found" if exc.status == 404 else "bad_request",
+                                                               exc.reason), status=exc.status))
+        return await self._check(request, handler, path)
+
+    async def _check(self, request: web.Request, handler, path: str):
         if not self.host_allowed(request):
             return web.json_response(error_event("forbidden_host", "This server does not answer to that host name "
                                                  "(see [server] allowed_hosts)."), status=421)
@@ -247,9 +262,26 @@ class Guard:
             request[PRINCIPAL], request[GROUPS] = who
         return await handler(request)
 
+    def _cors_origin(self, request: web.Request) -> str | None:
+        """A listed cross-origin page calling /v1 from the browser: its origin, else None
+        (programs send no Origin; same-origin pages need no CORS)."""
+        origin = request.headers.get("Origin")
+        return origin if origin is not None and origin in self.allowed else None
+
+    def _preflight(self, request: web.Request) -> web.Response:
+        asked = request.headers.get("Access-Control-Request-Headers", "authorization, content-type")
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Origin": request.headers["Origin"], "Vary": "Origin",
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": asked[:1000], "Access-Control-Max-Age": "600"})
+
     async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         """Security headers on every response, streamed ones and errors included."""
         h = response.headers
+        if request.path.startswith(self.base + "/v1/") and (origin := self._cors_origin(request)):
+            h["Access-Control-Allow-Origin"] = origin  # Bearer tokens, no cookies: no Allow-Credentials
+            h["Vary"] = "Origin"
+            h["Access-Control-Expose-Headers"] = "Retry-After, x-should-retry"
         h.setdefault("Content-Security-Policy", self.csp)
         h.setdefault("X-Content-Type-Options", "nosniff")
         # same-origin, not no-referrer: with no-referrer Chrome sends "Origin: null" on form posts.

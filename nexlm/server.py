@@ -23,6 +23,7 @@ from aiohttp import web
 from . import __version__
 from .appkeys import (
     CONVERSATIONS,
+    GATEWAY,
     GUARD,
     HTTP,
     LOOP_LAG,
@@ -35,11 +36,13 @@ from .appkeys import (
 )
 from .config import Settings
 from .conversations import Conversations
+from .gateway import Gateway
 from .looplag import LoopLag
 from .metrics import Metrics
 from .providers.registry import Registry
 from .security import Guard
 from .transports import http, sse, ws
+from .transports.v1 import chat as v1
 from .transports.common import CLOSE_DEADLINE, cut
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,9 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get(base + "/api/metrics", http.metrics)
     r.add_get(base + "/metrics", http.prometheus)  # behind access control unless [metrics] public = true
     r.add_get(base + "/healthz", http.healthz)
+    r.add_get(base + "/v1/models", v1.models)  # OpenAI's API for programs (stateless; see README)
+    r.add_get(base + "/v1/models/{model:.+}", v1.model)
+    r.add_post(base + "/v1/chat/completions", v1.chat_completions)
     r.add_get(base + "/login", guard.login_page)
     r.add_post(base + "/login", guard.login)
     r.add_post(base + "/logout", guard.logout)
@@ -131,6 +137,8 @@ async def _resources(app: web.Application):
         metrics = app[METRICS]
         chat = Conversations(settings, registry, on_turn_done=metrics.turn_done)
         app[CONVERSATIONS] = chat
+        gateway = Gateway(chat.admission, on_turn_done=metrics.turn_done)  # one admission for every door
+        app[GATEWAY] = gateway
         metrics.read_live = lambda: _live_gauges(app)
         sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
         lag = asyncio.create_task(app[LOOP_LAG].run(), name="loop lag")
@@ -140,7 +148,7 @@ async def _resources(app: web.Application):
             for task in (sweeper, lag):
                 task.cancel()
             await asyncio.wait([sweeper, lag])
-            await chat.close(0, None)  # normally done in _shutdown already; this catches test teardown
+            await asyncio.gather(chat.close(0, None), gateway.close(0))  # normally done in _shutdown already
             await registry.close()
 
 
@@ -160,7 +168,8 @@ async def _shutdown(app: web.Application) -> None:
     reconnect; everything is over within the grace plus ``CLOSE_DEADLINE``, whatever clients do."""
     # Closing each outbox (in close) lets its writer flush the final events, then close with 1001
     # (SSE: the stream ends), under the write deadline. A peer that does not read is cut after it.
-    await app[CONVERSATIONS].close(app[SETTINGS].server.shutdown_grace_seconds, cancel_wait=1.0)
+    grace = app[SETTINGS].server.shutdown_grace_seconds
+    await asyncio.gather(app[CONVERSATIONS].close(grace, cancel_wait=1.0), app[GATEWAY].close(grace))
     streams = app[STREAMS]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CLOSE_DEADLINE

@@ -19,12 +19,14 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 class ChatError(Exception):
     """A refused request: ``code`` is the protocol's error code, ``message`` is for people."""
 
-    def __init__(self, code: str, message: str, status: int = 400, retry_after: float | None = None) -> None:
+    def __init__(self, code: str, message: str, status: int = 400, retry_after: float | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
         self.retry_after = retry_after  # seconds; a Retry-After header on HTTP
+        self.param = param  # the request field at fault ("messages[2].role"), for OpenAI's error envelope
 
 
 def clean_text(value: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import extra_config
-from fake_upstream import Script, chunk, error, reply
+from fake_upstream import Script, chunk, error, from_fixture, reply
 from invariants import eventually, free_port, h, make_harness, spawn_app  # noqa: F401  (h, make_harness: fixtures)
 from nexlm.config import ConfigError, load_settings
 from nexlm.engine import Turn
@@ -121,6 +121,45 @@ async def test_metrics_after_ws_and_sse_traffic(h, upstream, caplog):
         as_json = json.loads(JsonFormatter().format(record))
         assert as_json["message"] == "reply" and as_json["logger"] == "nexlm.replies"
         assert {k: as_json[k] for k in f} == f
+    await h.check()
+
+
+async def test_v1_turns_are_observed_too(h, upstream, caplog):
+    """The stateless gateway's turns (door "v1"): streamed, not streamed, tool calls (their first
+    fragment is the first token), an upstream failure; one log line each, without a session."""
+    caplog.set_level(logging.INFO, logger="nexlm.replies")
+    upstream.push(reply("Hi", " there"), reply("Plain"), from_fixture("openai-tool-calls-stream.txt"),
+                  error(500, "boom"))
+    hi = [{"role": "user", "content": "a v1 question"}]
+    r = await h.client.post("/v1/chat/completions", json={"model": MODEL, "messages": hi, "stream": True,
+                                                          "stream_options": {"include_usage": True}})
+    assert r.status == 200 and "data: [DONE]" in await r.text()
+    r = await h.client.post("/v1/chat/completions", json={"model": "fakey", "messages": hi})
+    assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"] == "Plain"
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    r = await h.client.post("/v1/chat/completions", json={"model": MODEL, "messages": hi, "tools": tools,
+                                                          "stream": True})
+    assert r.status == 200 and "tool_calls" in await r.text()
+    r = await h.client.post("/v1/chat/completions", json={"model": MODEL, "messages": hi, "stream": True})
+    assert r.status == 502
+    await h.settle()
+
+    m = await scrape(h.client)
+    assert by_labels(m, "nexlm_replies", "nexlm_replies_total", "door", "model", "finish_reason") == {
+        ("v1", MODEL, "stop"): 2, ("v1", MODEL, "tool_calls"): 1, ("v1", MODEL, "error"): 1}
+    assert by_labels(m, "nexlm_requests", "nexlm_requests_total", "door", "model") == {("v1", MODEL): 4}
+    assert one(m, "nexlm_time_to_first_token_seconds", "nexlm_time_to_first_token_seconds_count", model=MODEL) == 3
+    assert one(m, "nexlm_added_latency_seconds", "nexlm_added_latency_seconds_count", model=MODEL) == 3
+    assert one(m, "nexlm_reply_duration_seconds", "nexlm_reply_duration_seconds_count", model=MODEL) == 4
+    assert by_labels(m, "nexlm_input_tokens", "nexlm_input_tokens_total", "model") == {(MODEL,): 5 + 5 + 82}
+    assert by_labels(m, "nexlm_output_tokens", "nexlm_output_tokens_total", "model") == {(MODEL,): 2 + 1 + 41}
+    assert by_labels(m, "nexlm_upstream_errors", "nexlm_upstream_errors_total", "provider", "code") == {
+        ("fake", "upstream_error"): 1}
+    assert one(m, "nexlm_sessions") == 0  # stateless: nothing stored
+    records = [r for r in caplog.records if r.name == "nexlm.replies"]
+    assert [(r.fields["door"], r.fields["session"], r.fields["finish_reason"]) for r in records] == [
+        ("v1", None, "stop"), ("v1", None, "stop"), ("v1", None, "tool_calls"), ("v1", None, "error")]
+    assert all(" session=- " in r.getMessage() and "question" not in r.getMessage() for r in records)
     await h.check()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import socket
 import urllib.parse
@@ -16,7 +17,16 @@ import pytest
 
 from fake_upstream import DONE, KEEPALIVE, Script, chunk, error, from_fixture, reply, usage_chunk
 from nexlm.config import ProviderConfig
-from nexlm.providers.base import ChatRequest, Finish, Params, ReasoningDelta, StreamError, TextDelta, Usage
+from nexlm.providers.base import (
+    ChatRequest,
+    Finish,
+    Params,
+    ReasoningDelta,
+    StreamError,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from nexlm.providers.openai import OpenAIProvider
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -57,6 +67,9 @@ def merged(events: list) -> list:
     for e in events:
         if out and type(e) is type(out[-1]) and isinstance(e, (TextDelta, ReasoningDelta)):
             out[-1] = type(e)(out[-1].text + e.text)
+        elif out and type(e) is ToolCallDelta is type(out[-1]) and e.index == out[-1].index \
+                and e.id is None and e.name is None:  # a later argument piece of the same call
+            out[-1] = ToolCallDelta(e.index, out[-1].id, out[-1].name, out[-1].arguments + e.arguments)
         else:
             out.append(e)
     return out
@@ -139,6 +152,13 @@ OLLAMA = [
 OPENAI = [TextDelta("Hi"), Usage({"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}), Finish("stop")]
 LLAMACPP = [TextDelta("(2+2) + (2+1) = 4+1\n(2+"), Finish("length")]
 LLAMACPP_HEADERS = [TextDelta("three prochains\nnext? prochains\nnext"), Finish("length")]
+TOOL_CALLS = [
+    ToolCallDelta(0, "call_Wq1A9", "get_weather", '{"location": "Paris"}'),
+    ToolCallDelta(1, "call_Zk7B2", "get_time", '{"tz": "Europe/Paris"}'),
+    Usage({"prompt_tokens": 82, "completion_tokens": 41, "total_tokens": 123,
+           "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}),
+    Finish("tool_calls"),
+]
 IN_STREAM_MESSAGE = "The server had an error while processing your request."
 
 SAMPLES = {
@@ -147,6 +167,7 @@ SAMPLES = {
     "openai-usage-then-done.txt": OPENAI,
     "llamacpp-server-stream.txt": LLAMACPP,
     "llamacpp-server-stream-with-headers.txt": LLAMACPP_HEADERS,
+    "openai-tool-calls-stream.txt": TOOL_CALLS,
     "in-stream-error.txt": None,  # checked on its own below: the message is not fixed here
 }
 
@@ -206,6 +227,39 @@ async def test_parse_usage_on_last_choice_chunk_and_null_choices():
            + DONE)
     assert await parse(raw) == [TextDelta("a"), Usage({"prompt_tokens": 1, "completion_tokens": 1,
                                                       "total_tokens": 2}), Finish("stop")]
+
+
+async def test_parse_tool_call_fragments_in_order_with_text():
+    """Text before a call, the call's fragments (one event per call per read), text after it."""
+    def call(index, args, cid=None, name=None):
+        fn = {"arguments": args, **({"name": name} if name else {})}
+        obj = {"index": index, **({"id": cid, "type": "function"} if cid else {}), "function": fn}
+        return (b'data: {"choices":[{"index":0,"delta":{"tool_calls":[' + json.dumps(obj).encode()
+                + b']},"finish_reason":null}]}\n\n')
+    raw = (chunk("Let me check. ") + call(0, "", "c1", "f") + call(0, '{"a":') + call(0, "1}")
+           + chunk("Done.") + chunk(finish="tool_calls") + DONE)
+    assert await parse(raw) == [TextDelta("Let me check. "), ToolCallDelta(0, "c1", "f", '{"a":1}'),
+                                TextDelta("Done."), Finish("tool_calls")]
+    # Read by read, each piece is its own event, in the same order.
+    events = await parse(chunk("Let me check. "), call(0, "", "c1", "f"), call(0, '{"a":'), call(0, "1}"),
+                         chunk(finish="tool_calls"), DONE)
+    assert events == [TextDelta("Let me check. "), ToolCallDelta(0, "c1", "f", ""), ToolCallDelta(0, None, None, '{"a":'),
+                      ToolCallDelta(0, None, None, "1}"), Finish("tool_calls")]
+
+
+async def test_tools_and_extra_parameters_go_upstream(upstream):
+    p = OpenAIProvider(config(upstream.url), aiohttp.ClientSession())
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    req = ChatRequest("m", [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], Params(temperature=0.5),
+                      {"tools": tools, "tool_choice": "auto", "seed": 7, "stop": ["x"]})
+    try:
+        events = [e async for e in p.stream(req)]
+    finally:
+        await p._http.close()
+    assert isinstance(events[-1], Finish)
+    sent = upstream.requests[-1]["body"]
+    assert sent["tools"] == tools and sent["tool_choice"] == "auto" and sent["seed"] == 7 and sent["stop"] == ["x"]
+    assert sent["temperature"] == 0.5 and sent["messages"] == req.messages and sent["stream"] is True
 
 
 # --------------------------------------------------------------------------- parse(): failures

@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "nexlm"
 # What a transport may import from nexlm directly: the facade, the wire encoders, and the
 # small shared vocabulary (keys, who a request comes from, refusals, JSON from clients).
+# The stateless doors (/v1) use the same kinds of things: their facade (gateway), their encoder
+# (openai_wire) and their refusals in OpenAI's envelope (openai_errors).
 TRANSPORT_MAY_USE = {
     "nexlm.appkeys", "nexlm.clients", "nexlm.conversations", "nexlm.events", "nexlm.wire", "nexlm.validation",
+    "nexlm.gateway", "nexlm.openai_wire", "nexlm.openai_errors",
 }
 
 

@@ -55,6 +55,7 @@ from .base import (
     StreamError,
     TextDelta,
     Usage,
+    plain_messages,
 )
 from .gguf import DEFAULT_PACKAGED, INSTALL_HINT, LoadError, packaged_missing
 from .llamacpp_load import (  # noqa: F401
@@ -215,6 +216,7 @@ class LlamaCppProvider:
     """
 
     single_slot = True
+    supports_tools = False  # no tool-call grammar here: /v1 refuses ``tools`` for this model
 
     def __init__(self, config: ProviderConfig):
         self.config = config
@@ -301,7 +303,8 @@ class LlamaCppProvider:
             yield StreamError("provider_unavailable", str(exc))
             return
         p = request.params
-        max_tokens = DEFAULT_MAX_TOKENS if p.max_tokens is None else max(1, p.max_tokens)
+        cap = p.max_tokens if p.max_tokens is not None else request.extra.get("max_completion_tokens")
+        max_tokens = DEFAULT_MAX_TOKENS if cap is None else max(1, cap)
         ticket = self._slot.take()
         try:
             last = None
@@ -317,7 +320,7 @@ class LlamaCppProvider:
                 return
             handoff = _Handoff(asyncio.get_running_loop())
             job = _Job(
-                messages=[dict(m) for m in request.messages],
+                messages=plain_messages(request.messages),  # parts, developer, tool turns: as text
                 temperature=DEFAULT_TEMPERATURE if p.temperature is None else p.temperature,
                 top_p=DEFAULT_TOP_P if p.top_p is None else p.top_p,
                 max_tokens=max_tokens, stop=threading.Event(), put=handoff.put,

@@ -4,7 +4,7 @@ OpenAI, DeepSeek, Ollama, vLLM and llama.cpp's server differ only in data
 (base URL, key, model names), so a provider is a ``ProviderConfig`` plus the
 app's one shared ``aiohttp.ClientSession``. Each quirk of the wire format is
 handled here once: keep-alive comments, ``reasoning_content`` / ``reasoning``,
-usage in its own ``choices: []`` chunk or on the last choice, errors as HTTP
+``tool_calls`` fragments (relayed as they come), usage in its own ``choices: []`` chunk or on the last choice, errors as HTTP
 status + JSON or in-band after a 200, and streams that are cut short.
 """
 
@@ -25,7 +25,16 @@ from yarl import URL
 
 from ..config import ProviderConfig
 from ..logsafe import printable
-from .base import ChatRequest, Finish, ProviderEvent, ReasoningDelta, StreamError, TextDelta, Usage
+from .base import (
+    ChatRequest,
+    Finish,
+    ProviderEvent,
+    ReasoningDelta,
+    StreamError,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from .redact import Redactor
 from .sse import SSEDecoder
 from .upstream_errors import _error_object, _known_token, _reason, _retry_after, _status_reason
@@ -33,7 +42,7 @@ from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
-_TOKENS = (TextDelta, ReasoningDelta)  # what counts as the first token (for UpstreamTiming)
+_TOKENS = (TextDelta, ReasoningDelta, ToolCallDelta)  # what counts as the first token (UpstreamTiming)
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 MAX_ERROR_BODY = 16384
 MAX_LOGGED_BODY = 1000  # characters of an upstream's error body in the log, after redaction
@@ -43,6 +52,7 @@ class OpenAIProvider:
     """A provider for any OpenAI-compatible streaming chat API."""
 
     single_slot = False  # the server behind it queues (or scales) on its own
+    supports_tools = True  # tools go upstream as given; tool_calls come back as ToolCallDelta
 
     def __init__(self, config: ProviderConfig, http: aiohttp.ClientSession) -> None:
         self.config = config
@@ -76,6 +86,7 @@ class OpenAIProvider:
             "stream": True,
             "stream_options": {"include_usage": True},
             **request.params.as_dict(),
+            **request.extra,  # validated by the front door (base.EXTRA_KEYS)
         }
         try:
             return orjson.dumps(body)
@@ -221,6 +232,7 @@ class OpenAIProvider:
                     watch.last = watch._loop.time()
                 text: list[str] = []
                 reasoning: list[str] = []
+                tools: list[ToolCallDelta] = []  # fragments of this read, neighbours of one call merged
                 failure: StreamError | None = None
                 for data in decoder.feed_data(raw):
                     if data == b"[DONE]":
@@ -245,8 +257,25 @@ class OpenAIProvider:
                     if not isinstance(delta, dict):
                         failure = StreamError("upstream_error", f"{self.label} sent a malformed chunk")
                         break
+                    calls = delta.get("tool_calls")
+                    if calls and isinstance(calls, list):
+                        if reasoning:  # keep the order: what came before the call goes first
+                            r = fix_r("".join(reasoning))
+                            if r:
+                                yield ReasoningDelta(r)
+                            reasoning = []
+                        if text:
+                            t = fix_t("".join(text))
+                            if t:
+                                yield TextDelta(t)
+                            text = []
+                        _add_calls(tools, calls)
                     r = delta.get("reasoning_content") or delta.get("reasoning")
                     if r and isinstance(r, str):
+                        if tools:
+                            for tc in tools:
+                                yield tc
+                            tools = []
                         if text:  # keep the order of the two kinds
                             t = fix_t("".join(text))
                             if t:
@@ -255,6 +284,10 @@ class OpenAIProvider:
                         reasoning.append(r)
                     c = delta.get("content")
                     if c and isinstance(c, str):
+                        if tools:
+                            for tc in tools:
+                                yield tc
+                            tools = []
                         if reasoning:
                             r = fix_r("".join(reasoning))
                             if r:
@@ -263,8 +296,10 @@ class OpenAIProvider:
                         text.append(c)
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
-                if watch is not None and (text or reasoning):
+                if watch is not None and (text or reasoning or tools):
                     watch.got_token = True
+                for tc in tools:
+                    yield tc
                 if reasoning:
                     r = fix_r("".join(reasoning))
                     if r:
@@ -296,6 +331,27 @@ class OpenAIProvider:
 
 
 # ---------------------------------------------------------------------- helpers
+
+def _add_calls(out: list[ToolCallDelta], calls: list) -> None:
+    """``delta.tool_calls`` fragments onto ``out``; an argument piece of the call just before it
+    is appended to that fragment (one event per call per read, not one per upstream chunk)."""
+    for c in calls:
+        if not isinstance(c, dict):
+            continue
+        index = c.get("index")
+        if isinstance(index, bool) or not isinstance(index, int):
+            index = out[-1].index if out else 0
+        fn = c.get("function") if isinstance(c.get("function"), dict) else {}
+        cid = c.get("id") if isinstance(c.get("id"), str) and c.get("id") else None
+        name = fn.get("name") if isinstance(fn.get("name"), str) and fn.get("name") else None
+        args = fn.get("arguments") if isinstance(fn.get("arguments"), str) else ""
+        if _SURROGATE.search(args):  # a lone surrogate escape cannot go out as UTF-8
+            args = args.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        if out and cid is None and name is None and out[-1].index == index:
+            last = out[-1]
+            out[-1] = ToolCallDelta(index, last.id, last.name, last.arguments + args)
+        elif cid is not None or name is not None or args:
+            out.append(ToolCallDelta(index, cid, name, args))
 
 def env_proxy(url: str) -> str | None:
     """HTTP(S)_PROXY / NO_PROXY for ``url``, read once: aiohttp's trust_env looks them up

@@ -52,6 +52,7 @@ class Unusable:
     """A configured provider that cannot work here; listed with the reason, never called."""
 
     single_slot = False
+    supports_tools = False
 
     def __init__(self, config: ProviderConfig, reason: str) -> None:
         self.name, self.models, self.label = config.name, config.models, config.label or config.name
