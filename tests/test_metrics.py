@@ -8,11 +8,12 @@ import json
 import logging
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import extra_config
 from fake_upstream import Script, chunk, error, from_fixture, reply
 from invariants import eventually, free_port, h, make_harness, spawn_app  # noqa: F401  (h, make_harness: fixtures)
+from prometheus_client.parser import text_string_to_metric_families
+
+from nexlm.appkeys import REGISTRY, SSE_STREAMS, WEBSOCKETS
 from nexlm.config import ConfigError, load_settings
 from nexlm.engine import Turn
 from nexlm.metrics import Metrics
@@ -160,6 +161,40 @@ async def test_v1_turns_are_observed_too(h, upstream, caplog):
     assert [(r.fields["door"], r.fields["session"], r.fields["finish_reason"]) for r in records] == [
         ("v1", None, "stop"), ("v1", None, "stop"), ("v1", None, "tool_calls"), ("v1", None, "error")]
     assert all(" session=- " in r.getMessage() and "question" not in r.getMessage() for r in records)
+    await h.check()
+
+
+async def test_gauges_while_replies_run(h, upstream):
+    """Read at scrape time: an /sse stream and a /ws reply held by a gate, one of them queued
+    (as a single-slot model would report it); all back to zero once they end."""
+    gate = asyncio.Event()
+    upstream.push(Script([chunk("", role=True), chunk("a"), gate, chunk(finish="stop")]),
+                  Script([chunk("", role=True), chunk("b"), gate, chunk(finish="stop")]))
+    peer = await h.ws()
+    await peer.chat("one")
+    await peer.until("delta")
+    stream = await h.start("sse", "two")
+    await stream.until("delta")
+    provider = h.app[REGISTRY].providers["fake"]
+    provider.single_slot, provider.waiting = True, lambda: 1  # as the embedded model reports its queue
+    try:
+        m = await scrape(h.client)
+    finally:
+        del provider.single_slot, provider.waiting
+    assert by_labels(m, "nexlm_active_connections", "nexlm_active_connections", "transport") == {
+        ("ws",): 1, ("sse",): 1}
+    assert one(m, "nexlm_active_replies") == 2 and one(m, "nexlm_queued_replies") == 1
+    assert one(m, "nexlm_sessions") == 2
+    gate.set()
+    await peer.until("done")
+    await stream.until("done")
+    await peer.close()
+    await h.settle()
+    await eventually(lambda: not h.app[WEBSOCKETS] and not h.app[SSE_STREAMS], 5, "a stream is still counted")
+    m = await scrape(h.client)
+    assert by_labels(m, "nexlm_active_connections", "nexlm_active_connections", "transport") == {
+        ("ws",): 0, ("sse",): 0}
+    assert one(m, "nexlm_active_replies") == 0 and one(m, "nexlm_queued_replies") == 0
     await h.check()
 
 
