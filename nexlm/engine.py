@@ -75,7 +75,7 @@ class Turn:
         self.on_done = on_done
         self.stop_reason: str | None = None  # set by whoever cancels it, before cancelling
         self.ended: float | None = None  # when end() ran
-        self.upstream = UpstreamTiming()  # the answering provider's own timing
+        self.upstream = UpstreamTiming()  # the upstream's own time to first token (providers fill it)
         self.failures: list[tuple[str, str]] = []  # (provider name, error code), fallbacks' too
 
     def end(self, finish: str | None = None) -> None:
@@ -142,8 +142,7 @@ class Turn:
                 self.fallback = {"from": resolved.id, "to": nxt.id, "reason": failure.message}
                 log.info("%s failed (%s), falling back to %s", resolved.id, failure.code, nxt.id)
                 resolved = nxt
-                self.upstream = UpstreamTiming()
-                request = replace(request, model=nxt.model, timing=self.upstream)
+                request = replace(request, model=nxt.model)  # the same UpstreamTiming: see its docstring
                 self.model, self.provider = nxt.id, nxt.provider
         except Exception:  # a provider's bug: the turn failed
             self.finish = "error"

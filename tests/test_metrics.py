@@ -10,10 +10,10 @@ import logging
 import pytest
 from conftest import extra_config
 from fake_upstream import Script, chunk, error, from_fixture, reply
-from invariants import eventually, free_port, h, make_harness, spawn_app  # noqa: F401  (h, make_harness: fixtures)
+from invariants import eventually, free_port, h, make_harness, request_times, spawn_app  # noqa: F401  (h, make_harness: fixtures)
 from prometheus_client.parser import text_string_to_metric_families
 
-from nexlm.appkeys import REGISTRY, SSE_STREAMS, WEBSOCKETS
+from nexlm.appkeys import CONVERSATIONS, REGISTRY, SSE_STREAMS, WEBSOCKETS
 from nexlm.config import ConfigError, load_settings
 from nexlm.engine import Turn
 from nexlm.metrics import Metrics
@@ -195,6 +195,29 @@ async def test_gauges_while_replies_run(h, upstream):
     assert by_labels(m, "nexlm_active_connections", "nexlm_active_connections", "transport") == {
         ("ws",): 0, ("sse",): 0}
     assert one(m, "nexlm_active_replies") == 0 and one(m, "nexlm_queued_replies") == 0
+    await h.check()
+
+
+async def test_upstream_timing_starts_at_the_turns_first_request(make_harness, upstream):
+    """Retries are the upstream's time, not NexLM's: ``sent`` is stamped before the first POST
+    (not the retried one), ``first_token`` after the last request arrived, and our own first
+    token after that."""
+    h = await make_harness("[providers.fake]\nmax_retries = 1\nretry_max_seconds = 5")
+    arrived = request_times(upstream)
+    upstream.push(error(503, "busy"), reply("late"))
+    turns = []
+    chat = h.app[CONVERSATIONS]
+    observer = chat.on_turn_done
+    chat.on_turn_done = lambda turn, session=None: (turns.append(turn), observer(turn, session=session))
+    peer = await h.ws()
+    await peer.chat("q")
+    assert (await peer.until("done"))[-1]["finish_reason"] == "stop"
+    [turn] = turns
+    assert len(arrived) == 2
+    assert turn.started < turn.upstream.sent < arrived[0] < arrived[1] < turn.upstream.first_token < turn.first_token
+    m = await scrape(h.client)
+    assert one(m, "nexlm_added_latency_seconds", "nexlm_added_latency_seconds_count", model=MODEL) == 1
+    assert by_labels(m, "nexlm_upstream_errors", "nexlm_upstream_errors_total", "provider", "code") == {}
     await h.check()
 
 

@@ -107,14 +107,16 @@ class UpstreamTiming:
     """When a remote provider sent its request and when the first token came back (monotonic s).
 
     Filled by the provider, read once when the turn ends: the upstream's own time to first
-    token, subtracted from ours, is the latency NexLM itself adds. A provider with no
-    upstream (the embedded model) leaves it empty."""
+    token, subtracted from ours, is the latency NexLM itself adds. One per turn: ``sent`` is
+    the turn's first POST, so the provider's retries and a fallback's wait count as the
+    upstream's time, not ours. A provider with no upstream (the embedded model) leaves
+    ``first_token`` empty, and nothing is observed."""
 
-    __slots__ = ("sent", "first_token")
+    __slots__ = ("first_token", "sent")
 
     def __init__(self) -> None:
-        self.sent: float | None = None  # the last attempt's POST (retries count as upstream time)
-        self.first_token: float | None = None
+        self.sent: float | None = None  # the turn's first request sent upstream
+        self.first_token: float | None = None  # its first token out of the response's parser
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,8 +137,8 @@ class OpenAIProvider:
         attempt = 0
         while True:
             failure: StreamError
-            if request.timing is not None:
-                request.timing.sent = time.monotonic()  # the upstream's own time to first token starts here
+            if request.timing is not None and request.timing.sent is None:
+                request.timing.sent = time.monotonic()  # the upstream's time to first token starts here (retries count)
             try:
                 # No redirects: a 3xx must not carry the key to another host.
                 resp = await self._http.post(self._url, data=body, headers=headers, timeout=self._timeout,
