@@ -27,6 +27,7 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 # Our codes where OpenAI has its own name for the same thing.
 CODES = {"unknown_model": "model_not_found", "rate_limited": "rate_limit_exceeded"}
 RETRY_STATUSES = frozenset({429, 503})  # limits and restarts: a retry after Retry-After is the answer
+NOT_CURED_BY_WAITING = frozenset({"provider_unavailable"})  # configuration: a person must act
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +46,14 @@ class Failure:
 
 def failure(status: int, message: str, code: str | None = None, param: str | None = None,
             retry_after: float | None = None, err_type: str | None = None) -> Failure:
-    """One failure. ``Retry-After`` (at least 1 s) on 429 and 503; ``x-should-retry: false`` elsewhere."""
+    """One failure. ``Retry-After`` (at least 1 s) on 429 and 503; ``x-should-retry: false`` elsewhere,
+    and on a 503 that waiting does not cure (a provider without its key, a model that failed to load)."""
     if err_type is None:
         err_type = TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     headers = {}
     if status in RETRY_STATUSES:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after or 1)))
-    else:
+    if status not in RETRY_STATUSES or code in NOT_CURED_BY_WAITING:
         headers["x-should-retry"] = "false"
     body = {"error": {"message": message, "type": err_type, "param": param, "code": CODES.get(code, code)}}
     return Failure(status, body, headers)

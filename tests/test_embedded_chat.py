@@ -243,3 +243,25 @@ async def test_loop_answers_while_the_model_generates(local_client):
     assert frames[-1]["finish_reason"] in ("stop", "length")
     assert answered_mid_reply >= 5
     await ws.close()
+
+
+async def test_v1_with_the_embedded_model(local_client):
+    """/v1 on the embedded model: content parts and the developer role as it reads them (text),
+    the same answer as the page's at temperature 0; tools refused with a clear 400."""
+    page_text, _ = await answer(local_client, "What is the capital of France? Answer in one sentence.")
+    body = {"model": "local", "temperature": 0, "max_tokens": 96, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is the capital of France? "
+                                                             "Answer in one sentence."}]}]}
+    resp = await local_client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200, await resp.text()
+    r = await resp.json()
+    assert r["model"] == LOCAL and r["choices"][0]["message"]["content"] == page_text
+    assert r["usage"]["completion_tokens"] > 0
+    resp = await local_client.post("/v1/chat/completions", json={**body, "stream": True, "messages": [
+        {"role": "developer", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}]})
+    assert resp.status == 200 and "[DONE]" in await resp.text()
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    resp = await local_client.post("/v1/chat/completions", json={**body, "tools": tools})
+    assert resp.status == 400
+    err = (await resp.json())["error"]
+    assert err["param"] == "tools" and "cannot call tools" in err["message"]

@@ -153,7 +153,8 @@ def test_stream_errors_in_the_envelope(ev, status):
     assert f.error["type"] == ("server_error" if status >= 500 else
                                "rate_limit_error" if status == 429 else "invalid_request_error")
     assert ("Retry-After" in f.headers) == (status in (429, 503))
-    assert (f.headers.get("x-should-retry") == "false") == (status not in (429, 503))
+    # A missing key or a model that failed to load is not cured by a retry: the SDK must not retry it.
+    assert (f.headers.get("x-should-retry") == "false") == (status not in (429, 503) or ev.code == "provider_unavailable")
 
 
 def test_plain_messages_for_a_text_only_model():

@@ -21,6 +21,7 @@ EXPECTED_COUNTS = {
     "llamacpp-server-stream.txt": (23, 0),
     "ollama-openai-reasoning-stream.txt": (6, 0),
     "openai-usage-then-done.txt": (5, 0),
+    "openai-tool-calls-stream.txt": (11, 0),
 }
 
 

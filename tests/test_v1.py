@@ -14,7 +14,7 @@ import openai
 import pytest
 from aiohttp import web
 from conftest import extra_config
-from fake_upstream import Script, chunk, error, from_fixture, reply
+from fake_upstream import FIXTURES, Script, chunk, error, from_fixture, reply
 from invariants import free_port, spawn_app
 
 from nexlm.appkeys import CONVERSATIONS, GATEWAY, REGISTRY
@@ -33,12 +33,18 @@ async def sdk(make_client):
     """``await sdk(extra_toml, **client_kw)`` -> (AsyncOpenAI on the app's real port, the test client)."""
     made = []
 
-    async def make(extra: str = "", api_key: str = "unused", **kw):
+    async def make(extra: str = "", api_key: str = "unused", sent: list | None = None, **kw):
+        """``sent``: a list that gets every HTTP request the SDK makes (to count its retries)."""
         client = await make_client(extra)
         kw.setdefault("max_retries", 0)
+
+        async def record(req):
+            if sent is not None:
+                sent.append(req)
+
         # trust_env off: no proxy from the environment between the SDK and 127.0.0.1
-        oa = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=api_key,
-                                http_client=openai.DefaultAsyncHttpxClient(trust_env=False), **kw)
+        http = openai.DefaultAsyncHttpxClient(trust_env=False, event_hooks={"request": [record]})
+        oa = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=api_key, http_client=http, **kw)
         made.append(oa)
         return oa, client
 
@@ -137,6 +143,8 @@ async def test_chat_streamed_wire_bytes(sdk, upstream):
     assert all(o["usage"] is None and len(o["choices"]) == 1 for o in objs)
     assert objs[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert objs[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    theirs = json.loads((FIXTURES / "openai-tool-calls-stream.txt").read_text().split("\n\n")[0].removeprefix("data: "))
+    assert all(set(o) == set(theirs) and set(o["choices"][0]) == set(theirs["choices"][0]) for o in objs)
 
 
 async def test_reasoning_streamed_and_not(sdk, upstream):
@@ -282,13 +290,15 @@ async def test_rate_limit(sdk, upstream):
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_upstream_failure_before_the_first_token_is_a_502_never_retried(sdk, upstream, stream):
-    oa, client = await sdk(max_retries=2)  # the SDK's default: x-should-retry: false must stop it
+    sent = []
+    oa, client = await sdk(max_retries=2, sent=sent)  # the SDK's default: x-should-retry: false must stop it
     upstream.push(error(500, "boom"))
     with pytest.raises(openai.APIStatusError) as exc:
         await oa.chat.completions.create(model="fakey", messages=HI, stream=stream)
     assert exc.value.status_code == 502 and exc.value.response.headers["x-should-retry"] == "false"
-    assert "Fake" not in exc.value.message or "sk-test" not in exc.value.message
-    assert len(upstream.requests) == 1 and settled(client)
+    assert "answered 500" in exc.value.message and "sk-test" not in exc.value.message
+    assert "127.0.0.1" not in exc.value.message  # neither the key nor the base_url
+    assert len(upstream.requests) == 1 and len(sent) == 1 and settled(client)
 
 
 async def test_upstream_timeout_is_a_504(sdk, upstream):
@@ -452,3 +462,30 @@ async def test_origins_programs_and_listed_pages(sdk, upstream):
     assert evil.status == 403 and (await evil.json())["error"]["code"] == "forbidden_origin"
     assert "Access-Control-Allow-Origin" not in evil.headers
     assert len(upstream.requests) == 2
+
+
+async def test_non_streamed_tool_calls_have_openais_shape(sdk, upstream):
+    """Our chat.completion for a tool-calling reply has the fields, at every level, of OpenAI's own
+    (tests/fixtures/openai-tool-calls-nonstream.json)."""
+    _, client = await sdk()
+    theirs = json.loads((FIXTURES / "openai-tool-calls-nonstream.json").read_text())
+    upstream.push(from_fixture("openai-tool-calls-stream.txt"))
+    resp = await client.post("/v1/chat/completions", json={"model": "fakey", "messages": HI, "tools": WEATHER})
+    ours = await resp.json()
+    assert set(ours) == set(theirs)
+    [oc], [tc] = ours["choices"], theirs["choices"]
+    assert set(oc) == set(tc) and set(oc["message"]) == set(tc["message"])
+    assert set(oc["message"]["tool_calls"][0]) == set(tc["message"]["tool_calls"][0])
+    assert set(oc["message"]["tool_calls"][0]["function"]) == set(tc["message"]["tool_calls"][0]["function"])
+    assert oc["finish_reason"] == tc["finish_reason"] == "tool_calls" and oc["message"]["content"] is None
+    assert ours["object"] == theirs["object"] and set(ours["usage"]) >= set(theirs["usage"])
+
+
+async def test_a_provider_without_its_key_is_503_never_retried(sdk, upstream):
+    sent = []
+    oa, _ = await sdk('[providers.fake]\napi_key = ""\napi_key_env = "FAKE_TEST_KEY"', max_retries=2, sent=sent)
+    with pytest.raises(openai.InternalServerError) as exc:
+        await oa.chat.completions.create(model="fakey", messages=HI)
+    assert exc.value.status_code == 503 and "set FAKE_TEST_KEY" in exc.value.message
+    assert exc.value.response.headers["x-should-retry"] == "false"
+    assert upstream.requests == [] and len(sent) == 1  # the SDK did not retry
