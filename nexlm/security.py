@@ -233,7 +233,7 @@ class Guard:
     async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         path = request.path[len(self.base):] if self.base and request.path.startswith(self.base) else request.path
         if path.startswith("/v1/"):
-            if request.method == "OPTIONS" and self._cors_origin(request):
+            if request.method == "OPTIONS" and self._cors_origin(request) and self.host_allowed(request):
                 return self._preflight(request)  # carries no credentials: answered before the token check
             # Programs on OpenAI's API read its error envelope (the openai package picks its exception by status).
             try:

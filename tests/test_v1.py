@@ -489,3 +489,29 @@ async def test_a_provider_without_its_key_is_503_never_retried(sdk, upstream):
     assert exc.value.status_code == 503 and "set FAKE_TEST_KEY" in exc.value.message
     assert exc.value.response.headers["x-should-retry"] == "false"
     assert upstream.requests == [] and len(sent) == 1  # the SDK did not retry
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_server_bug_is_still_openais_shape(sdk, upstream, stream, monkeypatch):
+    """A provider that raises (a bug, never an upstream failure): 500 in the envelope before the
+    first token, an error event after it; the reply slot is given back either way."""
+    oa, client = await sdk()
+    provider = client.app[REGISTRY].providers["fake"]
+    real = provider.parse
+
+    async def broken(chunks, watch=None):
+        async for ev in real(chunks, watch):
+            yield ev
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(provider, "parse", broken)
+    if stream:
+        s = await oa.chat.completions.create(model="fakey", messages=HI, stream=True)
+        with pytest.raises(openai.APIError) as exc:
+            async for _ in s:
+                pass
+    else:
+        with pytest.raises(openai.InternalServerError) as exc:
+            await oa.chat.completions.create(model="fakey", messages=HI)
+    assert "went wrong on the server" in exc.value.message and "a bug" not in exc.value.message
+    await _eventually(lambda: settled(client))

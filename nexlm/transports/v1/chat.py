@@ -10,6 +10,7 @@ closes the turn and with it the upstream request.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import web
 
@@ -31,6 +32,8 @@ from .. import clientjson
 from ..common import CLOSE_DEADLINE
 from .request import parse_chat
 
+log = logging.getLogger(__name__)
+INTERNAL = "Something went wrong on the server while answering."
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SHUTDOWN = "The server is restarting; the reply was cut short. Try again in a moment."
 WATCH_INTERVAL = 0.25  # seconds between looks at the connection, when aiohttp does not cancel for us
@@ -111,6 +114,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if watch.gone and asyncio.current_task().uncancel() == 0:
             return started[0] if started else web.Response(status=499)  # nobody is there to read it
         raise
+    except Exception:  # a bug, not a client's or an upstream's failure: still OpenAI's shape
+        log.exception("/v1/chat/completions failed")
+        if started:
+            raise
+        return response(failure(500, INTERNAL, "internal_error"))
     finally:
         watch.close()
 
@@ -137,14 +145,20 @@ async def _stream(request: web.Request, turn, include_usage: bool, started: list
             head += enc.event(first) or b""
         await resp.write(head)
         failed = None
-        async for ev in events:
-            data = enc.event(ev)
-            if data is not None:
-                await resp.write(data)
-            elif type(ev) is StreamError:
-                failed = ev
+        try:
+            async for ev in events:
+                data = enc.event(ev)
+                if data is not None:
+                    await resp.write(data)
+                elif type(ev) is StreamError:
+                    failed = from_stream_error(ev)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("/v1/chat/completions failed mid-stream")
+            failed = failure(500, INTERNAL, "internal_error")
         if failed is not None:
-            await resp.write(error_chunk(from_stream_error(failed).error))
+            await resp.write(error_chunk(failed.error))
         else:
             tail = enc.finish(turn.finish or "stop")
             if include_usage:
