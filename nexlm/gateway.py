@@ -63,6 +63,8 @@ class GatewayTurn:
 
     async def __aexit__(self, *exc) -> None:
         try:
+            if self.turn is not None and isinstance(exc[1], Exception):
+                self.turn.end("error")  # a bug while relaying: observed as failed, before the close says otherwise
             if self._events is not None:
                 await self._events.aclose()  # the provider stream and its upstream request, closed now
         finally:

@@ -164,6 +164,36 @@ async def test_v1_turns_are_observed_too(h, upstream, caplog):
     await h.check()
 
 
+@pytest.mark.parametrize("where", ["provider", "relay"])
+async def test_a_server_bug_counts_as_an_error(client, upstream, monkeypatch, where):
+    """A bug inside the provider, or in the /v1 handler around the turn: the turn is observed
+    once, as "error" (not as a client that left)."""
+    if where == "provider":
+        provider = client.app[REGISTRY].providers["fake"]
+        real = provider.parse
+
+        async def broken(chunks, watch=None):
+            async for ev in real(chunks, watch):
+                yield ev
+                raise RuntimeError("a bug")
+
+        monkeypatch.setattr(provider, "parse", broken)
+    else:
+        import nexlm.transports.v1.chat as v1chat
+
+        async def broken_complete(turn):
+            async for _ in turn:
+                raise RuntimeError("a bug")
+
+        monkeypatch.setattr(v1chat, "_complete", broken_complete)
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "q"}]})
+    assert r.status == 500
+    await eventually(lambda: client.app[CONVERSATIONS].limiter.running_total == 0, 5, "the reply slot is held")
+    m = await scrape(client)
+    assert by_labels(m, "nexlm_replies", "nexlm_replies_total", "door", "model", "finish_reason") == {
+        ("v1", MODEL, "error"): 1}
+
+
 async def test_gauges_while_replies_run(h, upstream):
     """Read at scrape time: an /sse stream and a /ws reply held by a gate, one of them queued
     (as a single-slot model would report it); all back to zero once they end."""
