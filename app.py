@@ -20,6 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 from nexlm import listen
 from nexlm.config import ConfigError, load_settings
 from nexlm.logsafe import BadRequestSummary, OneLine, loggable_path, printable
+from nexlm.replylog import JsonFormatter
 from nexlm.server import create_app, startup_lines
 from nexlm.store import StoreError
 
@@ -46,19 +47,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(OneLine())  # whoever logs what a client sent, it cannot forge a line
-    logging.getLogger("aiohttp.server").addFilter(BadRequestSummary())
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"nexlm: configuration error: {exc}", file=sys.stderr)
         return 2
     server = settings.server
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else getattr(logging, server.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(OneLine())  # whoever logs what a client sent, it cannot forge a line
+        if server.log_format == "json":
+            handler.setFormatter(JsonFormatter())  # one JSON object per line, reply lines' fields at the top
+    logging.getLogger("aiohttp.server").addFilter(BadRequestSummary())
     if args.host:
         server = replace(server, host=args.host)
     if args.port is not None:

@@ -15,6 +15,7 @@ from .config import Settings
 from .conversations import Conversations
 from .gateway import Gateway
 from .looplag import LoopLag
+from .metrics import Metrics
 from .providers.registry import Registry
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -23,6 +24,8 @@ GATEWAY = web.AppKey("gateway", Gateway)  # stateless turns (/v1 and other doors
 REGISTRY = web.AppKey("registry", Registry)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
 STREAMS = web.AppKey("streams", set)  # transports of open /ws and /sse streams, cut at shutdown if they hang
+SSE_STREAMS = web.AppKey("sse_streams", set)  # those of /sse alone (the connections gauge)
+METRICS = web.AppKey("metrics", Metrics)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 GUARD = web.AppKey("guard", object)

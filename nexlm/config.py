@@ -64,6 +64,8 @@ class ServerConfig:
     header_timeout_seconds: float = 10.0  # a connection that sends no complete request headers in this long is closed
     max_connections_per_address: int = 100  # open connections per client address (trusted_proxies exempt); 0: no cap
     uvloop: bool = True  # use uvloop's event loop when it is installed
+    log_level: str = "info"  # debug, info, warning, error (--debug: debug); one line per reply at info
+    log_format: str = "text"  # "text": key=value reply lines; "json": every log line one JSON object
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,11 @@ class CompatConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    public: bool = False  # GET /metrics without a token even when access control is on
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerConfig = ServerConfig()
     chat: ChatConfig = ChatConfig()
@@ -146,6 +153,7 @@ class Settings:
     auth: AuthConfig = AuthConfig()
     compat: CompatConfig = CompatConfig()
     store: StoreConfig = StoreConfig()
+    metrics: MetricsConfig = MetricsConfig()
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     source: str = "<built-in defaults>"
 
@@ -157,6 +165,8 @@ class Settings:
         return self.store.kind != "memory" if chosen is None else chosen
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 EMBEDDED_MODEL = DEFAULT_PACKAGED
 EMBEDDED_LABEL = PACKAGED[DEFAULT_PACKAGED].label
 
@@ -260,11 +270,11 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
             raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
 
     sections = {"server": "server", "chat": "chat", "limits": "limits", "auth": "auth", "compat": "compat",
-                "store": "store"}
+                "store": "store", "metrics": "metrics"}
     unknown = set(data) - set(sections) - {"providers"}
     if unknown:
         raise _fail(source, f"[{sorted(unknown)[0]}]",
-                    "unknown section (known: server, chat, limits, auth, compat, store, providers)")
+                    "unknown section (known: server, chat, limits, auth, compat, store, metrics, providers)")
     changes = {}
     jwt_table = None
     if isinstance(data.get("auth"), dict) and "jwt" in data["auth"]:
@@ -306,6 +316,11 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
     if base_path and not base_path.startswith("/"):
         raise _fail(source, "[server] base_path", f"must start with '/', got {settings.server.base_path!r}")
     settings = replace(settings, server=replace(settings.server, base_path=base_path))
+    if settings.server.log_level not in LOG_LEVELS:
+        raise _fail(source, "[server] log_level", f"must be one of {', '.join(LOG_LEVELS)}, "
+                                                  f"got {settings.server.log_level!r}")
+    if settings.server.log_format not in LOG_FORMATS:
+        raise _fail(source, "[server] log_format", f"must be \"text\" or \"json\", got {settings.server.log_format!r}")
     if not 1 <= settings.server.port <= 65535:
         raise _fail(source, "[server] port", f"must be 1-65535, got {settings.server.port}")
     _check_names(settings, source)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from . import wire
 from .admission import Admission
@@ -54,12 +56,15 @@ class View:
 
 
 class Conversations:
-    def __init__(self, settings: Settings, registry: Registry, admission: Admission | None = None) -> None:
+    def __init__(self, settings: Settings, registry: Registry, admission: Admission | None = None,
+                 on_turn_done: Callable[..., None] | None = None) -> None:
         self.settings = settings
         self.registry = registry
         # Shared with the stateless Gateway (/v1): one set of limits and one shutdown flag for all doors.
         self.admission = admission if admission is not None else Admission(settings, registry)
         self.limiter = self.admission.limiter
+        # Told once per ended turn, as on_turn_done(turn, session=id): metrics and the reply log line.
+        self.on_turn_done = on_turn_done
         self.events = EventLog()
         self.live: dict[str, Live] = {}  # conversations in use in this process
         self.store = make_store(settings, in_use=self._in_use)  # opened by open()
@@ -286,7 +291,10 @@ class Conversations:
         if not conv.title:
             conv.title = next((m["content"][:80] for m in conv.history if m["role"] == "user"), "")
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
-        reply = self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door))
+        observer = self.on_turn_done
+        on_done = None if observer is None else partial(observer, session=live.id)
+        reply = self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door,
+                                              on_done=on_done))
         if self.store.durable:
             self.persister.started(live)  # the question and the streaming turn, then checkpoints
         else:

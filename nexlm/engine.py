@@ -11,15 +11,15 @@ A turn's events are the providers' own: ``Queued`` notices (single-slot
 models), ``TextDelta``/``ReasoningDelta``/``ToolCallDelta`` (any of them is the
 first token), then at most one ``StreamError`` (the
 failure that no fallback saved) before the iterator ends; ``turn.finish``,
-``turn.usage`` and ``turn.timing()`` then say how it ended. Cancelling the task
+``turn.usage`` and ``turn.timing()`` then say how it ended, and ``on_done`` is told. Cancelling the task
 that iterates closes the provider stream, which closes the upstream request.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
+from dataclasses import replace
 from typing import AsyncIterator, Callable, Union
 
 from .providers.base import (
@@ -30,6 +30,7 @@ from .providers.base import (
     StreamError,
     TextDelta,
     ToolCallDelta,
+    UpstreamTiming,
     Usage,
 )
 from .providers.registry import Resolved
@@ -45,17 +46,22 @@ DOORS = ("ws", "sse", "v1", "seed")  # the front doors a turn can come through (
 
 class Turn:
     """One reply. Iterate it once; read ``model``, ``usage``, ``finish``, ``timing()`` and
-    ``fallback`` as it goes and when it ends (also after a cancellation). ``door`` is the
-    front door it came through (one of ``DOORS``)."""
+    ``fallback`` as it goes and when it ends (also after a cancellation).
+
+    ``door`` names the front door that runs it (one of ``DOORS``), for metrics and
+    logs. ``on_done(turn)`` is called exactly once when the turn ends, finished, failed or
+    cancelled (the observers' one hook: nothing is observed per token). Whoever cancels the
+    task that iterates sets ``stop_reason`` first ("stopped", "interrupted"); an owner that
+    records the turn calls ``end(finish)`` with what it recorded, which also covers a turn
+    cancelled before it ever ran."""
 
     __slots__ = ("resolved", "request", "model", "usage", "finish", "fallback", "started", "first_token",
-                 "provider", "door", "_fallback_to")
+                 "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures")
 
     def __init__(self, resolved: Resolved, request: ChatRequest,
-                 fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None,
-                 *, door: str = "ws") -> None:
+                 fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None, *,
+                 door: str = "ws", on_done: Callable[[Turn], None] | None = None) -> None:
         self.resolved = resolved
-        self.door = door
         self.request = request
         self.model = resolved.id  # changes when the fallback answers
         self.provider = resolved.provider
@@ -65,6 +71,27 @@ class Turn:
         self.started = time.monotonic()
         self.first_token: float | None = None
         self._fallback_to = fallback_to
+        self.door = door
+        self.on_done = on_done
+        self.stop_reason: str | None = None  # set by whoever cancels it, before cancelling
+        self.ended: float | None = None  # when end() ran
+        self.upstream = UpstreamTiming()  # the upstream's own time to first token (providers fill it)
+        self.failures: list[tuple[str, str]] = []  # (provider name, error code), fallbacks' too
+
+    def end(self, finish: str | None = None) -> None:
+        """The turn is over (with ``finish``, when its owner recorded one): call ``on_done``, once."""
+        if self.ended is not None:
+            return
+        self.ended = time.monotonic()
+        if finish is not None:
+            self.finish = finish
+        elif self.finish is None:
+            self.finish = "error"
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:  # an observer's bug must not break a reply
+                log.exception("turn observer failed")
 
     def timing(self, now: float | None = None) -> dict:
         now = time.monotonic() if now is None else now
@@ -74,43 +101,52 @@ class Turn:
         }
 
     async def __aiter__(self) -> AsyncIterator[TurnEvent]:
-        resolved, request, streamed = self.resolved, self.request, False
-        while True:
-            stream = resolved.provider.stream(request)
-            failure: StreamError | None = None
-            try:
-                async for ev in stream:
-                    kind = type(ev)
-                    if kind is TextDelta or kind is ReasoningDelta or kind is ToolCallDelta:
-                        if self.first_token is None:
-                            self.first_token = time.monotonic()
-                        streamed = True
-                        yield ev
-                    elif kind is Usage:
-                        self.usage = ev.data
-                    elif kind is Finish:
-                        self.finish = ev.reason
-                    elif kind is StreamError:
-                        failure = ev
-                    elif kind is Queued:
-                        yield ev
-            finally:
-                await stream.aclose()
-            if failure is None:
-                if self.finish is None:  # a provider breaking its contract: say so rather than "stop"
+        resolved, request, streamed = self.resolved, replace(self.request, timing=self.upstream), False
+        try:
+            while True:
+                stream = resolved.provider.stream(request)
+                failure: StreamError | None = None
+                try:
+                    async for ev in stream:
+                        kind = type(ev)
+                        if kind is TextDelta or kind is ReasoningDelta or kind is ToolCallDelta:
+                            if self.first_token is None:
+                                self.first_token = time.monotonic()
+                            streamed = True
+                            yield ev
+                        elif kind is Usage:
+                            self.usage = ev.data
+                        elif kind is Finish:
+                            self.finish = ev.reason
+                        elif kind is StreamError:
+                            failure = ev
+                        elif kind is Queued:
+                            yield ev
+                finally:
+                    await stream.aclose()
+                if failure is None:
+                    if self.finish is None:  # a provider breaking its contract: say so rather than "stop"
+                        self.finish = "error"
+                    return
+                self.failures.append((resolved.provider.name, failure.code))
+                nxt = None
+                if not streamed and self.fallback is None and self._fallback_to is not None:
+                    nxt = self._fallback_to(resolved, failure)
+                    if nxt is not None and request.extra.get("tools") and not getattr(nxt.provider, "supports_tools",
+                                                                                      False):
+                        nxt = None  # a fallback that cannot call the tools would answer another question
+                if nxt is None:
                     self.finish = "error"
-                return
-            nxt = None
-            if not streamed and self.fallback is None and self._fallback_to is not None:
-                nxt = self._fallback_to(resolved, failure)
-                if nxt is not None and request.extra.get("tools") and not getattr(nxt.provider, "supports_tools", False):
-                    nxt = None  # a fallback that cannot call the tools would answer another question
-            if nxt is None:
-                self.finish = "error"
-                yield failure
-                return
-            self.fallback = {"from": resolved.id, "to": nxt.id, "reason": failure.message}
-            log.info("%s failed (%s), falling back to %s", resolved.id, failure.code, nxt.id)
-            resolved = nxt
-            request = dataclasses.replace(request, model=nxt.model)
-            self.model, self.provider = nxt.id, nxt.provider
+                    yield failure
+                    return
+                self.fallback = {"from": resolved.id, "to": nxt.id, "reason": failure.message}
+                log.info("%s failed (%s), falling back to %s", resolved.id, failure.code, nxt.id)
+                resolved = nxt
+                request = replace(request, model=nxt.model)  # the same UpstreamTiming: see its docstring
+                self.model, self.provider = nxt.id, nxt.provider
+        except Exception:  # a provider's bug: the turn failed
+            self.finish = "error"
+            raise
+        finally:
+            # Ended by the upstream, or cancelled by its owner (stop_reason) or otherwise, or closed.
+            self.end(self.stop_reason or (None if self.finish else "interrupted"))

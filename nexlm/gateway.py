@@ -18,7 +18,7 @@ provider stream, hence the upstream request, at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from .admission import Admission
 from .engine import Turn, TurnEvent
@@ -63,9 +63,13 @@ class GatewayTurn:
 
     async def __aexit__(self, *exc) -> None:
         try:
+            if self.turn is not None and isinstance(exc[1], Exception):
+                self.turn.end("error")  # a bug while relaying: observed as failed, before the close says otherwise
             if self._events is not None:
                 await self._events.aclose()  # the provider stream and its upstream request, closed now
         finally:
+            if self.turn is not None:  # observed once, also when it was never iterated (a no-op otherwise)
+                self.turn.end(None if self.turn.finish else "interrupted")
             self.gateway._active.discard(self)
             if self._held:
                 self._held = False
@@ -73,8 +77,9 @@ class GatewayTurn:
 
 
 class Gateway:
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, on_turn_done: Callable[[Turn], None] | None = None) -> None:
         self.admission = admission
+        self.on_turn_done = on_turn_done  # each turn's on_done (metrics, the reply log line): no session
         self._active: set[GatewayTurn] = set()
 
     def turn(self, owner: str | None, client: str, model, messages: list[dict], params: Params | dict | None = None,
@@ -98,7 +103,7 @@ class Gateway:
             params = Params(params.get("temperature"), params.get("top_p"), params.get("max_tokens"))
         request = ChatRequest(resolved.model, messages, params or Params(), extra)
         self.admission.take(client)  # last: nothing to give back if anything above refused
-        return Turn(resolved, request, self.admission.fallback_for, door=door)
+        return Turn(resolved, request, self.admission.fallback_for, door=door, on_done=self.on_turn_done)
 
     @property
     def closing(self) -> bool:

@@ -1,7 +1,7 @@
 """Event-loop lag, sampled: how late a 10 ms sleep wakes up, over the last minute or so.
 
 A loop that is blocked (CPU-bound work, a blocking call) shows up here first; the
-benchmark reads it from ``/api/metrics`` (B7) and operators can alert on it.
+benchmark reads it from ``/api/metrics`` (B7) and operators can alert on it (``/metrics``).
 """
 
 from __future__ import annotations
@@ -9,19 +9,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 
 
 class LoopLag:
-    def __init__(self, interval: float = 0.01, keep: int = 6000) -> None:
+    def __init__(self, interval: float = 0.01, keep: int = 6000,
+                 observe: Callable[[float], None] | None = None) -> None:
         self.interval = interval
         self.samples: deque[float] = deque(maxlen=keep)  # lag in ms
+        self.observe = observe  # also told each sample, in seconds (the Prometheus histogram)
 
     async def run(self) -> None:
         clock = time.perf_counter  # uvloop's loop.time() has only millisecond resolution
         while True:
             t0 = clock()
             await asyncio.sleep(self.interval)
-            self.samples.append(max(0.0, (clock() - t0 - self.interval) * 1000))
+            lag = max(0.0, clock() - t0 - self.interval)
+            self.samples.append(lag * 1000)
+            if self.observe is not None:
+                self.observe(lag)
 
     def snapshot(self, reset: bool = False) -> dict:
         data = sorted(self.samples)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class Reply:
-    __slots__ = ("id", "client", "turn", "task", "content", "reasoning", "finish_reason", "stop_reason")
+    __slots__ = ("id", "client", "turn", "task", "content", "reasoning", "finish_reason")
 
     def __init__(self, turn: Turn, client: str) -> None:
         self.id = secrets.token_urlsafe(9)
@@ -39,7 +39,11 @@ class Reply:
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.finish_reason: str | None = None  # set once, when the turn is recorded
-        self.stop_reason: str | None = None  # why we cancelled it: "stopped" or "interrupted"
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why we cancelled it: "stopped" or "interrupted" (kept on the turn, which its observers see)."""
+        return self.turn.stop_reason
 
     @property
     def text(self) -> str:
@@ -148,6 +152,7 @@ class Runner:
         self.events.emit(live.conv, reply.id, wire.done(reply.id, finish, turn.usage, turn.model,
                                                         turn.timing(now), turn.fallback))
         self.events.end(live.id, reply.id, now)
+        turn.end(finish)  # observers see what was recorded (a no-op if the turn ended itself)
         if live.reply is reply:
             live.reply = None
         if live.grace_timer is not None:
@@ -172,8 +177,8 @@ class Runner:
     def cancel(self, reply: Reply, reason: str) -> bool:
         if reply.task is None or reply.task.done() or reply.finish_reason is not None:
             return False
-        if reply.stop_reason is None:
-            reply.stop_reason = reason
+        if reply.turn.stop_reason is None:
+            reply.turn.stop_reason = reason
         reply.task.cancel()
         return True
 

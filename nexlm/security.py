@@ -253,6 +253,8 @@ class Guard:
         return LATE if late else _unauthorized()
 
     def public(self, path: str) -> bool:
+        if path == "/metrics":
+            return self.settings.metrics.public  # [metrics] public = true: for a scraper without a token
         return path in ("/healthz", "/login", "/logout") or path.startswith("/static/")
 
     @web.middleware

@@ -27,8 +27,10 @@ from .appkeys import (
     GUARD,
     HTTP,
     LOOP_LAG,
+    METRICS,
     REGISTRY,
     SETTINGS,
+    SSE_STREAMS,
     STREAMS,
     WEBSOCKETS,
 )
@@ -36,6 +38,7 @@ from .config import Settings
 from .conversations import Conversations
 from .gateway import Gateway
 from .looplag import LoopLag
+from .metrics import Metrics
 from .providers.registry import Registry
 from .security import Guard
 from .store import StoreError
@@ -63,7 +66,9 @@ def create_app(settings: Settings) -> web.Application:
     app[GUARD] = guard
     app[WEBSOCKETS] = weakref.WeakSet()
     app[STREAMS] = set()
-    app[LOOP_LAG] = LoopLag()
+    app[SSE_STREAMS] = set()
+    metrics = app[METRICS] = Metrics(settings)
+    app[LOOP_LAG] = LoopLag(observe=metrics.loop_lag.observe)
     app.on_response_prepare.append(guard.on_prepare)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(ROOT / "templates"), autoescape=True)
 
@@ -88,6 +93,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_delete(base + "/api/sessions/{sid}", http.delete_session)
     r.add_post(base + "/api/sessions/{sid}/stop", http.stop)
     r.add_get(base + "/api/metrics", http.metrics)
+    r.add_get(base + "/metrics", http.prometheus)  # behind access control unless [metrics] public = true
     r.add_get(base + "/healthz", http.healthz)
     r.add_get(base + "/v1/models", v1.models)  # OpenAI's API for programs (stateless; see README)
     r.add_get(base + "/v1/models/{model:.+}", v1.model)
@@ -138,15 +144,17 @@ async def _resources(app: web.Application):
         app[HTTP] = session
         registry = Registry(settings, session)
         app[REGISTRY] = registry
-        chat = Conversations(settings, registry)
+        metrics = app[METRICS]
+        chat = Conversations(settings, registry, on_turn_done=metrics.turn_done)
         try:
             await chat.start()
         except StoreError as exc:  # app.py prints it as one line and exits 2
             await registry.close()
             raise StoreError(f"cannot open the {describe(settings)}: {exc}") from None
         app[CONVERSATIONS] = chat
-        gateway = Gateway(chat.admission)  # one admission (limits, shutdown) for every door
+        gateway = Gateway(chat.admission, on_turn_done=metrics.turn_done)  # one admission for every door
         app[GATEWAY] = gateway
+        metrics.read_live = lambda: _live_gauges(app)
         sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
         lag = asyncio.create_task(app[LOOP_LAG].run(), name="loop lag")
         try:
@@ -158,6 +166,17 @@ async def _resources(app: web.Application):
             await asyncio.gather(chat.close(0, None), gateway.close(0))  # normally done in _shutdown already
             await chat.store.close()
             await registry.close()
+
+
+def _live_gauges(app: web.Application) -> dict:
+    """What ``/metrics`` reads at scrape time (``Metrics.read_live``)."""
+    chat = app[CONVERSATIONS]
+    return {
+        "connections": {"ws": len(app[WEBSOCKETS]), "sse": len(app[SSE_STREAMS])},
+        "active_replies": chat.limiter.running_total,
+        "queued_replies": sum(p.waiting() for p in app[REGISTRY].providers.values() if p.single_slot),
+        "sessions": len(chat.store),
+    }
 
 
 async def _shutdown(app: web.Application) -> None:

@@ -103,6 +103,22 @@ EXTRA_KEYS = ("stop", "seed", "presence_penalty", "frequency_penalty", "response
               "parallel_tool_calls", "user", "max_completion_tokens", "reasoning_effort", "logit_bias", "verbosity")
 
 
+class UpstreamTiming:
+    """When a remote provider sent its request and when the first token came back (monotonic s).
+
+    Filled by the provider, read once when the turn ends: the upstream's own time to first
+    token, subtracted from ours, is the latency NexLM itself adds. One per turn: ``sent`` is
+    the turn's first POST, so the provider's retries and a fallback's wait count as the
+    upstream's time, not ours. A provider with no upstream (the embedded model) leaves
+    ``first_token`` empty, and nothing is observed."""
+
+    __slots__ = ("first_token", "sent")
+
+    def __init__(self) -> None:
+        self.sent: float | None = None  # the turn's first request sent upstream
+        self.first_token: float | None = None  # its first token out of the response's parser
+
+
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
     """One completion to run. ``messages`` are OpenAI chat messages: roles system, developer,
@@ -115,6 +131,7 @@ class ChatRequest:
     messages: list[dict] = field(default_factory=list)
     params: Params = Params()
     extra: dict = field(default_factory=dict)
+    timing: UpstreamTiming | None = field(default=None, compare=False, repr=False)  # set by the turn engine
 
 
 class Provider(Protocol):

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 import urllib.request
 from typing import AsyncIterator
 
@@ -41,6 +42,7 @@ from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
+_TOKENS = (TextDelta, ReasoningDelta, ToolCallDelta)  # what counts as the first token (UpstreamTiming)
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 MAX_ERROR_BODY = 16384
 MAX_LOGGED_BODY = 1000  # characters of an upstream's error body in the log, after redaction
@@ -135,6 +137,8 @@ class OpenAIProvider:
         attempt = 0
         while True:
             failure: StreamError
+            if request.timing is not None and request.timing.sent is None:
+                request.timing.sent = time.monotonic()  # the upstream's time to first token starts here (retries count)
             try:
                 # No redirects: a 3xx must not carry the key to another host.
                 resp = await self._http.post(self._url, data=body, headers=headers, timeout=self._timeout,
@@ -182,7 +186,11 @@ class OpenAIProvider:
                 resp = opened
                 watch.reading = True
                 watch.start_idle()
+                timing = request.timing  # cleared once the first token is stamped: one test per event after it
                 async for event in self.parse(resp.content.iter_any(), watch):
+                    if timing is not None and type(event) in _TOKENS:
+                        timing.first_token = time.monotonic()
+                        timing = None
                     if isinstance(event, (Finish, StreamError)):
                         clean = isinstance(event, Finish)
                         yield event

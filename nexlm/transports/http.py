@@ -1,4 +1,4 @@
-"""The small JSON API: models, sessions, stop (SSE's control channel), health, metrics."""
+"""The small JSON API: models, sessions, stop (SSE's control channel), health, metrics (JSON and Prometheus)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from ..appkeys import CONVERSATIONS, LOOP_LAG, REGISTRY, WEBSOCKETS
+from ..appkeys import CONVERSATIONS, LOOP_LAG, METRICS, REGISTRY, WEBSOCKETS
 from ..clients import identity
 from ..conversations import Conversations
 from ..validation import ChatError
@@ -86,3 +86,9 @@ async def metrics(request: web.Request) -> web.Response:
         "tasks": len(asyncio.all_tasks()),
         "loop_lag_ms": lag.snapshot(reset=request.query.get("reset") == "1"),
     })
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    """``GET /metrics``: the Prometheus text format (``nexlm.metrics``)."""
+    metrics = request.app[METRICS]
+    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})

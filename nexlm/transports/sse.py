@@ -15,7 +15,7 @@ import math
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from ..appkeys import CONVERSATIONS, SETTINGS, STREAMS
+from ..appkeys import CONVERSATIONS, SETTINGS, SSE_STREAMS, STREAMS
 from ..clients import identity
 from ..conversations import Conversations
 from ..events import Outbox, error_event, sse_frame
@@ -157,6 +157,7 @@ async def _stream(request: web.Request, chat: Conversations, session, after: int
     chat.attach(session, outbox, after)
     outbox.bound(request.app[SETTINGS].limits.max_queued_bytes)
     request.app[STREAMS].add(transport)
+    request.app[SSE_STREAMS].add(transport)
     try:
         async with sse_response(request, allow_all_methods=True, sep="\n") as resp:
             while batch := await outbox.get():
@@ -176,4 +177,5 @@ async def _stream(request: web.Request, chat: Conversations, session, after: int
         for timer in timers:
             timer.cancel()
         request.app[STREAMS].discard(transport)
+        request.app[SSE_STREAMS].discard(transport)
     return resp
