@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import wire
+from . import history, wire
 from .admission import Admission
 from .collector import collect_young
 from .config import Settings
@@ -29,7 +29,7 @@ from .providers.registry import Registry, Resolved
 from .records import Conversation
 from .runner import Live, Reply, Runner
 from .store import MemoryStore, StoreFull
-from .validation import ChatError, check_history, check_message, check_params
+from .validation import ChatError, check_history, check_message, check_params, check_title
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class Conversations:
         return live
 
     async def _add(self, conv: Conversation) -> Conversation:
+        conv.updated = conv.updated or conv.created  # the history list's order: new ones first
         try:
             self.limiter.take_session(conv.client)
         except LimitError as exc:
@@ -263,8 +264,6 @@ class Conversations:
     def _launch(self, live: Live, resolved: Resolved, door: str = "ws") -> Reply:
         conv = live.conv
         conv.updated = time.time()
-        if not conv.title:
-            conv.title = next((m["content"][:80] for m in conv.history if m["role"] == "user"), "")
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
         self._commit(live)
         return self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door))
@@ -282,6 +281,32 @@ class Conversations:
         f = self.frame(live)
         del f["type"]
         return f
+
+    # ------------------------------------------------------------ the owner's history list
+
+    def entry(self, live: Live) -> dict:
+        """One conversation as ``GET /api/sessions`` lists it."""
+        return history.entry(live.conv, live.reply is not None)
+
+    async def list_for(self, owner: str, limit: int = history.DEFAULT_PAGE,
+                       before: float | None = None) -> tuple[list[dict], float | None]:
+        """``owner``'s conversations newest first, and the ``before`` of the next page (or None)."""
+        mine = [live.conv for live in self.live.values() if live.conv.owner == owner]
+        convs, cursor = await history.page(self.store.list_owner, mine, owner, limit, before)
+        return [history.entry(c, self._running(c.id)) for c in convs], cursor
+
+    def _running(self, cid: str) -> bool:
+        live = self.live.get(cid)
+        return live is not None and live.reply is not None
+
+    async def rename(self, live: Live, title) -> dict:
+        """Name a conversation ("" gives it back its first message's title). Written through at
+        once when no reply is running, so every device (and instance) lists the new name."""
+        live.conv.title = check_title(title)
+        self._commit(live)
+        if live.reply is None:
+            await self._write_back(live)
+        return self.entry(live)
 
     def broadcast_frame(self, live: Live) -> None:
         self.events.broadcast(live.id, self.frame(live))

@@ -35,6 +35,9 @@ class Store(Protocol):
         """Store a new record, evicting idle ones past the caps (their ids are returned)."""
     async def put(self, conv: Conversation) -> None: ...
     async def delete(self, cid: str) -> bool: ...
+    async def list_owner(self, owner: str, limit: int, before: float | None = None) -> list[Conversation]:
+        """Up to ``limit`` of ``owner``'s records, newest ``updated`` first, only those with
+        ``updated < before`` when given (the history list's pages)."""
     def touch(self, cid: str) -> None: ...
     def peek(self, cid: str) -> Conversation | None:
         """Read without counting as activity (metrics, tests)."""
@@ -59,6 +62,8 @@ class MemoryStore:
         self._client: dict[str, str] = {}  # id -> client
         self._last: dict[str, float] = {}  # id -> last active (monotonic)
         self._per_client: dict[str, int] = {}
+        self._owner: dict[str, str] = {}  # id -> owner, for records that have one
+        self._updated: dict[str, float] = {}  # id -> the record's ``updated`` (list_owner's order)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -97,7 +102,19 @@ class MemoryStore:
         self._client[conv.id] = conv.client
         self._last[conv.id] = time.monotonic()
         self._per_client[conv.client] = self._per_client.get(conv.client, 0) + 1
+        self._index(conv)
         return evicted
+
+    def _index(self, conv: Conversation) -> None:
+        if conv.owner is not None:
+            self._owner[conv.id] = conv.owner
+            self._updated[conv.id] = conv.updated
+
+    async def list_owner(self, owner: str, limit: int, before: float | None = None) -> list[Conversation]:
+        updated = self._updated
+        ids = [cid for cid, o in self._owner.items() if o == owner and (before is None or updated[cid] < before)]
+        ids.sort(key=updated.__getitem__, reverse=True)
+        return [Conversation.loads(self._rows[cid]) for cid in ids[:max(0, limit)]]
 
     def _oldest_idle(self, client: str | None) -> str | None:
         clients = self._client
@@ -111,6 +128,7 @@ class MemoryStore:
             self._rows[conv.id] = conv.dumps()
             self._last[conv.id] = time.monotonic()
             self._rows.move_to_end(conv.id)
+            self._index(conv)
 
     def touch(self, cid: str) -> None:
         if cid in self._last:
@@ -124,6 +142,8 @@ class MemoryStore:
         if self._rows.pop(cid, None) is None:
             return False
         del self._last[cid]
+        self._owner.pop(cid, None)
+        self._updated.pop(cid, None)
         client = self._client.pop(cid)
         n = self._per_client.get(client, 1) - 1
         if n > 0:
