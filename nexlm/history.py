@@ -13,6 +13,9 @@ from __future__ import annotations
 from typing import Awaitable, Callable, Iterable
 
 from .records import Conversation
+from .runner import Live
+from .store import Store, listed_at
+from .validation import check_title
 
 TITLE_FROM_MESSAGE_CHARS = 80
 DEFAULT_PAGE = 50
@@ -37,8 +40,34 @@ def entry(conv: Conversation, running: bool) -> dict:
             "updated": conv.updated or conv.created, "messages": len(conv.history), "running": running}
 
 
-def _key(conv: Conversation) -> float:
-    return conv.updated or conv.created
+_key = listed_at
+
+
+class History:
+    """The facade's door to the list (``Conversations.history``): it reads the store and this
+    process's live conversations and changes a title through the facade's commit."""
+
+    def __init__(self, store: Store, live: dict[str, Live], commit: Callable[[Live], None]) -> None:
+        self._store, self._live, self._commit = store, live, commit
+
+    async def list_for(self, owner: str, limit: int = DEFAULT_PAGE,
+                       before: float | None = None) -> tuple[list[dict], float | None]:
+        """``owner``'s entries newest first, and the ``before`` of the next page (None: the last)."""
+        mine = [live.conv for live in self._live.values() if live.conv.owner == owner]
+        convs, cursor = await page(self._store.list_owner, mine, owner, limit, before)
+        return [entry(c, self._running(c.id)) for c in convs], cursor
+
+    def _running(self, cid: str) -> bool:
+        live = self._live.get(cid)  # this process's knowledge (another instance's replies: not yet)
+        return live is not None and live.reply is not None
+
+    async def rename(self, live: Live, title) -> dict:
+        """Name a conversation ("" gives it back its first message's title); its updated entry.
+        Committed like a setting: a durable store writes it soon, the memory store when idle
+        (the list reads live records first, so it shows at once either way)."""
+        live.conv.title = check_title(title)
+        self._commit(live)
+        return entry(live.conv, live.reply is not None)
 
 
 async def page(list_owner: ListOwner, live: Iterable[Conversation], owner: str, limit: int,

@@ -81,7 +81,7 @@ async def list_sessions(request: web.Request) -> web.Response:
         limit, before = _page_query(request.query)
     except ChatError as exc:
         return json_error(exc.code, exc.message, exc.status)
-    sessions, cursor = await request.app[CONVERSATIONS].list_for(owner, limit, before)
+    sessions, cursor = await request.app[CONVERSATIONS].history.list_for(owner, limit, before)
     return web.json_response({"sessions": sessions, "next": cursor})
 
 
@@ -97,7 +97,7 @@ async def rename_session(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or "title" not in body:
         return json_error("bad_request", "The request body must be a JSON object: {\"title\": \"...\"}.", 400)
     try:
-        entry = await request.app[CONVERSATIONS].rename(s, body["title"])
+        entry = await request.app[CONVERSATIONS].history.rename(s, body["title"])
     except ChatError as exc:
         return json_error(exc.code, exc.message, exc.status)
     return web.json_response(entry)
