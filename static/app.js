@@ -111,6 +111,7 @@ applyLang();
 applyI18n(document);
 ctl.loadModels();
 ctl.open(firstConversation());
+if (!EMBED) ctl.refreshList();
 composer.autosize();
 if (!window.matchMedia('(pointer: coarse)').matches) composer.focus();
 thread.toBottom(true);
