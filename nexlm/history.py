@@ -73,16 +73,17 @@ class History:
 async def page(list_owner: ListOwner, live: Iterable[Conversation], owner: str, limit: int,
                before: float | None) -> tuple[list[Conversation], float | None]:
     """(up to ``limit`` conversations newest first, the cursor for the next page or None).
+    Empty ones are not listed: every page load opens one, and there is nothing in it to find.
 
     ``live`` are this owner's records in use here: they replace their stored copies, which may
     be older (and so sorted lower). Store pages are read until everything at or above the last
     stored record read is known, so a stale copy can neither hide nor repeat an entry."""
     fresh = {c.id: c for c in live}
-    found = {cid: c for cid, c in fresh.items() if before is None or _key(c) < before}
+    found = {cid: c for cid, c in fresh.items() if c.history and (before is None or _key(c) < before)}
     cursor, bound = before, None
     while True:
         rows = await list_owner(owner, limit + 1, cursor)
-        found.update((c.id, c) for c in rows if c.id not in fresh)
+        found.update((c.id, c) for c in rows if c.id not in fresh and c.history)
         if len(rows) <= limit:  # the store has nothing older: every entry is known
             bound = None
             break

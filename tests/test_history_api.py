@@ -181,3 +181,24 @@ async def test_title_is_the_first_user_message_cut_to_80(api, upstream):
     # Editing the first message changes an unnamed session's title; a given name stays.
     assert (await api.patch(f"/api/sessions/{sid}", json={"title": "Mine"}, headers=A)).status == 200
     assert (await listing(api, A))["sessions"][0]["title"] == "Mine"
+
+
+async def test_empty_conversations_are_not_listed(api):
+    """Every page load opens a session; until something is said in it there is nothing to list."""
+    ws = WS(await api.ws_connect("/ws", headers=A))
+    await ws.recv()
+    r = await api.post("/api/sessions", json={}, headers=A)
+    assert r.status == 201
+    sid = await seeded(api, A, "said something")
+    assert [e["session"] for e in (await listing(api, A))["sessions"]] == [sid]
+    await ws.close()
+
+
+async def test_pages_skip_empty_ones_without_losing_the_rest(api):
+    made = [await seeded(api, A, "q0")]
+    for _ in range(3):
+        assert (await api.post("/api/sessions", json={}, headers=A)).status == 201
+    made.append(await seeded(api, A, "q1"))
+    first = await listing(api, A, limit=1)
+    rest = await listing(api, A, limit=1, before=first["next"])
+    assert [e["session"] for e in first["sessions"] + rest["sessions"]] == made[::-1]
