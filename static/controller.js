@@ -8,7 +8,7 @@ import { exportJson, exportMarkdown } from './export.js';
 import { paramsForServer } from './history.js';
 import { createTransport } from './transport.js';
 import { announce, download, humanCode } from './dom.js';
-import { HTTP, sessionUrl } from './net.js';
+import { HTTP, JSON_HEADERS, sessionUrl } from './net.js';
 import * as store from './store.js';
 
 /** `makeViews(app)` returns {thread, chrome, sidebar, composer} drawn from `app` (see views/). */
@@ -199,6 +199,7 @@ export function createController(makeViews) {
       if (!s) return;
       drawTurn();
       save(true);
+      refreshList(); // the server lists it now, as running
       thread.toBottom(true);
     },
     status(f) {
@@ -344,6 +345,38 @@ export function createController(makeViews) {
     open((next && store.loadConversation(next.id)) || store.newConversation());
   }
 
+  /** Name a conversation: on the server when it is there (every browser lists the new name),
+   * and in the local copy. A refused title (too long, control characters) is said in a notice. */
+  async function rename(id, session, title) {
+    title = title.trim();
+    const conv = id ? (id === chat.conv.id ? chat.conv : store.loadConversation(id)) : store.findBySession(session);
+    session = (conv && conv.session) || session;
+    if (session && app.serverList) {
+      try {
+        const r = await fetch(sessionUrl(session), { method: 'PATCH', credentials: 'same-origin',
+          headers: JSON_HEADERS, body: JSON.stringify({ title }) });
+        const data = await r.json();
+        if (!r.ok) {
+          addNotice({ code: data.code || 'rename', message: data.message || t('errUnknown') });
+          sidebar.render();
+          return;
+        }
+        title = data.title;
+        app.serverList = app.serverList.map((e) => (e.session === session ? data : e));
+      } catch {
+        addNotice({ code: 'rename', message: t('errUnknown') });
+        sidebar.render();
+        return;
+      }
+    }
+    if (conv) {
+      conv.title = title;
+      if (conv.messages.length) store.saveConversation(conv);
+      if (conv === chat.conv) chrome.header();
+    }
+    sidebar.render();
+  }
+
   /** Open a conversation from the list: its local copy, or (made in another browser) a new
    * local copy of the server session, which the `session` frame then fills in. */
   function openById(id, session = '') {
@@ -421,6 +454,6 @@ export function createController(makeViews) {
     refreshList(); // renamed or deleted in another browser meanwhile
   });
 
-  return { app, chat, open, newChat, openById, remove, submit, edit, regenerate, stop, cancelQueued,
+  return { app, chat, open, newChat, openById, remove, rename, submit, edit, regenerate, stop, cancelQueued,
     setModel, setParams, loadModels, exportAs, retryNow, drawAll, refreshList };
 }

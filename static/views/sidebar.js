@@ -50,10 +50,10 @@ export function createSidebar(app, { embed }) {
       open.append(el('span', 'conv-name', c.title || t('untitled')));
       if (c.running) open.append(el('span', 'conv-running', t('convRunning')));
       open.append(el('span', 'conv-time', relTime(c.updated || Date.now())));
+      const ren = iconButton('edit', t('renameConversation'), 'rename-conv', 'icon-btn small conv-ren');
       const del = iconButton('trash', t('deleteConversation'), 'delete-conv', 'icon-btn small conv-del');
-      del.dataset.id = c.id || '';
-      del.dataset.session = c.session || '';
-      li.append(open, del);
+      for (const b of [ren, del]) Object.assign(b.dataset, { id: c.id || '', session: c.session || '', title: c.title });
+      li.append(open, ren, del);
       return li;
     });
     ui.list.replaceChildren(...items);
@@ -76,10 +76,40 @@ export function createSidebar(app, { embed }) {
     ui.open.setAttribute('aria-expanded', 'false');
   }
 
-  /** Wire the list to `actions` = {open(id, session), remove(id, session)}: `id` is the local
-   * copy's ("" when this browser has none), `session` the server's ("" when not there yet). */
+  /** Edit a title in place: Enter keeps it (actions.rename), Escape or leaving the field does not. */
+  function startRename(ren, actions) {
+    const li = ren.closest('.conv-item');
+    const input = el('input', 'conv-rename');
+    input.type = 'text';
+    input.maxLength = 200;
+    input.value = ren.dataset.title || '';
+    input.setAttribute('aria-label', t('renameConversation'));
+    let done = false;
+    const finish = (keep) => {
+      if (done) return;
+      done = true;
+      if (keep) actions.rename(ren.dataset.id, ren.dataset.session, input.value);
+      else render();
+    };
+    input.addEventListener('keydown', (e) => {
+      if (e.key === 'Enter') { e.preventDefault(); finish(true); }
+      if (e.key === 'Escape') { e.preventDefault(); e.stopPropagation(); finish(false); }
+    });
+    input.addEventListener('blur', () => finish(false));
+    li.replaceChildren(input);
+    input.focus();
+    input.select();
+  }
+
+  /** Wire the list to `actions` = {open(id, session), remove(id, session), rename(id, session, title)}:
+   * `id` is the local copy's ("" when this browser has none), `session` the server's ("" when not there yet). */
   function bind(actions) {
     ui.list.addEventListener('click', (e) => {
+      const ren = e.target.closest('.conv-ren');
+      if (ren) {
+        startRename(ren, actions);
+        return;
+      }
       const del = e.target.closest('.conv-del');
       if (del) {
         if (del.dataset.armed === '1') {
