@@ -4,9 +4,10 @@ identity), ``PATCH /api/sessions/{id}`` renames one, ``DELETE`` removes it."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import WS
 from fake_upstream import Script, chunk
+
+from nexlm.appkeys import CONVERSATIONS
 
 ROLE = chunk("", role=True)
 TOKENS = '[auth]\ntokens = ["tok-A-7f3c9e", "tok-B-21d8aa"]'
@@ -19,9 +20,13 @@ def turns(question: str, answer: str = "ok") -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer, "finish_reason": "stop"}]
 
 
-@pytest.fixture
-async def api(make_client):
-    return await make_client(TOKENS)
+@pytest.fixture(params=["memory", "sqlite"])
+async def api(make_client, tmp_path, request):
+    """The same tests on each store: the list reads ``list_owner`` with live records laid over it."""
+    store = "" if request.param == "memory" else f'\n[store]\nkind = "sqlite"\npath = "{tmp_path / "history.db"}"'
+    client = await make_client(TOKENS + store)
+    assert client.app[CONVERSATIONS].store.kind == request.param
+    return client
 
 
 async def seeded(api, headers, question: str) -> str:
