@@ -25,6 +25,7 @@ from .context import params as turn_params
 from .engine import Turn
 from .eventlog import EventLog
 from .events import Outbox
+from .history import History
 from .limits import LimitError
 from .persist import Persister, left_streaming, record_of, recover
 from .providers.base import ChatRequest
@@ -73,6 +74,7 @@ class Conversations:
                              on_commit=self._commit, on_released=self._release_listeners,
                              background=settings.background_replies)
         self._dirty: set[str] = set()  # live records changed since they were last written (memory store)
+        self.history = History(self.store, self.live, self._commit)  # GET /api/sessions, PATCH (history.py)
 
     async def start(self) -> None:
         """Open the store (``StoreError``: it cannot be used; the server says why and exits)."""
@@ -288,8 +290,6 @@ class Conversations:
     def _launch(self, live: Live, resolved: Resolved, door: str = "ws") -> Reply:
         conv = live.conv
         conv.updated = time.time()
-        if not conv.title:
-            conv.title = next((m["content"][:80] for m in conv.history if m["role"] == "user"), "")
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
         observer = self.on_turn_done
         on_done = None if observer is None else partial(observer, session=live.id)

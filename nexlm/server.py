@@ -89,8 +89,10 @@ def create_app(settings: Settings) -> web.Application:
     r.add_route("POST", base + "/sse", sse.sse)
     r.add_get(base + "/api/models", http.models)
     r.add_post(base + "/api/sessions", http.create_session)
+    r.add_get(base + "/api/sessions", http.list_sessions)  # the caller's history (needs an identity)
     r.add_get(base + "/api/sessions/{sid}", http.get_session)
     r.add_delete(base + "/api/sessions/{sid}", http.delete_session)
+    r.add_patch(base + "/api/sessions/{sid}", http.rename_session)
     r.add_post(base + "/api/sessions/{sid}/stop", http.stop)
     r.add_get(base + "/api/metrics", http.metrics)
     r.add_get(base + "/metrics", http.prometheus)  # behind access control unless [metrics] public = true

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 
 from .config import LimitsConfig
 
@@ -48,6 +49,22 @@ def check_message(limits: LimitsConfig, message) -> str:
     if len(message) > limit:
         raise ChatError("bad_request", f"message is too long ({len(message)} characters, the limit is {limit})", 413)
     return message
+
+
+MAX_TITLE_CHARS = 200
+
+
+def check_title(title) -> str:
+    """A conversation's name (``PATCH /api/sessions/{id}``): a string, trimmed, at most 200
+    characters, no control characters (a title is one line in a list); "" clears the name."""
+    if not isinstance(title, str):
+        raise ChatError("bad_request", "title must be a string")
+    title = clean_text(title).strip()
+    if len(title) > MAX_TITLE_CHARS:
+        raise ChatError("bad_request", f"title is too long ({len(title)} characters, the limit is {MAX_TITLE_CHARS})")
+    if any(unicodedata.category(ch) == "Cc" for ch in title):
+        raise ChatError("bad_request", "title must not contain control characters (line breaks, tabs, ...)")
+    return title
 
 
 def check_params(limits: LimitsConfig, params) -> dict:

@@ -35,7 +35,7 @@ const { app, chat } = ctl;
 const { thread, chrome, composer, sidebar, settings } = views;
 
 composer.bind({ submit: ctl.submit, stop: ctl.stop, cancelQueued: ctl.cancelQueued });
-sidebar.bind({ open: ctl.openById, remove: ctl.remove });
+sidebar.bind({ open: ctl.openById, remove: ctl.remove, rename: ctl.rename });
 
 onLangChange(() => {
   if (!chat.conv) return;
@@ -111,6 +111,7 @@ applyLang();
 applyI18n(document);
 ctl.loadModels();
 ctl.open(firstConversation());
+if (!EMBED) ctl.refreshList();
 composer.autosize();
 if (!window.matchMedia('(pointer: coarse)').matches) composer.focus();
 thread.toBottom(true);

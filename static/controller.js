@@ -8,7 +8,7 @@ import { exportJson, exportMarkdown } from './export.js';
 import { paramsForServer } from './history.js';
 import { createTransport } from './transport.js';
 import { announce, download, humanCode } from './dom.js';
-import { HTTP, sessionUrl } from './net.js';
+import { HTTP, JSON_HEADERS, sessionUrl } from './net.js';
 import * as store from './store.js';
 
 /** `makeViews(app)` returns {thread, chrome, sidebar, composer} drawn from `app` (see views/). */
@@ -22,6 +22,7 @@ export function createController(makeViews) {
     connDetail: {},
     models: [],
     defaultModel: null,
+    serverList: null, // this user's conversations on the server (GET /api/sessions), null: none for us
   };
   const { thread, chrome, sidebar, composer } = makeViews(app);
   const now = () => performance.now();
@@ -45,6 +46,45 @@ export function createController(makeViews) {
     saveTimer = 0;
     store.saveConversation(conv);
     sidebar.render();
+    refreshList();
+  }
+
+  // -- the server's list of this user's conversations (history across devices) ---------------
+
+  let listing = null;
+  let listAgain = false;
+  let listRefused = false;
+  /** Ask for the server's list (one request at a time; a change meanwhile asks once more). Without
+   * an identity the server keeps none for us (403): then the page stops asking. */
+  function refreshList() {
+    if (listRefused || document.body.classList.contains('embed')) return Promise.resolve();
+    if (listing) {
+      listAgain = true;
+      return listing;
+    }
+    listing = (async () => {
+      try {
+        const r = await fetch('api/sessions?limit=100', HTTP);
+        if (r.status === 403) listRefused = true;
+        const data = r.ok ? await r.json() : null;
+        app.serverList = data && Array.isArray(data.sessions) ? data.sessions : null;
+      } catch { /* offline: keep the list we had */ }
+      const conv = chat.conv;
+      const mine = conv && app.serverList && app.serverList.find((e) => e.session === conv.session);
+      if (mine && mine.title && mine.title !== conv.title) { // renamed elsewhere
+        conv.title = mine.title;
+        if (conv.messages.length) store.saveConversation(conv);
+        chrome.header();
+      }
+      sidebar.render();
+    })().finally(() => {
+      listing = null;
+      if (listAgain) {
+        listAgain = false;
+        refreshList();
+      }
+    });
+    return listing;
   }
 
   function drawAll() {
@@ -159,6 +199,7 @@ export function createController(makeViews) {
       if (!s) return;
       drawTurn();
       save(true);
+      refreshList(); // the server lists it now, as running
       thread.toBottom(true);
     },
     status(f) {
@@ -286,11 +327,17 @@ export function createController(makeViews) {
 
   // -- conversations, model, settings, export --------------------------------------------
 
-  function remove(id) {
-    const conv = id === chat.conv.id ? chat.conv : store.loadConversation(id);
-    if (conv && conv.session) fetch(sessionUrl(conv.session), { method: 'DELETE', credentials: 'same-origin' }).catch(() => {});
-    store.deleteConversation(id);
-    if (id !== chat.conv.id) {
+  /** Delete a conversation: its local copy (`id`, may be "") and its server session. */
+  function remove(id, session = '') {
+    if (!id && session && session === chat.conv.session) id = chat.conv.id;
+    const conv = id ? (id === chat.conv.id ? chat.conv : store.loadConversation(id)) : null;
+    session = (conv && conv.session) || session;
+    if (app.serverList) app.serverList = app.serverList.filter((e) => e.session !== session);
+    const gone = session ? fetch(sessionUrl(session), { method: 'DELETE', credentials: 'same-origin' }).catch(() => {})
+      : Promise.resolve();
+    if (id) store.deleteConversation(id);
+    gone.then(refreshList);
+    if (!id || id !== chat.conv.id) {
       sidebar.render();
       return;
     }
@@ -298,9 +345,52 @@ export function createController(makeViews) {
     open((next && store.loadConversation(next.id)) || store.newConversation());
   }
 
-  function openById(id) {
-    if (id === chat.conv.id) return;
-    const conv = store.loadConversation(id);
+  /** Name a conversation: on the server when it is there (every browser lists the new name),
+   * and in the local copy. A refused title (too long, control characters) is said in a notice. */
+  async function rename(id, session, title) {
+    title = title.trim();
+    const conv = id ? (id === chat.conv.id ? chat.conv : store.loadConversation(id)) : store.findBySession(session);
+    session = (conv && conv.session) || session;
+    if (session && app.serverList) {
+      try {
+        const r = await fetch(sessionUrl(session), { method: 'PATCH', credentials: 'same-origin',
+          headers: JSON_HEADERS, body: JSON.stringify({ title }) });
+        const data = await r.json();
+        if (!r.ok) {
+          addNotice({ code: data.code || 'rename', message: data.message || t('errUnknown') });
+          sidebar.render();
+          return;
+        }
+        title = data.title;
+        app.serverList = app.serverList.map((e) => (e.session === session ? data : e));
+      } catch {
+        addNotice({ code: 'rename', message: t('errUnknown') });
+        sidebar.render();
+        return;
+      }
+    }
+    if (conv) {
+      conv.title = title;
+      if (conv.messages.length) store.saveConversation(conv);
+      if (conv === chat.conv) chrome.header();
+    }
+    sidebar.render();
+  }
+
+  /** Open a conversation from the list: its local copy, or (made in another browser) a new
+   * local copy of the server session, which the `session` frame then fills in. */
+  function openById(id, session = '') {
+    if ((id && id === chat.conv.id) || (session && session === chat.conv.session)) return;
+    let conv = id ? store.loadConversation(id) : null;
+    if (!conv && session) {
+      conv = store.findBySession(session) || store.newConversation();
+      const entry = (app.serverList || []).find((e) => e.session === session);
+      conv.session = session;
+      if (entry) {
+        conv.title = entry.title || conv.title;
+        if (Number.isFinite(entry.updated)) conv.updated = entry.updated * 1000;
+      }
+    }
     if (conv) open(conv);
   }
 
@@ -358,8 +448,12 @@ export function createController(makeViews) {
   // leaving the page (reload, close, navigate): keep what arrived so far
   window.addEventListener('pagehide', () => { if (chat.conv) store.saveConversation(chat.conv); });
   window.addEventListener('online', retryNow);
-  document.addEventListener('visibilitychange', () => { if (document.visibilityState === 'visible') retryNow(); });
+  document.addEventListener('visibilitychange', () => {
+    if (document.visibilityState !== 'visible') return;
+    retryNow();
+    refreshList(); // renamed or deleted in another browser meanwhile
+  });
 
-  return { app, chat, open, newChat, openById, remove, submit, edit, regenerate, stop, cancelQueued,
-    setModel, setParams, loadModels, exportAs, retryNow, drawAll };
+  return { app, chat, open, newChat, openById, remove, rename, submit, edit, regenerate, stop, cancelQueued,
+    setModel, setParams, loadModels, exportAs, retryNow, drawAll, refreshList };
 }

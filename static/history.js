@@ -68,3 +68,34 @@ export function replyStats(s, f, now, before = {}) {
     think_ms: s.thinkStart !== null ? (s.thinkEnd || now) - s.thinkStart : before.think_ms || null,
   };
 }
+
+/**
+ * The sidebar's list: the server's conversations for this user (`GET /api/sessions`: the same in
+ * every browser, its titles win) and those only this browser knows (not on the server yet, older
+ * than the server's first page, or kept from before a server restart), newest first. `server` is
+ * null when the server keeps no list for us (no identity, offline): then the local list as it is.
+ * Each item: {id (the local copy, or null), session, title, updated (ms), running, remote}.
+ */
+export function sidebarList(server, local) {
+  const mine = local.map((c) => ({ id: c.id, session: c.session || null, title: c.title || '',
+    updated: c.updated || 0, running: false, remote: false }));
+  if (!Array.isArray(server)) return mine;
+  const here = new Map(mine.filter((c) => c.session).map((c) => [c.session, c]));
+  const listed = new Set();
+  const out = [];
+  for (const e of server) {
+    if (!e || typeof e.session !== 'string' || listed.has(e.session)) continue;
+    listed.add(e.session);
+    const copy = here.get(e.session);
+    out.push({
+      id: copy ? copy.id : null,
+      session: e.session,
+      title: typeof e.title === 'string' && e.title ? e.title : (copy ? copy.title : ''),
+      updated: Number.isFinite(e.updated) ? e.updated * 1000 : (copy ? copy.updated : 0),
+      running: e.running === true,
+      remote: true,
+    });
+  }
+  for (const c of mine) if (!c.session || !listed.has(c.session)) out.push(c);
+  return out.sort((a, b) => b.updated - a.updated);
+}

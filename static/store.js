@@ -1,6 +1,6 @@
 // Conversations and preferences kept in the browser (localStorage).
 //
-// nexlm.index          [{id, title, updated}] newest first
+// nexlm.index          [{id, title, updated, session}] newest first
 // nexlm.conv.<id>      one conversation: {id, title, session, lastSeq, model, params,
 //                      messages:[{role, content, reasoning?, finish_reason?, model?, stats?, error?}],
 //                      created, updated}
@@ -61,13 +61,27 @@ export function newConversation() {
     messages: [], created: now, updated: now };
 }
 
+/** The local copy of a server session, if this browser has one (the index, then old entries). */
+export function findBySession(session) {
+  for (const c of listConversations()) {
+    if (c.session === session) return loadConversation(c.id);
+  }
+  for (const c of listConversations()) {
+    if (c.session === undefined) {
+      const conv = loadConversation(c.id);
+      if (conv && conv.session === session) return conv;
+    }
+  }
+  return null;
+}
+
 /** Save a conversation (only once it has something in it); the index is newest first. */
 export function saveConversation(conv) {
   if (!conv.messages.length) return;
   const stored = { ...conv, messages: conv.messages.filter((m) => !m.pending) };
   write(`conv.${conv.id}`, stored);
   const index = listConversations().filter((c) => c.id !== conv.id);
-  index.push({ id: conv.id, title: conv.title, updated: conv.updated });
+  index.push({ id: conv.id, title: conv.title, updated: conv.updated, session: conv.session || null });
   index.sort((a, b) => (b.updated || 0) - (a.updated || 0));
   for (const old of index.splice(MAX_CONVERSATIONS)) localStorage.removeItem(`${P}conv.${old.id}`);
   write('index', index);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 from aiohttp import web
 
@@ -45,6 +46,61 @@ async def create_session(request: web.Request) -> web.Response:
     except ChatError as exc:
         return json_error(exc.code, exc.message, exc.status, exc.retry_after)
     return web.json_response(chat.public(session), status=201)
+
+
+NO_IDENTITY = ("Listing conversations needs an identity (an access token, a signed-in user or a trusted "
+               "proxy's user header); without one, a session id stays a capability only its holder knows.")
+PAGE_MAX = 200
+
+
+def _page_query(query) -> tuple[int, float | None]:
+    """``?limit=`` (1..200, default 50) and ``?before=`` (the ``next`` of the previous page)."""
+    try:
+        limit = int(query.get("limit", "50"))
+    except ValueError:
+        raise ChatError("bad_request", "limit must be a whole number from 1 to 200") from None
+    if not 1 <= limit <= PAGE_MAX:
+        raise ChatError("bad_request", "limit must be a whole number from 1 to 200")
+    before = None
+    if "before" in query:
+        try:
+            before = float(query["before"])
+        except ValueError:
+            before = math.nan
+        if not math.isfinite(before):
+            raise ChatError("bad_request", "before must be a number: the next value of the previous page")
+    return limit, before
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    """``GET /api/sessions?limit=&before=``: the caller's conversations, newest first."""
+    owner, _ = identity(request)
+    if owner is None:
+        return json_error("no_identity", NO_IDENTITY, 403)
+    try:
+        limit, before = _page_query(request.query)
+    except ChatError as exc:
+        return json_error(exc.code, exc.message, exc.status)
+    sessions, cursor = await request.app[CONVERSATIONS].history.list_for(owner, limit, before)
+    return web.json_response({"sessions": sessions, "next": cursor})
+
+
+async def rename_session(request: web.Request) -> web.Response:
+    """``PATCH /api/sessions/{id} {"title"}``: answered with the session's updated list entry."""
+    s = await _session(request)
+    if s is None:
+        return json_error("not_found", "No such session (it may have expired).", 404)
+    try:
+        body = clientjson.loads(await request.read())
+    except (clientjson.NotJSON, clientjson.RefusedJSON):
+        return json_error("bad_request", "The request body must be a JSON object: {\"title\": \"...\"}.", 400)
+    if not isinstance(body, dict) or "title" not in body:
+        return json_error("bad_request", "The request body must be a JSON object: {\"title\": \"...\"}.", 400)
+    try:
+        entry = await request.app[CONVERSATIONS].history.rename(s, body["title"])
+    except ChatError as exc:
+        return json_error(exc.code, exc.message, exc.status)
+    return web.json_response(entry)
 
 
 async def get_session(request: web.Request) -> web.Response:

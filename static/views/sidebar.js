@@ -1,7 +1,10 @@
-// The conversation list (kept in the browser) and the sidebar's open/closed state.
+// The conversation list and the sidebar's open/closed state. The list is the server's for this
+// user when it keeps one (`app.serverList`, the same in every browser) merged with what only this
+// browser knows (history.js `sidebarList`); the browser's own list otherwise.
 
 import { t, getLang } from '../i18n.js';
 import { $, el, iconButton } from '../dom.js';
+import { sidebarList } from '../history.js';
 import * as store from '../store.js';
 
 const NARROW = '(max-width: 860px)';
@@ -28,20 +31,29 @@ export function createSidebar(app, { embed }) {
 
   function render() {
     if (embed) return;
-    const current = app.chat.conv && app.chat.conv.id;
-    const items = store.listConversations().map((c) => {
+    const conv = app.chat.conv;
+    let local = store.listConversations();
+    if (app.serverList) { // entries saved before the index had sessions: read them once
+      local = local.map((c) => (c.session !== undefined ? c
+        : { ...c, session: (store.loadConversation(c.id) || {}).session || null }));
+    }
+    const items = sidebarList(app.serverList, local).map((c) => {
       const li = el('li', 'conv-item');
       const open = el('button', 'conv-open');
       open.type = 'button';
-      open.dataset.id = c.id;
-      if (c.id === current) {
+      open.dataset.id = c.id || '';
+      open.dataset.session = c.session || '';
+      if (conv && (c.id === conv.id || (c.session && c.session === conv.session))) {
         li.classList.add('active');
         open.setAttribute('aria-current', 'page');
       }
-      open.append(el('span', 'conv-name', c.title || t('untitled')), el('span', 'conv-time', relTime(c.updated || Date.now())));
+      open.append(el('span', 'conv-name', c.title || t('untitled')));
+      if (c.running) open.append(el('span', 'conv-running', t('convRunning')));
+      open.append(el('span', 'conv-time', relTime(c.updated || Date.now())));
+      const ren = iconButton('edit', t('renameConversation'), 'rename-conv', 'icon-btn small conv-ren');
       const del = iconButton('trash', t('deleteConversation'), 'delete-conv', 'icon-btn small conv-del');
-      del.dataset.id = c.id;
-      li.append(open, del);
+      for (const b of [ren, del]) Object.assign(b.dataset, { id: c.id || '', session: c.session || '', title: c.title });
+      li.append(open, ren, del);
       return li;
     });
     ui.list.replaceChildren(...items);
@@ -64,13 +76,44 @@ export function createSidebar(app, { embed }) {
     ui.open.setAttribute('aria-expanded', 'false');
   }
 
-  /** Wire the list to `actions` = {open(id), remove(id)}. */
+  /** Edit a title in place: Enter keeps it (actions.rename), Escape or leaving the field does not. */
+  function startRename(ren, actions) {
+    const li = ren.closest('.conv-item');
+    const input = el('input', 'conv-rename');
+    input.type = 'text';
+    input.maxLength = 200;
+    input.value = ren.dataset.title || '';
+    input.setAttribute('aria-label', t('renameConversation'));
+    let done = false;
+    const finish = (keep) => {
+      if (done) return;
+      done = true;
+      if (keep) actions.rename(ren.dataset.id, ren.dataset.session, input.value);
+      else render();
+    };
+    input.addEventListener('keydown', (e) => {
+      if (e.key === 'Enter') { e.preventDefault(); finish(true); }
+      if (e.key === 'Escape') { e.preventDefault(); e.stopPropagation(); finish(false); }
+    });
+    input.addEventListener('blur', () => finish(false));
+    li.replaceChildren(input);
+    input.focus();
+    input.select();
+  }
+
+  /** Wire the list to `actions` = {open(id, session), remove(id, session), rename(id, session, title)}:
+   * `id` is the local copy's ("" when this browser has none), `session` the server's ("" when not there yet). */
   function bind(actions) {
     ui.list.addEventListener('click', (e) => {
+      const ren = e.target.closest('.conv-ren');
+      if (ren) {
+        startRename(ren, actions);
+        return;
+      }
       const del = e.target.closest('.conv-del');
       if (del) {
         if (del.dataset.armed === '1') {
-          actions.remove(del.dataset.id);
+          actions.remove(del.dataset.id, del.dataset.session);
           return;
         }
         setArmed(del, true); // the first click only arms it
@@ -78,7 +121,7 @@ export function createSidebar(app, { embed }) {
         return;
       }
       const open = e.target.closest('.conv-open');
-      if (open) actions.open(open.dataset.id);
+      if (open) actions.open(open.dataset.id, open.dataset.session);
     });
     ui.open.addEventListener('click', () => {
       if (window.matchMedia(NARROW).matches) {
