@@ -77,6 +77,14 @@ class ChatConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    kind: str = "memory"  # "memory" | "sqlite" | "redis"
+    path: str = "nexlm.db"  # sqlite: the database file
+    url: str = "redis://127.0.0.1:6379/0"  # redis: several instances with this url behave as one server
+    lease_seconds: float = 10.0  # redis: a running reply's lease; a dead instance's reply is interrupted after it
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_frame_bytes: int = 1048576  # WebSocket frame (close 1009) / HTTP body (413); holds a restore
     max_message_chars: int = 32000
@@ -131,6 +139,7 @@ class Settings:
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     compat: CompatConfig = CompatConfig()
+    store: StoreConfig = StoreConfig()
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     source: str = "<built-in defaults>"
 
@@ -237,10 +246,11 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
         except OSError as exc:
             raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
 
-    sections = {"server": "server", "chat": "chat", "limits": "limits", "auth": "auth", "compat": "compat"}
+    sections = {"server": "server", "chat": "chat", "limits": "limits", "auth": "auth", "compat": "compat", "store": "store"}
     unknown = set(data) - set(sections) - {"providers"}
     if unknown:
-        raise _fail(source, f"[{sorted(unknown)[0]}]", "unknown section (known: server, chat, limits, auth, compat, providers)")
+        raise _fail(source, f"[{sorted(unknown)[0]}]",
+                    "unknown section (known: server, chat, limits, auth, compat, store, providers)")
     changes = {}
     jwt_table = None
     if isinstance(data.get("auth"), dict) and "jwt" in data["auth"]:
@@ -274,6 +284,18 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
             merged[name] = replace(p, api_key=env.get(p.api_key_env, ""))
     settings = replace(settings, providers={n: p for n, p in merged.items() if p.enabled}, source=source)
 
+    store = env.get("NEXLM_STORE", "")
+    if store:  # memory | sqlite:PATH | redis:// or rediss:// URL
+        if store.startswith(("redis://", "rediss://")):
+            settings = replace(settings, store=replace(settings.store, kind="redis", url=store))
+        elif store.startswith("sqlite:"):
+            settings = replace(settings, store=replace(settings.store, kind="sqlite", path=store[7:]))
+        elif store == "memory":
+            settings = replace(settings, store=replace(settings.store, kind="memory"))
+        else:
+            raise ConfigError(f"NEXLM_STORE: expected memory, sqlite:PATH or a redis:// URL, got {store[:40]!r}")
+    if settings.store.kind not in ("memory", "sqlite", "redis"):
+        raise _fail(source, "[store] kind", f"expected memory, sqlite or redis, got {settings.store.kind!r}")
     if env.get("NEXLM_TOKENS"):
         tokens = tuple(t.strip() for t in env["NEXLM_TOKENS"].split(",") if t.strip())
         settings = replace(settings, auth=replace(settings.auth, tokens=tokens))

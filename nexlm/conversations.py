@@ -28,6 +28,7 @@ from .providers.base import ChatRequest
 from .providers.registry import Registry, Resolved
 from .records import Conversation
 from .runner import Live, Reply, Runner
+from .shared_facade import Shared
 from .store import MemoryStore, StoreFull
 from .validation import ChatError, check_history, check_message, check_params
 
@@ -51,7 +52,7 @@ class View:
     grace_timer: bool
 
 
-class Conversations:
+class Conversations(Shared):
     def __init__(self, settings: Settings, registry: Registry, admission: Admission | None = None) -> None:
         self.settings = settings
         self.registry = registry
@@ -65,6 +66,8 @@ class Conversations:
         self.runner = Runner(self.events, self.limiter, settings.limits.max_history_messages,
                              on_commit=self._commit, on_released=self._release_listeners)
         self._dirty: set[str] = set()  # live records changed since they were last written
+        self.shared = None  # redis_live.RedisLive: instances sharing one redis store ([store] kind = "redis")
+        self._writer: asyncio.Task | None = None  # shared: writes changed records at once
 
     @property
     def closing(self) -> bool:
@@ -93,11 +96,18 @@ class Conversations:
         if not isinstance(sid, str):
             return None
         live = self.live.get(sid)
+        if self.shared is not None:
+            await self.events.refresh(sid)
+            if live is not None and not self._in_use(sid) and sid not in self._dirty:
+                live = None  # another instance may have changed the record: read it again
         if live is None:
             conv = await self.store.get(sid)
             if conv is None:
                 return None
-            live = self.live.setdefault(sid, Live(conv))  # another lookup may have won meanwhile
+            live = self.live.get(sid)
+            if live is None or (self.shared is not None and not self._in_use(sid) and sid not in self._dirty):
+                live = self.live[sid] = live or Live(conv)  # another lookup may have won meanwhile
+                live.conv = conv
         else:
             self.store.touch(sid)
         return live if live.conv.owner == owner else None
@@ -161,6 +171,8 @@ class Conversations:
     def _commit(self, live: Live) -> None:
         self._dirty.add(live.id)
         self.store.touch(live.id)
+        if self.shared is not None and self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_dirty(), name="record writer")
 
     # ------------------------------------------------------------ choices
 
@@ -200,24 +212,33 @@ class Conversations:
 
     # ------------------------------------------------------------ turns
 
-    def _admit(self, live: Live, model=None, params=None) -> Resolved:
-        """Check everything a new reply needs; only when all pass, apply model/params and take a slot."""
+    async def _admit(self, live: Live, model=None, params=None, claim: bool = True) -> tuple[Resolved, str | None]:
+        """Check everything a new reply needs; only when all pass, apply model/params and take a slot
+        (shared: and the session's running lease, whose reply id is returned)."""
         self.admission.check_open()
-        if live.reply is not None:
+        if live.reply is not None or self._running(live) is not None:
             raise ChatError("busy", BUSY, 409)
-        new_model, new_params = self._choice(live.conv, model, params)
-        resolved = self._resolve(new_model)
-        self.admission.take(live.conv.client)
+        rid = await self._claim(live) if claim else None
+        try:
+            if live.reply is not None:
+                raise ChatError("busy", BUSY, 409)
+            new_model, new_params = self._choice(live.conv, model, params)
+            resolved = self._resolve(new_model)
+            self.admission.take(live.conv.client)
+        except BaseException:
+            if rid is not None:
+                self.shared.unclaim(live.id, rid)
+            raise
         live.conv.model, live.conv.params = new_model, new_params
-        return resolved
+        return resolved, rid
 
-    def send(self, live: Live, message, model=None, params=None, door: str = "ws") -> Reply:
+    async def send(self, live: Live, message, model=None, params=None, door: str = "ws") -> Reply:
         """Accept a user message and start its reply. Raises ``ChatError`` if refused.
         ``door`` (here and below) names the front door, for the turn's logs and metrics."""
         message = check_message(self.settings.limits, message)
-        resolved = self._admit(live, model, params)
+        resolved, rid = await self._admit(live, model, params)
         live.conv.history.append({"role": "user", "content": message})
-        return self._launch(live, resolved, door)
+        return self._launch(live, resolved, door, rid)
 
     async def send_new(self, owner: str | None, client: str, message, model=None,
                        params=None, door: str = "sse") -> tuple[Live, Reply]:
@@ -225,28 +246,29 @@ class Conversations:
         the conversation exists, so a refusal leaves nothing behind."""
         message = check_message(self.settings.limits, message)
         probe = Live(Conversation(owner, client, self.registry.default_model()))
-        resolved = self._admit(probe, model, params)  # takes a reply slot: given back if the store refuses
+        resolved, _ = await self._admit(probe, model, params, claim=False)  # a reply slot: given back if refused
         try:
             live = await self.create(owner, client)
+            rid = await self._claim(live)
         except ChatError:
             self.limiter.release_reply(client)
             raise
         live.conv.model, live.conv.params = probe.conv.model, probe.conv.params
         live.conv.history.append({"role": "user", "content": message})
-        return live, self._launch(live, resolved, door)
+        return live, self._launch(live, resolved, door, rid)
 
-    def regenerate(self, live: Live, model=None, params=None, door: str = "ws") -> Reply:
+    async def regenerate(self, live: Live, model=None, params=None, door: str = "ws") -> Reply:
         """Replace the last reply with a new one."""
         if live.reply is not None:
             raise ChatError("busy", BUSY, 409)
         h = live.conv.history
         if len(h) < 2 or h[-1]["role"] != "assistant":
             raise ChatError("bad_request", "There is no reply to regenerate yet.")
-        resolved = self._admit(live, model, params)
+        resolved, rid = await self._admit(live, model, params)
         h.pop()
-        return self._launch(live, resolved, door)
+        return self._launch(live, resolved, door, rid)
 
-    def edit(self, live: Live, index, message, model=None, params=None, door: str = "ws") -> Reply:
+    async def edit(self, live: Live, index, message, model=None, params=None, door: str = "ws") -> Reply:
         """Replace the user message at ``index`` (and everything after it) and answer it."""
         message = check_message(self.settings.limits, message)
         if live.reply is not None:
@@ -255,27 +277,29 @@ class Conversations:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(h) \
                 or h[index]["role"] != "user":
             raise ChatError("bad_request", "index must point at one of your messages in the history")
-        resolved = self._admit(live, model, params)
+        resolved, rid = await self._admit(live, model, params)
         del h[index:]
         h.append({"role": "user", "content": message})
-        return self._launch(live, resolved, door)
+        return self._launch(live, resolved, door, rid)
 
-    def _launch(self, live: Live, resolved: Resolved, door: str = "ws") -> Reply:
+    def _launch(self, live: Live, resolved: Resolved, door: str = "ws", rid: str | None = None) -> Reply:
         conv = live.conv
         conv.updated = time.time()
         if not conv.title:
             conv.title = next((m["content"][:80] for m in conv.history if m["role"] == "user"), "")
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
         self._commit(live)
-        return self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door))
+        return self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door), rid)
 
     async def stop(self, live: Live, reason: str = "stopped") -> bool:
+        if live.reply is None and self.shared is not None:  # it may run on another instance
+            return await self.shared.stop_elsewhere(live.id)
         return await self.runner.stop(live, reason)
 
     # ------------------------------------------------------------ listeners and views
 
     def frame(self, live: Live) -> dict:
-        return wire.session(live.conv, live.reply)
+        return wire.session(live.conv, self._running(live))
 
     def public(self, live: Live) -> dict:
         """``GET /api/sessions/{id}``."""
@@ -304,16 +328,17 @@ class Conversations:
 
     def can_resume(self, live: Live, after: int) -> bool:
         """Is there anything to follow after ``after``: a running reply, or missed events?"""
-        return live.reply is not None or self.events.missed(live.id, after)
+        return self._running(live) is not None or self.events.missed(live.id, after)
 
     def last_reply(self, live: Live) -> str | None:
         return self.events.last_reply(live.id)
 
     def running_since(self, live: Live) -> int | None:
         """The seq just before the running reply's ``start`` (to follow it from the beginning)."""
-        if live.reply is None:
+        running = self._running(live)
+        if running is None:
             return None
-        first = self.events.first_seq(live.id, live.reply.id)
+        first = self.events.first_seq(live.id, running.id)
         return None if first is None else first - 1
 
     # ------------------------------------------------------------ housekeeping
@@ -350,11 +375,15 @@ class Conversations:
         up to ``cancel_wait`` seconds for them to record their turn: shutdown has a deadline)."""
         self.closing = True
         await self.runner.close(grace, list(self.live.values()), cancel_wait)
+        if self._writer is not None:
+            await asyncio.wait([self._writer])
         for live in list(self.live.values()):
             await self._write_back(live)
             # Closing each outbox lets its writer flush the final events, then close with 1001.
             for outbox in list(self.events.listeners(live.id)):
                 outbox.close()
+        if self.shared is not None:
+            await self.shared.close()
 
     # ------------------------------------------------------------ stats
 

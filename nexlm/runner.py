@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 class Reply:
     __slots__ = ("id", "client", "turn", "task", "content", "reasoning", "finish_reason", "stop_reason")
 
-    def __init__(self, turn: Turn, client: str) -> None:
-        self.id = secrets.token_urlsafe(9)
+    def __init__(self, turn: Turn, client: str, reply_id: str | None = None) -> None:
+        self.id = reply_id or secrets.token_urlsafe(9)
         self.client = client
         self.turn = turn
         self.task: asyncio.Task | None = None
@@ -79,8 +79,8 @@ class Runner:
 
     # -- running
 
-    def launch(self, live: Live, turn: Turn) -> Reply:
-        reply = Reply(turn, live.conv.client)
+    def launch(self, live: Live, turn: Turn, reply_id: str | None = None) -> Reply:
+        reply = Reply(turn, live.conv.client, reply_id)
         live.reply = reply
         self.events.begin(live.id, reply.id)
         self.events.emit(live.conv, reply.id, wire.start(reply.id, reply.model))

@@ -138,6 +138,7 @@ async def _resources(app: web.Application):
         app[REGISTRY] = registry
         chat = Conversations(settings, registry)
         app[CONVERSATIONS] = chat
+        await chat.start()  # redis: StoreError (one line) if it cannot be reached
         gateway = Gateway(chat.admission)  # one admission (limits, shutdown) for every door
         app[GATEWAY] = gateway
         sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
