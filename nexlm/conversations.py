@@ -24,11 +24,13 @@ from .engine import Turn
 from .eventlog import EventLog
 from .events import Outbox
 from .limits import LimitError
+from .persist import Persister, record_of, recover
 from .providers.base import ChatRequest
 from .providers.registry import Registry, Resolved
 from .records import Conversation
 from .runner import Live, Reply, Runner
-from .store import MemoryStore, StoreFull
+from .store import StoreFull
+from .store_factory import make_store
 from .validation import ChatError, check_history, check_message, check_params
 
 log = logging.getLogger(__name__)
@@ -60,11 +62,21 @@ class Conversations:
         self.limiter = self.admission.limiter
         self.events = EventLog()
         self.live: dict[str, Live] = {}  # conversations in use in this process
-        self.store = MemoryStore(settings.chat.session_ttl_seconds, settings.chat.max_sessions,
-                                 settings.limits.max_sessions_per_client, in_use=self._in_use)
+        self.store = make_store(settings, in_use=self._in_use)  # opened by open()
+        self.persister = Persister(self.store)  # a durable store: every change written soon, replies checkpointed
         self.runner = Runner(self.events, self.limiter, settings.limits.max_history_messages,
-                             on_commit=self._commit, on_released=self._release_listeners)
-        self._dirty: set[str] = set()  # live records changed since they were last written
+                             on_commit=self._commit, on_released=self._release_listeners,
+                             background=settings.background_replies)
+        self._dirty: set[str] = set()  # live records changed since they were last written (memory store)
+
+    async def start(self) -> None:
+        """Open the store (``StoreError``: it cannot be used; the server says why and exits)."""
+        await self.store.open()
+
+    async def reply_running_elsewhere(self, conv: Conversation) -> bool:
+        """Is a stored ``streaming`` turn still running in another process? A shared store answers."""
+        check = getattr(self.store, "reply_running_elsewhere", None)
+        return bool(await check(conv)) if check is not None else False
 
     @property
     def closing(self) -> bool:
@@ -97,7 +109,12 @@ class Conversations:
             conv = await self.store.get(sid)
             if conv is None:
                 return None
-            live = self.live.setdefault(sid, Live(conv))  # another lookup may have won meanwhile
+            stale = recover(conv) if not await self.reply_running_elsewhere(conv) else False
+            if sid not in self.live:  # (another lookup may have won meanwhile)
+                self.live[sid] = Live(conv)
+                if stale:  # its process died mid-reply: the turn is interrupted, with its last checkpoint
+                    self._commit(self.live[sid])
+            live = self.live[sid]
         else:
             self.store.touch(sid)
         return live if live.conv.owner == owner else None
@@ -159,7 +176,10 @@ class Conversations:
         self._dirty.discard(live.id)
 
     def _commit(self, live: Live) -> None:
-        self._dirty.add(live.id)
+        if self.store.durable:
+            self.persister.ended(live)  # (a turn ended, or a setting changed): written now
+        else:
+            self._dirty.add(live.id)
         self.store.touch(live.id)
 
     # ------------------------------------------------------------ choices
@@ -266,8 +286,13 @@ class Conversations:
         if not conv.title:
             conv.title = next((m["content"][:80] for m in conv.history if m["role"] == "user"), "")
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
-        self._commit(live)
-        return self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door))
+        reply = self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door))
+        if self.store.durable:
+            self.persister.started(live)  # the question and the streaming turn, then checkpoints
+        else:
+            self._dirty.add(live.id)
+        self.store.touch(live.id)
+        return reply
 
     async def stop(self, live: Live, reason: str = "stopped") -> bool:
         return await self.runner.stop(live, reason)
@@ -320,7 +345,7 @@ class Conversations:
 
     async def housekeeping_once(self, now: float | None = None) -> None:
         """Expire idle conversations, drop old replay logs, and let go of what is no longer live."""
-        for cid in self.store.expire(now):
+        for cid in await self.store.expire(now):
             self._dropped(cid, "expired")
         keep = max(self.settings.chat.resume_grace_seconds, 5.0)
         self.events.forget_old(keep, self._in_use, now)
@@ -336,7 +361,7 @@ class Conversations:
     async def _write_back(self, live: Live) -> None:
         if live.id in self._dirty:
             self._dirty.discard(live.id)
-            await self.store.put(live.conv)
+            await self.store.put(record_of(live))
 
     async def housekeeping(self) -> None:
         interval = max(1.0, min(30.0, self.settings.chat.session_ttl_seconds / 4,
@@ -355,12 +380,13 @@ class Conversations:
             # Closing each outbox lets its writer flush the final events, then close with 1001.
             for outbox in list(self.events.listeners(live.id)):
                 outbox.close()
+        await self.persister.close()  # every finished or interrupted turn is written before the store closes
 
     # ------------------------------------------------------------ stats
 
     def view(self, sid: str) -> View | None:
         live = self.live.get(sid)
-        conv = live.conv if live is not None else self.store.peek(sid)
+        conv = live.conv if live is not None else self.store.peek_now(sid)  # (None: not without I/O)
         if conv is None:
             return None
         return View(conv.id, conv.owner, conv.model, dict(conv.params), [dict(t) for t in conv.history], conv.seq,
@@ -369,13 +395,13 @@ class Conversations:
                     live is not None and live.grace_timer is not None)
 
     def views(self) -> list[View]:
-        return [v for sid in dict.fromkeys([*self.store.ids(), *self.live]) if (v := self.view(sid)) is not None]
+        return [v for sid in dict.fromkeys([*self.store.ids_now(), *self.live]) if (v := self.view(sid)) is not None]
 
     def stats(self) -> dict:
         """A public view for metrics and the test invariants, whatever the store."""
         lives = list(self.live.values())
         return {
-            "sessions": len(self.store),
+            "sessions": self.store.size,
             "live": len(lives),
             "replies_running": sum(live.reply is not None for live in lives),
             "grace_timers": sum(live.grace_timer is not None for live in lives),
