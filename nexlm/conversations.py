@@ -115,6 +115,14 @@ class Conversations:
                 if stale:  # its process died mid-reply: the turn is interrupted, with its last checkpoint
                     self._commit(self.live[sid])
             live = self.live[sid]
+        elif getattr(self.store, "shared", False) and not self._in_use(sid) and not self.persister.pending(sid):
+            # Another instance may have changed it since: an idle copy here is only a cache.
+            conv = await self.store.get(sid)
+            if conv is None:
+                self._dropped(sid, "deleted")
+                return None
+            if not self._in_use(sid) and not self.persister.pending(sid):  # (the read yielded)
+                live.conv = conv
         else:
             self.store.touch(sid)
         return live if live.conv.owner == owner else None

@@ -61,6 +61,10 @@ class Persister:
             return
         self._writing[live.id] = asyncio.create_task(self._write(live), name=f"write {live.id[:6]}")
 
+    def pending(self, cid: str) -> bool:
+        """Is a write of ``cid`` asked for or in flight (this process has news the store lacks)?"""
+        return cid in self._writing
+
     async def _write(self, live: Live) -> None:
         try:
             while True:

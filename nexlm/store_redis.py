@@ -58,7 +58,8 @@ def _s(value) -> str:
 
 class RedisStore:
     kind = "redis"
-    durable = True  # shared by every instance: each commit is written, replies are checkpointed
+    durable = True  # each commit is written, replies are checkpointed
+    shared = True  # other instances write too: the facade re-reads a record it holds but does not use
 
     def __init__(self, url: str, ttl: float, max_sessions: int, max_per_client: int,
                  in_use: Callable[[str], bool], cluster: bool | None = None) -> None:
