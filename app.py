@@ -21,6 +21,7 @@ from nexlm import listen
 from nexlm.config import ConfigError, load_settings
 from nexlm.logsafe import BadRequestSummary, OneLine, loggable_path, printable
 from nexlm.server import create_app, startup_lines
+from nexlm.store import StoreError
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             access_log_class=AccessLogger,
             print=lambda _: print("\n".join([f"NexLM is running: open {url}", *startup_lines(app)]), flush=True),
         )
+    except StoreError as exc:  # raised at start, before anything listens
+        print(f"nexlm: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             print(f"nexlm: port {server.port} on {server.host} is already in use; pick another with --port",

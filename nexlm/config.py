@@ -74,14 +74,9 @@ class ChatConfig:
     resume_grace_seconds: float = 30.0  # 0: a reply whose client leaves is cancelled at once
     session_ttl_seconds: float = 3600.0  # idle sessions are forgotten after this
     max_sessions: int = 1000  # least recently used sessions are evicted past this
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    kind: str = "memory"  # "memory" | "sqlite" | "redis"
-    path: str = "nexlm.db"  # sqlite: the database file
-    url: str = "redis://127.0.0.1:6379/0"  # redis: several instances with this url behave as one server
-    lease_seconds: float = 10.0  # redis: a running reply's lease; a dead instance's reply is interrupted after it
+    # A reply whose clients all left runs to its end and is stored (whatever resume_grace_seconds
+    # says). None: by store kind (true for sqlite and redis, false for memory); see Settings.
+    background_replies: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +121,18 @@ class AuthConfig:
     jwt: JwtConfig = field(default=JwtConfig(), metadata={"config": False})  # the [auth.jwt] table
 
 
+STORE_KINDS = ("memory", "sqlite", "redis")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: where conversation records live (``NEXLM_STORE`` overrides it)."""
+    kind: str = "memory"  # "memory" | "sqlite" | "redis"
+    path: str = "nexlm.db"  # sqlite: the database file (WAL mode), relative to the working directory
+    url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # redis: may carry a password
+    lease_seconds: float = 10.0  # redis: a running reply's lease; a dead instance's reply is interrupted after it
+
+
 @dataclass(frozen=True)
 class CompatConfig:
     """``[compat]``: for pages written for the original NexLM (the seed article's)."""
@@ -142,6 +149,13 @@ class Settings:
     store: StoreConfig = StoreConfig()
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     source: str = "<built-in defaults>"
+
+    @property
+    def background_replies(self) -> bool:
+        """``[chat] background_replies``, or by store kind when unset: a store that outlives
+        the process keeps what a reply nobody watches goes on to say."""
+        chosen = self.chat.background_replies
+        return self.store.kind != "memory" if chosen is None else chosen
 
 
 EMBEDDED_MODEL = DEFAULT_PACKAGED
@@ -183,8 +197,8 @@ def builtin_providers(env: dict[str, str] | None = None) -> dict[str, ProviderCo
 # ---------------------------------------------------------------- validation
 
 def _coerce(source: str, key: str, value: Any, default: Any) -> Any:
-    """Check ``value`` against the type of ``default`` (the field's default)."""
-    if isinstance(default, bool):
+    """Check ``value`` against the type of ``default`` (the field's default; None: an optional bool)."""
+    if isinstance(default, bool) or default is None:
         if not isinstance(value, bool):
             raise _fail(source, key, f"expected true or false, got {value!r}")
         return value
@@ -246,7 +260,8 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
         except OSError as exc:
             raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
 
-    sections = {"server": "server", "chat": "chat", "limits": "limits", "auth": "auth", "compat": "compat", "store": "store"}
+    sections = {"server": "server", "chat": "chat", "limits": "limits", "auth": "auth", "compat": "compat",
+                "store": "store"}
     unknown = set(data) - set(sections) - {"providers"}
     if unknown:
         raise _fail(source, f"[{sorted(unknown)[0]}]",
@@ -284,21 +299,10 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
             merged[name] = replace(p, api_key=env.get(p.api_key_env, ""))
     settings = replace(settings, providers={n: p for n, p in merged.items() if p.enabled}, source=source)
 
-    store = env.get("NEXLM_STORE", "")
-    if store:  # memory | sqlite:PATH | redis:// or rediss:// URL
-        if store.startswith(("redis://", "rediss://")):
-            settings = replace(settings, store=replace(settings.store, kind="redis", url=store))
-        elif store.startswith("sqlite:"):
-            settings = replace(settings, store=replace(settings.store, kind="sqlite", path=store[7:]))
-        elif store == "memory":
-            settings = replace(settings, store=replace(settings.store, kind="memory"))
-        else:
-            raise ConfigError(f"NEXLM_STORE: expected memory, sqlite:PATH or a redis:// URL, got {store[:40]!r}")
-    if settings.store.kind not in ("memory", "sqlite", "redis"):
-        raise _fail(source, "[store] kind", f"expected memory, sqlite or redis, got {settings.store.kind!r}")
     if env.get("NEXLM_TOKENS"):
         tokens = tuple(t.strip() for t in env["NEXLM_TOKENS"].split(",") if t.strip())
         settings = replace(settings, auth=replace(settings.auth, tokens=tokens))
+    settings = replace(settings, store=_store(settings.store, env.get("NEXLM_STORE", ""), source))
     base_path = settings.server.base_path.rstrip("/")
     if base_path and not base_path.startswith("/"):
         raise _fail(source, "[server] base_path", f"must start with '/', got {settings.server.base_path!r}")
@@ -310,3 +314,22 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
     return settings
 
 
+def _store(store: StoreConfig, override: str, source: str) -> StoreConfig:
+    """``[store]``, with ``NEXLM_STORE`` (``memory``, ``sqlite:PATH``, ``redis://...``) on top."""
+    if override:
+        if override == "memory":
+            store = replace(store, kind="memory")
+        elif override.startswith("sqlite:") and len(override) > len("sqlite:"):
+            store = replace(store, kind="sqlite", path=override[len("sqlite:"):])
+        elif override.startswith(("redis://", "rediss://")):
+            store = replace(store, kind="redis", url=override)
+        else:
+            raise ConfigError(f"NEXLM_STORE: expected memory, sqlite:PATH or a redis:// or rediss:// URL, "
+                              f"got {override.split(':', 1)[0]!r}...")
+    if store.kind not in STORE_KINDS:
+        raise _fail(source, "[store] kind", f"must be one of {', '.join(STORE_KINDS)}, got {store.kind!r}")
+    if store.kind == "sqlite" and not store.path:
+        raise _fail(source, "[store] path", "must name the database file")
+    if store.kind == "redis" and not store.url.startswith(("redis://", "rediss://")):
+        raise _fail(source, "[store] url", "must start with redis:// or rediss://")
+    return store

@@ -12,7 +12,8 @@ def context(conv: Conversation, chat: ChatConfig) -> list[dict]:
 
     ``history`` ends with the user message being answered. A turn whose reply
     has no text (failed or stopped before the first token) is left out with
-    its question, so roles still alternate.
+    its question, so roles still alternate; so is one still ``streaming`` (it
+    is a reply being written, not context).
     """
     *earlier, question = conv.history
     turns: list[tuple[dict, dict]] = []
@@ -21,7 +22,7 @@ def context(conv: Conversation, chat: ChatConfig) -> list[dict]:
         if entry["role"] == "user":
             pending = entry
         elif pending is not None:
-            if entry["content"]:
+            if entry["content"] and entry.get("finish_reason") != "streaming":  # (a reply still running elsewhere)
                 turns.append((pending, entry))
             pending = None
     keep = chat.max_history_turns

@@ -24,12 +24,14 @@ from .engine import Turn
 from .eventlog import EventLog
 from .events import Outbox
 from .limits import LimitError
+from .persist import Persister, record_of, recover
 from .providers.base import ChatRequest
 from .providers.registry import Registry, Resolved
 from .records import Conversation
 from .runner import Live, Reply, Runner
 from .shared_facade import Shared
-from .store import MemoryStore, StoreFull
+from .store import StoreFull
+from .store_factory import make_store
 from .validation import ChatError, check_history, check_message, check_params
 
 log = logging.getLogger(__name__)
@@ -61,13 +63,22 @@ class Conversations(Shared):
         self.limiter = self.admission.limiter
         self.events = EventLog()
         self.live: dict[str, Live] = {}  # conversations in use in this process
-        self.store = MemoryStore(settings.chat.session_ttl_seconds, settings.chat.max_sessions,
-                                 settings.limits.max_sessions_per_client, in_use=self._in_use)
+        self.store = make_store(settings, in_use=self._in_use)  # opened by open()
+        self.persister = Persister(self.store)  # a durable store: every change written soon, replies checkpointed
         self.runner = Runner(self.events, self.limiter, settings.limits.max_history_messages,
-                             on_commit=self._commit, on_released=self._release_listeners)
-        self._dirty: set[str] = set()  # live records changed since they were last written
-        self.shared = None  # redis_live.RedisLive: instances sharing one redis store ([store] kind = "redis")
-        self._writer: asyncio.Task | None = None  # shared: writes changed records at once
+                             on_commit=self._commit, on_released=self._release_listeners,
+                             background=settings.background_replies)
+        self._dirty: set[str] = set()  # live records changed since they were last written (memory store)
+
+    async def start(self) -> None:
+        """Open the store (``StoreError``: it cannot be used; the server says why and exits)."""
+        await self.store.open()
+        await self._start_shared()
+
+    async def reply_running_elsewhere(self, conv: Conversation) -> bool:
+        """Is a stored ``streaming`` turn still running in another process? A shared store answers."""
+        check = getattr(self.shared or self.store, "reply_running_elsewhere", None)  # redis: its lease is held
+        return bool(await check(conv)) if check is not None else False
 
     @property
     def closing(self) -> bool:
@@ -97,16 +108,24 @@ class Conversations(Shared):
             return None
         live = self.live.get(sid)
         if self.shared is not None:
-            await self.events.refresh(sid)
-            if live is not None and not self._in_use(sid) and sid not in self._dirty:
-                live = None  # another instance may have changed the record: read it again
+            await self.events.refresh(sid)  # what runs elsewhere, for the frame, resume and busy
         if live is None:
             conv = await self.store.get(sid)
             if conv is None:
                 return None
-            live = self.live.get(sid)
-            if live is None or (self.shared is not None and not self._in_use(sid) and sid not in self._dirty):
-                live = self.live[sid] = live or Live(conv)  # another lookup may have won meanwhile
+            stale = recover(conv) if not await self.reply_running_elsewhere(conv) else False
+            if sid not in self.live:  # (another lookup may have won meanwhile)
+                self.live[sid] = Live(conv)
+                if stale:  # its process died mid-reply: the turn is interrupted, with its last checkpoint
+                    self._commit(self.live[sid])
+            live = self.live[sid]
+        elif getattr(self.store, "shared", False) and not self._in_use(sid) and not self.persister.pending(sid):
+            # Another instance may have changed it since: an idle copy here is only a cache.
+            conv = await self.store.get(sid)
+            if conv is None:
+                self._dropped(sid, "deleted")
+                return None
+            if not self._in_use(sid) and not self.persister.pending(sid):  # (the read yielded)
                 live.conv = conv
         else:
             self.store.touch(sid)
@@ -169,10 +188,11 @@ class Conversations(Shared):
         self._dirty.discard(live.id)
 
     def _commit(self, live: Live) -> None:
-        self._dirty.add(live.id)
+        if self.store.durable:
+            self.persister.ended(live)  # (a turn ended, or a setting changed): written now
+        else:
+            self._dirty.add(live.id)
         self.store.touch(live.id)
-        if self.shared is not None and self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write_dirty(), name="record writer")
 
     # ------------------------------------------------------------ choices
 
@@ -211,26 +231,6 @@ class Conversations(Shared):
         self._commit(live)
 
     # ------------------------------------------------------------ turns
-
-    async def _admit(self, live: Live, model=None, params=None, claim: bool = True) -> tuple[Resolved, str | None]:
-        """Check everything a new reply needs; only when all pass, apply model/params and take a slot
-        (shared: and the session's running lease, whose reply id is returned)."""
-        self.admission.check_open()
-        if live.reply is not None or self._running(live) is not None:
-            raise ChatError("busy", BUSY, 409)
-        rid = await self._claim(live) if claim else None
-        try:
-            if live.reply is not None:
-                raise ChatError("busy", BUSY, 409)
-            new_model, new_params = self._choice(live.conv, model, params)
-            resolved = self._resolve(new_model)
-            self.admission.take(live.conv.client)
-        except BaseException:
-            if rid is not None:
-                self.shared.unclaim(live.id, rid)
-            raise
-        live.conv.model, live.conv.params = new_model, new_params
-        return resolved, rid
 
     async def send(self, live: Live, message, model=None, params=None, door: str = "ws") -> Reply:
         """Accept a user message and start its reply. Raises ``ChatError`` if refused.
@@ -288,8 +288,13 @@ class Conversations(Shared):
         if not conv.title:
             conv.title = next((m["content"][:80] for m in conv.history if m["role"] == "user"), "")
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
-        self._commit(live)
-        return self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door), rid)
+        reply = self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door), rid)
+        if self.store.durable:
+            self.persister.started(live)  # the question and the streaming turn, then checkpoints
+        else:
+            self._dirty.add(live.id)
+        self.store.touch(live.id)
+        return reply
 
     async def stop(self, live: Live, reason: str = "stopped") -> bool:
         if live.reply is None and self.shared is not None:  # it may run on another instance
@@ -345,7 +350,7 @@ class Conversations(Shared):
 
     async def housekeeping_once(self, now: float | None = None) -> None:
         """Expire idle conversations, drop old replay logs, and let go of what is no longer live."""
-        for cid in self.store.expire(now):
+        for cid in await self.store.expire(now):
             self._dropped(cid, "expired")
         keep = max(self.settings.chat.resume_grace_seconds, 5.0)
         self.events.forget_old(keep, self._in_use, now)
@@ -361,7 +366,7 @@ class Conversations(Shared):
     async def _write_back(self, live: Live) -> None:
         if live.id in self._dirty:
             self._dirty.discard(live.id)
-            await self.store.put(live.conv)
+            await self.store.put(record_of(live))
 
     async def housekeeping(self) -> None:
         interval = max(1.0, min(30.0, self.settings.chat.session_ttl_seconds / 4,
@@ -375,13 +380,12 @@ class Conversations(Shared):
         up to ``cancel_wait`` seconds for them to record their turn: shutdown has a deadline)."""
         self.closing = True
         await self.runner.close(grace, list(self.live.values()), cancel_wait)
-        if self._writer is not None:
-            await asyncio.wait([self._writer])
         for live in list(self.live.values()):
             await self._write_back(live)
             # Closing each outbox lets its writer flush the final events, then close with 1001.
             for outbox in list(self.events.listeners(live.id)):
                 outbox.close()
+        await self.persister.close()  # every finished or interrupted turn is written before the store closes
         if self.shared is not None:
             await self.shared.close()
 
@@ -389,7 +393,7 @@ class Conversations(Shared):
 
     def view(self, sid: str) -> View | None:
         live = self.live.get(sid)
-        conv = live.conv if live is not None else self.store.peek(sid)
+        conv = live.conv if live is not None else self.store.peek_now(sid)  # (None: not without I/O)
         if conv is None:
             return None
         return View(conv.id, conv.owner, conv.model, dict(conv.params), [dict(t) for t in conv.history], conv.seq,
@@ -398,13 +402,13 @@ class Conversations(Shared):
                     live is not None and live.grace_timer is not None)
 
     def views(self) -> list[View]:
-        return [v for sid in dict.fromkeys([*self.store.ids(), *self.live]) if (v := self.view(sid)) is not None]
+        return [v for sid in dict.fromkeys([*self.store.ids_now(), *self.live]) if (v := self.view(sid)) is not None]
 
     def stats(self) -> dict:
         """A public view for metrics and the test invariants, whatever the store."""
         lives = list(self.live.values())
         return {
-            "sessions": len(self.store),
+            "sessions": self.store.size,
             "live": len(lives),
             "replies_running": sum(live.reply is not None for live in lives),
             "grace_timers": sum(live.grace_timer is not None for live in lives),

@@ -24,16 +24,14 @@ from redis import asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 
+from .store import StoreError  # one class for "a store cannot be used", whichever store
+
 PREFIX = "nexlm"
 _SAFE_TAG = re.compile(r"[A-Za-z0-9_.@=+/-]{1,128}")
 _SID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # records.new_id: token_urlsafe
 # Every command waits at most this long for an answer, so a Redis that stops answering fails a
 # request instead of hanging it. Blocking reads (XREAD BLOCK) must block for less than this.
 SOCKET_TIMEOUT = 10.0
-
-
-class StoreError(Exception):
-    """A store that cannot be opened or used; the message is one line: which store, and why."""
 
 
 def key(sid: str, *parts: object) -> str:
@@ -90,7 +88,7 @@ class RedisConn:
     where: str  # the URL without its password
 
     def error(self, exc: BaseException, doing: str) -> StoreError:
-        return StoreError(f"redis store {self.where}: {doing} failed: {reason(exc)}")
+        return StoreError(f"redis: {doing} failed: {reason(exc)}")
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -132,4 +130,4 @@ async def connect(url: str, cluster: bool | None = None, *, timeout: float = 5.0
             raise
         return RedisConn(client, True, where)
     except (rexc.RedisError, OSError, ValueError) as exc:
-        raise StoreError(f"redis store {where}: cannot connect: {reason(exc)}") from None
+        raise StoreError(f"cannot connect to {where}: {reason(exc)}") from None

@@ -127,6 +127,10 @@ class RedisLive:
         self.held[conv.id] = rid
         return rid
 
+    async def reply_running_elsewhere(self, conv) -> bool:
+        """Is the session's running lease held (a dead holder's expires)? (persist.recover asks.)"""
+        return valid_sid(conv.id) and bool(await self.r.exists(running_key(conv.id)))
+
     def unclaim(self, cid: str, rid: str) -> None:
         """Give back a lease whose reply never started (refused after the claim)."""
         self.events._queue(("release", cid, rid))

@@ -49,6 +49,16 @@ class Reply:
     def model(self) -> str:
         return self.turn.model
 
+    def entry(self, finish: str) -> dict:
+        """The assistant turn as the history keeps it (``streaming`` while it runs)."""
+        turn = self.turn
+        entry = {"role": "assistant", "content": self.text, "finish_reason": finish, "model": turn.model}
+        if self.reasoning:
+            entry["reasoning"] = "".join(self.reasoning)
+        if turn.usage:
+            entry["usage"] = turn.usage
+        return entry
+
 
 class Live:
     __slots__ = ("conv", "reply", "grace_timer", "closed")
@@ -66,8 +76,10 @@ class Live:
 
 class Runner:
     def __init__(self, events: EventLog, limiter: Limiter, max_history: int,
-                 on_commit: Callable[[Live], None], on_released: Callable[[Live], None]) -> None:
+                 on_commit: Callable[[Live], None], on_released: Callable[[Live], None],
+                 background: bool = False) -> None:
         self.events = events
+        self.background = background  # replies nobody listens to run to their end
         self.limiter = limiter
         self.max_history = max_history
         self._on_commit = on_commit  # a turn was recorded: write the record back
@@ -125,13 +137,8 @@ class Runner:
             return
         reply.finish_reason = finish
         turn = reply.turn
-        entry = {"role": "assistant", "content": reply.text, "finish_reason": finish, "model": turn.model}
-        if reply.reasoning:
-            entry["reasoning"] = "".join(reply.reasoning)
-        if turn.usage:
-            entry["usage"] = turn.usage
         history = live.conv.history
-        history.append(entry)
+        history.append(reply.entry(finish))
         if len(history) > self.max_history:
             drop = len(history) - self.max_history
             drop += drop % 2  # whole turns, so the history still starts with a user message
@@ -188,16 +195,23 @@ class Runner:
             self._orphans.pop(live.reply, None)
 
     def nobody_listening(self, live: Live, grace: float, closing: bool) -> None:
-        """The last listener left: the reply runs on for the resume grace (or stops now)."""
+        """The last listener left: the reply runs on for the resume grace (or stops now), or to its
+        end with ``background`` (a single-slot model's reply still yields to one that waits)."""
         reply = live.reply
         if reply is None:
             return
         provider = reply.turn.provider
-        if grace <= 0 or closing or (provider.single_slot and provider.waiting()):
+        if closing or (provider.single_slot and provider.waiting()):
             self.cancel(reply, "interrupted")
             return
         if provider.single_slot:
-            self._orphans[reply] = live
+            self._orphans[reply] = live  # still gives the one slot up when another reply waits
+        if self.background:
+            return  # [chat] background_replies: it runs to its end and is stored, whatever the grace
+        if grace <= 0:
+            self._orphans.pop(reply, None)
+            self.cancel(reply, "interrupted")
+            return
         if live.grace_timer is None:
             live.grace_timer = asyncio.get_running_loop().call_later(grace, self._grace_over, live, reply)
 

@@ -38,6 +38,8 @@ from .gateway import Gateway
 from .looplag import LoopLag
 from .providers.registry import Registry
 from .security import Guard
+from .store import StoreError
+from .store_factory import describe
 from .transports import http, seed_http, seed_ws, sse, ws
 from .transports.v1 import chat as v1
 from .transports.v1 import responses as v1_responses
@@ -137,8 +139,12 @@ async def _resources(app: web.Application):
         registry = Registry(settings, session)
         app[REGISTRY] = registry
         chat = Conversations(settings, registry)
+        try:
+            await chat.start()
+        except StoreError as exc:  # app.py prints it as one line and exits 2
+            await registry.close()
+            raise StoreError(f"cannot open the {describe(settings)}: {exc}") from None
         app[CONVERSATIONS] = chat
-        await chat.start()  # redis: StoreError (one line) if it cannot be reached
         gateway = Gateway(chat.admission)  # one admission (limits, shutdown) for every door
         app[GATEWAY] = gateway
         sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
@@ -150,6 +156,7 @@ async def _resources(app: web.Application):
                 task.cancel()
             await asyncio.wait([sweeper, lag])
             await asyncio.gather(chat.close(0, None), gateway.close(0))  # normally done in _shutdown already
+            await chat.store.close()
             await registry.close()
 
 

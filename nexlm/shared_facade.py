@@ -17,9 +17,9 @@ BUSY = "A reply is still streaming; stop it or wait for it to finish."
 
 
 class Shared:
-    shared = None
+    shared = None  # redis_live.RedisLive once started with [store] kind = "redis"
 
-    async def start(self) -> None:
+    async def _start_shared(self) -> None:
         """Open what the store needs; redis: the live layer shared with the other instances."""
         if self.settings.store.kind == "redis" and self.shared is None:
             keep = max(self.settings.chat.resume_grace_seconds, 5.0)
@@ -30,6 +30,26 @@ class Shared:
             shared.on_reap = self._reaped
             shared.events.on_remote_done = self._remote_done
             shared.start()
+
+    async def _admit(self, live, model=None, params=None, claim: bool = True) -> tuple:
+        """Check everything a new reply needs; only when all pass, apply model/params and take a slot
+        (shared: and the session's running lease, whose reply id is returned)."""
+        self.admission.check_open()
+        if live.reply is not None or self._running(live) is not None:
+            raise ChatError("busy", BUSY, 409)
+        rid = await self._claim(live) if claim else None
+        try:
+            if live.reply is not None:
+                raise ChatError("busy", BUSY, 409)
+            new_model, new_params = self._choice(live.conv, model, params)
+            resolved = self._resolve(new_model)
+            self.admission.take(live.conv.client)
+        except BaseException:
+            if rid is not None:
+                self.shared.unclaim(live.id, rid)
+            raise
+        live.conv.model, live.conv.params = new_model, new_params
+        return resolved, rid
 
     async def _claim(self, live) -> str | None:
         if self.shared is None:
@@ -47,16 +67,6 @@ class Shared:
         if remote is not None and not remote.model:
             remote.model = live.conv.model
         return remote
-
-    async def _write_dirty(self) -> None:
-        """Changed records are written at once, for the other instances to read."""
-        try:
-            while self._dirty:
-                live = self.live.get(self._dirty.pop())
-                if live is not None:
-                    await self.store.put(live.conv)
-        finally:
-            self._writer = None
 
     # -------------------------------------------------------------- called by redis_live
 

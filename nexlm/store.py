@@ -29,22 +29,56 @@ class StoreFull(Exception):
         self.message = message
 
 
+class StoreError(Exception):
+    """The store cannot be used (opened, migrated): one line saying why, never a secret."""
+
+
 class Store(Protocol):
-    async def get(self, cid: str) -> Conversation | None: ...
+    """What the facade needs from wherever records live. Everything a database must answer is
+    async; ``touch`` is fire-and-forget (a store may batch it) and ``size`` the last known count
+    (for metrics). ``peek_now``/``ids_now`` answer without I/O or not at all (tests, metrics)."""
+
+    kind: str  # "memory" | "sqlite" | "redis"
+    durable: bool  # records outlive this process (or are shared): write each commit, checkpoint replies
+    max_sessions: int
+    max_per_client: int
+
+    async def open(self) -> None:
+        """Connect, create or migrate the schema; raise ``StoreError`` (one line) if it cannot."""
+    async def close(self) -> None: ...
+    async def get(self, cid: str) -> Conversation | None:
+        """Read a record; counts as activity."""
+    async def peek(self, cid: str) -> Conversation | None:
+        """Read without counting as activity."""
     async def add(self, conv: Conversation) -> list[str]:
         """Store a new record, evicting idle ones past the caps (their ids are returned)."""
-    async def put(self, conv: Conversation) -> None: ...
+    async def put(self, conv: Conversation) -> None:
+        """Replace an existing record (a missing one stays missing: a write racing a delete)."""
     async def delete(self, cid: str) -> bool: ...
     def touch(self, cid: str) -> None: ...
-    def peek(self, cid: str) -> Conversation | None:
-        """Read without counting as activity (metrics, tests)."""
-    def ids(self) -> list[str]: ...
-    def expire(self, now: float | None = None) -> list[str]: ...
-    def __len__(self) -> int: ...
-    async def close(self) -> None: ...
+    async def ids(self) -> list[str]: ...
+    def clock(self) -> float:
+        """The store's own time (``expire``'s ``now``): monotonic in memory, wall time on disk."""
+    async def expire(self, now: float | None = None) -> list[str]:
+        """Forget records not in use and idle for the TTL; their ids."""
+    async def list_owner(self, owner: str, limit: int, before: float | None = None) -> list[Conversation]:
+        """``owner``'s conversations, newest ``updated`` first (``created`` when never updated),
+        only those updated strictly before ``before`` when given (the next page's cursor)."""
+    @property
+    def size(self) -> int: ...
+    def peek_now(self, cid: str) -> Conversation | None: ...
+    def ids_now(self) -> list[str]: ...
+
+
+def listed_at(conv: Conversation) -> float:
+    """The time a conversation is listed by: its last turn, or its creation."""
+    return conv.updated or conv.created
 
 
 class MemoryStore:
+    kind = "memory"
+    durable = False  # the live conversation is the truth; records are written when it goes idle
+
     def __init__(self, ttl: float, max_sessions: int, max_per_client: int,
                  in_use: Callable[[str], bool]) -> None:
         self.ttl = ttl
@@ -63,6 +97,15 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._rows)
 
+    @property
+    def size(self) -> int:
+        return len(self._rows)
+
+    async def open(self) -> None:
+        return None
+
+    clock = staticmethod(time.monotonic)
+
     async def get(self, cid: str) -> Conversation | None:
         row = self._rows.get(cid) if isinstance(cid, str) else None
         if row is None:
@@ -70,12 +113,25 @@ class MemoryStore:
         self.touch(cid)
         return Conversation.loads(row)
 
-    def peek(self, cid: str) -> Conversation | None:
+    def peek_now(self, cid: str) -> Conversation | None:
         row = self._rows.get(cid)
         return None if row is None else Conversation.loads(row)
 
-    def ids(self) -> list[str]:
+    async def peek(self, cid: str) -> Conversation | None:
+        return self.peek_now(cid)
+
+    def ids_now(self) -> list[str]:
         return list(self._rows)
+
+    async def ids(self) -> list[str]:
+        return list(self._rows)
+
+    async def list_owner(self, owner: str, limit: int, before: float | None = None) -> list[Conversation]:
+        """A scan of every record: fine for the memory store's size (max_sessions)."""
+        convs = [c for row in self._rows.values() if (c := Conversation.loads(row)).owner == owner
+                 and (before is None or listed_at(c) < before)]
+        convs.sort(key=listed_at, reverse=True)
+        return convs[:max(0, limit)]
 
     async def add(self, conv: Conversation) -> list[str]:
         evicted = []
@@ -132,7 +188,7 @@ class MemoryStore:
             self._per_client.pop(client, None)
         return True
 
-    def expire(self, now: float | None = None) -> list[str]:
+    async def expire(self, now: float | None = None) -> list[str]:
         """Forget records not in use and quiet for ``ttl``; least recently used first, so the
         scan stops at the first one still fresh."""
         now = time.monotonic() if now is None else now

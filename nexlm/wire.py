@@ -44,7 +44,8 @@ def session(conv, running=None) -> dict:
         "session": conv.id,
         "model": conv.model,
         "params": dict(conv.params),
-        "history": list(conv.history),
+        # A stored turn still ``streaming`` is the running reply: its events show it, not the history.
+        "history": [t for t in conv.history if t.get("finish_reason") != "streaming"],
         "seq": conv.seq,
     }
     if running is not None:

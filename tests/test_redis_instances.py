@@ -1,0 +1,71 @@
+"""Two NexLM app instances in one test process sharing one real redis-server: one server to the user."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import WS
+from redis_servers import command
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    assert command(redis_server.port, "FLUSHALL").startswith("+OK")
+    return redis_server.url
+
+
+@pytest.fixture
+def two(make_client, redis_url):
+    """``await two(extra_toml)`` -> two test clients of two apps with the same ``[store] url``."""
+
+    async def make(extra: str = ""):
+        env = {"NEXLM_STORE": redis_url}
+        return await make_client(extra, env=env), await make_client(extra, env=env)
+
+    return make
+
+
+async def ws(client, path="/ws") -> WS:
+    return WS(await client.ws_connect(path))
+
+
+async def test_a_session_made_on_one_instance_is_used_on_the_other(two, upstream):
+    a, b = await two()
+    wa = await ws(a)
+    sid = (await wa.recv())["session"]
+    await wa.send({"type": "set", "params": {"temperature": 0.3}})
+    await wa.until("session")
+    await wa.send({"type": "chat", "message": "first question"})
+    await wa.until("done")
+    await wa.close()
+
+    r = await b.get(f"/api/sessions/{sid}")
+    assert r.status == 200
+    data = await r.json()
+    assert data["session"] == sid and data["params"].get("temperature") == 0.3
+    assert [(h["role"], h["content"]) for h in data["history"]] == [("user", "first question"),
+                                                                   ("assistant", "Hello world")]
+
+    wb = await ws(b, f"/ws?session={sid}")
+    frame = await wb.recv()
+    assert frame["type"] == "session" and frame["session"] == sid and len(frame["history"]) == 2
+    await wb.send({"type": "chat", "message": "second question"})
+    await wb.until("done")
+    await wb.close()
+    sent = upstream.requests[-1]["body"]
+    assert [m["content"] for m in sent["messages"] if m["role"] != "system"] == [
+        "first question", "Hello world", "second question"]
+    assert sent.get("temperature") == 0.3
+
+    data = await (await a.get(f"/api/sessions/{sid}")).json()
+    assert [h["content"] for h in data["history"]] == ["first question", "Hello world", "second question",
+                                                       "Hello world"]
+
+
+async def test_a_delete_through_one_instance_is_seen_by_the_other(two):
+    a, b = await two()
+    wa = await ws(a)
+    sid = (await wa.recv())["session"]
+    await wa.close()
+    assert (await b.get(f"/api/sessions/{sid}")).status == 200
+    assert (await b.delete(f"/api/sessions/{sid}")).status == 200
+    assert (await a.get(f"/api/sessions/{sid}")).status == 404
