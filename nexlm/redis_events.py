@@ -254,6 +254,8 @@ class RedisEventLog(EventLog):
         remote = self.running_elsewhere(cid) if running is None else None
         super().subscribe(cid, outbox, after, running or (remote.id if remote else None))
         snap = self._snap.get(cid)
+        if snap is None:  # a session made here (never looked up): nothing ran anywhere yet
+            snap = self._snap[cid] = _Snapshot(None, [], b"0-0")
         t = self._topics[cid]
         logs = {r.id: r for r in t.replies}
         local_top = max((r.events[-1]["seq"] for r in t.replies if r.events), default=0)
@@ -266,8 +268,6 @@ class RedisEventLog(EventLog):
         else:
             floor = max(local_top, self._top(cid, None))
         self._floor[outbox] = floor
-        if snap is None:
-            return
         for rid, _first, last, done in snap.replies:
             mine = logs.get(rid)
             complete = rid in self._own or (mine is not None and mine.finished is not None)
