@@ -5,11 +5,9 @@ instance each request lands on (issue 13). One test, on the fixtures of e2e_supp
 from __future__ import annotations
 
 import pytest
-from playwright.sync_api import expect
-
 from cluster import Nginx
-from e2e_support import (  # noqa: F401  (fixtures are used by name)
-    Server, browser, fake, http_json, make_page, parent_site)
+from e2e_support import Server, browser, fake, http_json, make_page, parent_site  # noqa: F401  (fixtures by name)
+from playwright.sync_api import expect
 from redis_servers import RedisServer
 from test_page import conv, online, replies, send, wait_idle
 
@@ -17,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def behind_nginx(tmp_path, fake, parent_site):
+def behind_nginx(tmp_path, fake, parent_site):  # noqa: F811
     redis = RedisServer(tmp_path / "redis")
     servers = []
     nginx = None
@@ -36,7 +34,7 @@ def behind_nginx(tmp_path, fake, parent_site):
         redis.stop()
 
 
-def test_send_stop_reload_resume_through_nginx(behind_nginx, make_page):
+def test_send_stop_reload_resume_through_nginx(behind_nginx, make_page):  # noqa: F811
     nginx, servers = behind_nginx
     page = make_page(nginx.url + "/")
     online(page)
