@@ -116,28 +116,26 @@ class Conversations:
                     self._commit(self.live[sid])
             live = self.live[sid]
         elif getattr(self.store, "shared", False) and not self._in_use(sid) and not self.persister.pending(sid):
-            # Another instance may have changed it since: an idle copy here is only a cache.
-            conv = await self.store.get(sid)
+            conv = await self.store.get(sid)  # another instance may have changed it: an idle copy is a cache
             if conv is None:
                 self._dropped(sid, "deleted")
                 return None
             if not self._in_use(sid) and not self.persister.pending(sid):  # (the read yielded)
-                live.conv = conv
+                live.conv.refresh(conv)
         else:
             self.store.touch(sid)
         return live if live.conv.owner == owner else None
 
     async def create(self, owner: str | None, client: str) -> Live:
-        """A new conversation. It counts against the client's ``sessions_per_minute``
-        (``rate_limited``, 429) and needs room in the store (``overloaded``/``busy``, 503,
-        when every conversation in the way is in use)."""
+        """A new conversation. It counts against the client's ``sessions_per_minute`` (``rate_limited``,
+        429) and needs room in the store (``overloaded``/``busy``, 503, when all in the way are in use)."""
         conv = await self._add(Conversation(owner, client, self.registry.default_model()))
         live = self.live[conv.id] = Live(conv)
         return live
 
     async def _add(self, conv: Conversation) -> Conversation:
         try:
-            self.limiter.take_session(conv.client)
+            await self.limiter.admit_session(conv.client)
         except LimitError as exc:
             raise ChatError(exc.code, exc.message, 429, exc.retry_after) from None
         try:
@@ -228,22 +226,24 @@ class Conversations:
 
     # ------------------------------------------------------------ turns
 
-    def _admit(self, live: Live, model=None, params=None) -> Resolved:
+    async def _admit(self, live: Live, model=None, params=None) -> Resolved:
         """Check everything a new reply needs; only when all pass, apply model/params and take a slot."""
         self.admission.check_open()
         if live.reply is not None:
             raise ChatError("busy", BUSY, 409)
         new_model, new_params = self._choice(live.conv, model, params)
         resolved = self._resolve(new_model)
-        self.admission.take(live.conv.client)
+        await self.admission.take(live.conv.client)
+        if live.reply is not None:  # another request started one while the limits were counted
+            self.admission.release(live.conv.client)
+            raise ChatError("busy", BUSY, 409)
         live.conv.model, live.conv.params = new_model, new_params
         return resolved
 
-    def send(self, live: Live, message, model=None, params=None, door: str = "ws") -> Reply:
-        """Accept a user message and start its reply. Raises ``ChatError`` if refused.
-        ``door`` (here and below) names the front door, for the turn's logs and metrics."""
+    async def send(self, live: Live, message, model=None, params=None, door: str = "ws") -> Reply:
+        """Accept a user message and start its reply (``ChatError`` if refused); ``door`` names the front door."""
         message = check_message(self.settings.limits, message)
-        resolved = self._admit(live, model, params)
+        resolved = await self._admit(live, model, params)
         live.conv.history.append({"role": "user", "content": message})
         return self._launch(live, resolved, door)
 
@@ -253,7 +253,7 @@ class Conversations:
         the conversation exists, so a refusal leaves nothing behind."""
         message = check_message(self.settings.limits, message)
         probe = Live(Conversation(owner, client, self.registry.default_model()))
-        resolved = self._admit(probe, model, params)  # takes a reply slot: given back if the store refuses
+        resolved = await self._admit(probe, model, params)  # takes a reply slot: given back if the store refuses
         try:
             live = await self.create(owner, client)
         except ChatError:
@@ -263,18 +263,18 @@ class Conversations:
         live.conv.history.append({"role": "user", "content": message})
         return live, self._launch(live, resolved, door)
 
-    def regenerate(self, live: Live, model=None, params=None, door: str = "ws") -> Reply:
+    async def regenerate(self, live: Live, model=None, params=None, door: str = "ws") -> Reply:
         """Replace the last reply with a new one."""
         if live.reply is not None:
             raise ChatError("busy", BUSY, 409)
         h = live.conv.history
         if len(h) < 2 or h[-1]["role"] != "assistant":
             raise ChatError("bad_request", "There is no reply to regenerate yet.")
-        resolved = self._admit(live, model, params)
+        resolved = await self._admit(live, model, params)
         h.pop()
         return self._launch(live, resolved, door)
 
-    def edit(self, live: Live, index, message, model=None, params=None, door: str = "ws") -> Reply:
+    async def edit(self, live: Live, index, message, model=None, params=None, door: str = "ws") -> Reply:
         """Replace the user message at ``index`` (and everything after it) and answer it."""
         message = check_message(self.settings.limits, message)
         if live.reply is not None:
@@ -283,7 +283,7 @@ class Conversations:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(h) \
                 or h[index]["role"] != "user":
             raise ChatError("bad_request", "index must point at one of your messages in the history")
-        resolved = self._admit(live, model, params)
+        resolved = await self._admit(live, model, params)
         del h[index:]
         h.append({"role": "user", "content": message})
         return self._launch(live, resolved, door)
