@@ -66,7 +66,7 @@ class Conversations:
         self.persister = Persister(self.store)  # a durable store: every change written soon, replies checkpointed
         self.runner = Runner(self.events, self.limiter, settings.limits.max_history_messages,
                              on_commit=self._commit, on_released=self._release_listeners,
-                             background=settings.background_replies)
+                             background=settings.background_replies, settle=self.persister.settler())
         self._dirty: set[str] = set()  # live records changed since they were last written (memory store)
 
     async def start(self) -> None:
