@@ -67,7 +67,7 @@ class Conversations(Shared):
         self.persister = Persister(self.store)  # a durable store: every change written soon, replies checkpointed
         self.runner = Runner(self.events, self.limiter, settings.limits.max_history_messages,
                              on_commit=self._commit, on_released=self._release_listeners,
-                             background=settings.background_replies)
+                             background=settings.background_replies, settle=self.persister.settler())
         self._dirty: set[str] = set()  # live records changed since they were last written (memory store)
 
     async def start(self) -> None:
@@ -120,28 +120,26 @@ class Conversations(Shared):
                     self._commit(self.live[sid])
             live = self.live[sid]
         elif getattr(self.store, "shared", False) and not self._in_use(sid) and not self.persister.pending(sid):
-            # Another instance may have changed it since: an idle copy here is only a cache.
-            conv = await self.store.get(sid)
+            conv = await self.store.get(sid)  # another instance may have changed it: an idle copy is a cache
             if conv is None:
                 self._dropped(sid, "deleted")
                 return None
             if not self._in_use(sid) and not self.persister.pending(sid):  # (the read yielded)
-                live.conv = conv
+                live.conv.refresh(conv)
         else:
             self.store.touch(sid)
         return live if live.conv.owner == owner else None
 
     async def create(self, owner: str | None, client: str) -> Live:
-        """A new conversation. It counts against the client's ``sessions_per_minute``
-        (``rate_limited``, 429) and needs room in the store (``overloaded``/``busy``, 503,
-        when every conversation in the way is in use)."""
+        """A new conversation. It counts against the client's ``sessions_per_minute`` (``rate_limited``,
+        429) and needs room in the store (``overloaded``/``busy``, 503, when all in the way are in use)."""
         conv = await self._add(Conversation(owner, client, self.registry.default_model()))
         live = self.live[conv.id] = Live(conv)
         return live
 
     async def _add(self, conv: Conversation) -> Conversation:
         try:
-            self.limiter.take_session(conv.client)
+            await self.limiter.admit_session(conv.client)
         except LimitError as exc:
             raise ChatError(exc.code, exc.message, 429, exc.retry_after) from None
         try:

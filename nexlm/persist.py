@@ -95,6 +95,19 @@ class Persister:
         self._running.pop(live.id, None)
         self.write_soon(live)
 
+    def settler(self):
+        """``settle`` for a store other instances read (``shared``), else None: nothing to wait for."""
+        return self.settle if getattr(self.store, "shared", False) else None
+
+    async def settle(self, live: Live, reply, finish: str) -> None:
+        """Store a reply's final turn now (awaited before its ``done``: ``Runner(settle=...)``), after
+        the checkpoint in flight, so a shared store never shows an ended reply as streaming."""
+        self._running.pop(live.id, None)  # no more checkpoints
+        pending = self._writing.get(live.id)
+        if pending is not None:
+            await asyncio.wait([pending])
+        await self.store.put(replace(live.conv, history=[*live.conv.history, reply.entry(finish)]))
+
     async def _tick(self) -> None:
         while self._running:
             await asyncio.sleep(self.interval)

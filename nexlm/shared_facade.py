@@ -43,7 +43,10 @@ class Shared:
                 raise ChatError("busy", BUSY, 409)
             new_model, new_params = self._choice(live.conv, model, params)
             resolved = self._resolve(new_model)
-            self.admission.take(live.conv.client)
+            await self.admission.take(live.conv.client)
+            if live.reply is not None:  # another request started one while the limits were counted
+                self.admission.release(live.conv.client)
+                raise ChatError("busy", BUSY, 409)
         except BaseException:
             if rid is not None:
                 self.shared.unclaim(live.id, rid)

@@ -166,6 +166,7 @@ class RedisStore:
         return list(self._known)
 
     async def ids(self) -> list[str]:
+        await self._settle()
         stale = self.clock() - self.ttl
         return [_s(m) for m in await self._do("listing", self.client.zrangebyscore(ALL_KEY, stale, "+inf"))]
 
@@ -177,7 +178,13 @@ class RedisStore:
         except Exception as exc:
             raise self.conn.error(exc, doing) from None
 
+    async def _settle(self) -> None:
+        """Write pending touches first: what comes next (a cap, an expiry) ranks by activity."""
+        if self._touched:
+            await self._do("touching", self._flush_touches())
+
     async def add(self, conv: Conversation) -> list[str]:
+        await self._settle()
         evicted: list[str] = []
         client_key = tagged("client", conv.client, "sessions")
         await self._take_room(client_key, conv.id, self.max_per_client, evicted, "busy",
@@ -247,9 +254,11 @@ class RedisStore:
         pipe.delete(key(cid, "rec"), key(cid, "busy"))
         pipe.zrem(tagged("client", conv.client, "sessions"), cid)
         pipe.zrem(ALL_KEY, cid)
+        pipe.zcard(ALL_KEY)
         if conv.owner is not None:
             pipe.zrem(tagged("owner", conv.owner, "sessions"), cid)
-        removed = (await self._do("deleting", pipe.execute()))[0]
+        answers = await self._do("deleting", pipe.execute())
+        removed, self._size = answers[0], int(answers[3])
         self._known.pop(cid, None)
         self._touched.pop(cid, None)
         return bool(removed)
@@ -327,6 +336,7 @@ class RedisStore:
         """Forget records idle for ``ttl`` as of ``now`` (not in use here nor marked busy elsewhere;
         Redis's own key expiry is the backstop), and answer with them the ids this process knew
         whose record is gone (deleted or evicted through another instance)."""
+        await self._settle()
         now = self.clock() if now is None else now
         stale = [_s(m) for m in await self._do("expiring", self.client.zrangebyscore(
             ALL_KEY, "-inf", f"({now - self.ttl!r}", start=0, num=1000))]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from conftest import WS
+from fake_upstream import DONE, Script, chunk
 from redis_servers import command
 
 
@@ -69,3 +72,46 @@ async def test_a_delete_through_one_instance_is_seen_by_the_other(two):
     assert (await b.get(f"/api/sessions/{sid}")).status == 200
     assert (await b.delete(f"/api/sessions/{sid}")).status == 200
     assert (await a.get(f"/api/sessions/{sid}")).status == 404
+
+
+async def test_message_rate_is_counted_across_instances(two):
+    a, b = await two("[limits]\nmessages_per_minute = 2")
+    wa, wb = await ws(a), await ws(b)
+    await wa.recv()
+    await wb.recv()
+    for _ in range(2):
+        await wa.send({"type": "chat", "message": "q"})
+        await wa.until("done")
+    await wb.send({"type": "chat", "message": "one too many"})
+    err = await wb.recv()
+    assert err["type"] == "error" and err["code"] == "rate_limited", err
+    await wa.close()
+    await wb.close()
+
+
+async def test_running_replies_are_counted_across_instances(two, upstream):
+    a, b = await two("[limits]\nmax_replies_per_client = 1")
+    gate = asyncio.Event()
+    upstream.push(Script([chunk("", role=True), chunk("a"), gate, chunk(finish="stop"), DONE]))
+    wa, wb = await ws(a), await ws(b)
+    await wa.recv()
+    await wb.recv()
+    await wa.send({"type": "chat", "message": "long one"})
+    assert (await wa.recv())["type"] == "start"
+    await wb.send({"type": "chat", "message": "meanwhile"})
+    err = await wb.recv()
+    assert err["type"] == "error" and err["code"] == "busy", err
+    gate.set()
+    await wa.until("done")
+    # Given back when A's reply ended (released in the background: poll B for the slot).
+    async with asyncio.timeout(5):
+        while True:
+            await wb.send({"type": "chat", "message": "now"})
+            frame = await wb.recv()
+            if frame["type"] == "start":
+                break
+            assert frame["code"] == "busy", frame
+            await asyncio.sleep(0.05)
+    await wb.until("done")
+    await wa.close()
+    await wb.close()
