@@ -98,12 +98,14 @@ class RedisLive:
 
     async def close(self) -> None:
         tasks, self._tasks = self._tasks, []
+        if not tasks:
+            return
+        await self.events.flush()  # the last done events and lease releases (after a write in flight)
         for t in tasks:
             t.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-            await self.events.flush()  # the last done events and lease releases
-            await self.conn.close()
+        await asyncio.wait(tasks)
+        await self.events.flush()
+        await self.conn.close()
 
     # -------------------------------------------------------------- the lease
 

@@ -80,10 +80,19 @@ class Shared:
             self.runner.cancel(live.reply, reason)
 
     async def _remote_done(self, cid: str, events: list[dict]) -> None:
-        """A reply that ran elsewhere ended: this instance's copy of the history gets its turn."""
+        """A reply that ran elsewhere ended: this instance's copy of the record is stale (it lacks at
+        least that turn and its question), so it is read again; the instance that ran the reply
+        stored its final turn before sending ``done``."""
         live = self.live.get(cid)
-        if live is not None and live.reply is None and events:
-            settle(live.conv.history, turn_of(events))
+        if live is None or live.reply is not None:
+            return
+        conv = await self.store.get(cid)
+        if self.live.get(cid) is not live or live.reply is not None:
+            return
+        if conv is not None:
+            live.conv = conv
+        if events:
+            settle(live.conv.history, turn_of(events))  # (a record that lags behind its stream)
             live.conv.seq = max(live.conv.seq, events[-1].get("seq", 0))
 
     async def _reaped(self, cid: str, entry: dict) -> None:
@@ -91,6 +100,3 @@ class Shared:
         conv = await self.store.get(cid)
         if conv is not None and settle(conv.history, dict(entry)):
             await self.store.put(conv)
-        live = self.live.get(cid)
-        if live is not None and live.reply is None:
-            settle(live.conv.history, dict(entry))

@@ -79,6 +79,8 @@ async def test_followed_on_b_stopped_through_b_busy_through_b(two, upstream, doo
         await b.send({"type": "chat", "message": "meanwhile"})
         busy = await b.until(lambda f: f["type"] == "error")
         assert busy["code"] == "busy", busy
+        async with cs.post(f"{two.url(1)}/sse", json={"session": sid, "message": "meanwhile"}) as resp:
+            assert resp.status == 409 and (await resp.json())["code"] == "busy"
         if door == "ws":
             await b.send({"type": "stop"})
         else:
@@ -104,6 +106,11 @@ async def test_followed_on_b_stopped_through_b_busy_through_b(two, upstream, doo
         assert done["finish_reason"] == "stop" and done["seq"] > done_b["seq"]
         await a.until(lambda f: f["type"] == "done" and f["reply"] == done["reply"])  # A follows B's reply
         assert a.text(done["reply"]) == "again"
+        # A, listening all along, holds the whole conversation: B's question and answer included.
+        await settled(lambda: _last_turn_is(cs, two.url(0), sid, "again", "stop"), "A's copy after B's reply")
+        h = await history(cs, two.url(0), sid)
+        assert [(t["role"], t["content"]) for t in h] == [
+            ("user", "question"), ("assistant", "one two "), ("user", "next"), ("assistant", "again")], h
 
 
 async def settled(check, what: str, timeout: float = 10.0) -> None:
