@@ -150,7 +150,7 @@ class RedisEventLog(EventLog):
                 seqs[cid] = seq
                 continue
             if cid in seqs:  # the counter before anything that may let another instance number events
-                pipe.set(seq_key(cid), seqs.pop(cid))
+                pipe.set(seq_key(cid), seqs.pop(cid), px=INDEX_TTL_MS)
             if kind == "begin":
                 pipe.xadd(index_key(cid), {"r": op[2], "i": self.instance}, maxlen=4 * RECENT_REPLIES, approximate=True)
                 pipe.pexpire(index_key(cid), INDEX_TTL_MS)
@@ -164,7 +164,7 @@ class RedisEventLog(EventLog):
             elif kind == "wake":
                 pipe.xadd(self._wake_key, {"w": 1}, maxlen=16, approximate=True)
         for cid, seq in seqs.items():
-            pipe.set(seq_key(cid), seq)
+            pipe.set(seq_key(cid), seq, px=INDEX_TTL_MS)
 
     async def flush(self) -> None:
         """Send what is buffered, in order (one pipeline)."""
