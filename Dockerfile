@@ -16,7 +16,10 @@ RUN python -m venv --upgrade-deps /opt/nexlm \
     && /opt/nexlm/bin/pip install --no-cache-dir --disable-pip-version-check -r requirements.txt
 
 FROM ${BASE_IMAGE}
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 NEXLM_CACHE=/var/lib/nexlm PATH=/opt/nexlm/bin:$PATH
+# Conversations live in SQLite on the data volume (-v nexlm-data:/var/lib/nexlm keeps them across
+# containers); -e NEXLM_STORE=memory or a redis:// URL chooses another store.
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 NEXLM_CACHE=/var/lib/nexlm PATH=/opt/nexlm/bin:$PATH \
+    NEXLM_STORE=sqlite:/var/lib/nexlm/nexlm.db
 # libgomp1: llama.cpp's threads are OpenMP, and the compiler's runtime library (libgomp.so.1)
 # is not in slim images; without it the model cannot load.
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
@@ -32,6 +35,8 @@ COPY static ./static
 USER nexlm
 # Prepare the packaged GGUF once at build time, so the first chat needs no disk work.
 RUN python -c "from nexlm.providers.gguf import prepare_default_model; print(prepare_default_model())"
+# After the model is prepared there: a new named volume starts with the image's copy of it.
+VOLUME /var/lib/nexlm
 EXPOSE 8080
 # Mount a config at /etc/nexlm.toml and set NEXLM_CONFIG=/etc/nexlm.toml, or use env vars.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \

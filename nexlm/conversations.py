@@ -24,7 +24,7 @@ from .engine import Turn
 from .eventlog import EventLog
 from .events import Outbox
 from .limits import LimitError
-from .persist import Persister, record_of, recover
+from .persist import Persister, left_streaming, record_of, recover
 from .providers.base import ChatRequest
 from .providers.registry import Registry, Resolved
 from .records import Conversation
@@ -113,7 +113,7 @@ class Conversations(Shared):
             conv = await self.store.get(sid)
             if conv is None:
                 return None
-            stale = recover(conv) if not await self.reply_running_elsewhere(conv) else False
+            stale = left_streaming(conv) and not await self.reply_running_elsewhere(conv) and recover(conv)
             if sid not in self.live:  # (another lookup may have won meanwhile)
                 self.live[sid] = Live(conv)
                 if stale:  # its process died mid-reply: the turn is interrupted, with its last checkpoint

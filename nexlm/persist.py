@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 STREAMING = "streaming"
 CHECKPOINT_SECONDS = 1.0
+SEQ_SKIP = 100_000
 
 
 def record_of(live: Live) -> Conversation:
@@ -35,12 +36,23 @@ def record_of(live: Live) -> Conversation:
     return replace(live.conv, history=[*live.conv.history, reply.entry(STREAMING)])
 
 
+def left_streaming(conv: Conversation) -> bool:
+    """Does the record end with a running (or, if nothing runs it any more, dead) reply's turn?"""
+    h = conv.history
+    return bool(h) and h[-1].get("role") == "assistant" and h[-1].get("finish_reason") == STREAMING
+
+
 def recover(conv: Conversation) -> bool:
     """A record left with a ``streaming`` turn by a process that died: that turn ends ``interrupted``,
-    with the text of its last checkpoint. True if it changed."""
+    with the text of its last checkpoint. True if it changed.
+
+    Its ``seq`` is as old as that checkpoint, but clients saw the events sent after it (and ignore
+    a seq they have seen): it skips ahead by ``SEQ_SKIP``, more than a reply sends between two
+    checkpoints, so the next reply's events are new to them."""
     h = conv.history
-    if h and h[-1].get("role") == "assistant" and h[-1].get("finish_reason") == STREAMING:
+    if left_streaming(conv):
         h[-1] = {**h[-1], "finish_reason": "interrupted"}
+        conv.seq += SEQ_SKIP
         return True
     return False
 

@@ -130,4 +130,4 @@ async def connect(url: str, cluster: bool | None = None, *, timeout: float = 5.0
             raise
         return RedisConn(client, True, where)
     except (rexc.RedisError, OSError, ValueError) as exc:
-        raise StoreError(f"cannot connect to {where}: {reason(exc)}") from None
+        raise StoreError(f"cannot connect: {reason(exc)}") from None  # (callers name the store)

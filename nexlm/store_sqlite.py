@@ -78,6 +78,7 @@ class SQLiteStore:
         self._lock: int | None = None  # a descriptor of the file, flock'ed; closed after the connection
         self._size = 0
         self._touched: dict[str, float] = {}  # id -> last activity, not yet written
+        self._adding = asyncio.Lock()  # an add counts, then inserts: two at once must not both fit
 
     clock = staticmethod(time.time)
 
@@ -262,6 +263,10 @@ class SQLiteStore:
         return n
 
     async def add(self, conv: Conversation) -> list[str]:
+        async with self._adding:
+            return await self._add(conv)
+
+    async def _add(self, conv: Conversation) -> list[str]:
         touched, self._touched = self._touched, {}
         n_client, total = await self._call(self._counts, conv.client, touched)
         drop: list[str] = []

@@ -13,12 +13,25 @@ import sqlite3
 
 import aiohttp
 import pytest
-
 from conftest import extra_config
 from fake_upstream import DONE, Script, chunk, reply, usage_chunk
 from invariants import eventually, free_port, spawn_app, strict_json
 
+from nexlm.persist import SEQ_SKIP, recover
+from nexlm.records import Conversation
+
 ROLE = chunk("", role=True)
+
+
+def test_a_record_left_streaming_is_recovered_interrupted_with_its_seq_ahead():
+    conv = Conversation("u:a", "c", "fake/fake-model", seq=40, history=[
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "so far", "finish_reason": "streaming", "model": "fake/fake-model"}])
+    assert recover(conv) is True
+    assert conv.history[-1] == {"role": "assistant", "content": "so far", "finish_reason": "interrupted",
+                                "model": "fake/fake-model"}
+    assert conv.seq == 40 + SEQ_SKIP
+    assert recover(conv) is False and conv.seq == 40 + SEQ_SKIP  # once
 
 
 def stored_history(path, sid: str) -> list[dict] | None:
@@ -125,7 +138,8 @@ async def test_a_conversation_survives_a_restart(apps, upstream):
 async def test_kill_9_mid_reply_leaves_the_turn_interrupted_with_its_last_checkpoint(apps, upstream):
     app = apps()
     await app.start()
-    upstream.push(Script([ROLE, chunk("one "), chunk("two "), "hang"]))
+    gate = asyncio.Event()
+    upstream.push(Script([ROLE, chunk("one "), chunk("two "), gate, chunk("three "), "hang"]))
     async with aiohttp.ClientSession() as cs:
         ws = await cs.ws_connect(f"{app.url}/ws")
         sid = (await ws.receive_json(timeout=5))["session"]
@@ -139,10 +153,14 @@ async def test_kill_9_mid_reply_leaves_the_turn_interrupted_with_its_last_checkp
         assert stored_history(app.db, sid) == [
             {"role": "user", "content": "count"},
             {"role": "assistant", "content": "one two ", "finish_reason": "streaming", "model": "fake/fake-model"}]
+        gate.set()  # one more event, sent after that checkpoint (the next one is about a second away)
+        while text_of(frames) != "one two three ":
+            frames.append(strict_json((await ws.receive(timeout=10)).data))
         app.proc.kill()  # SIGKILL: nothing runs on the way out
         await app.proc.wait()
         await ws.close()
     await upstream.wait_closed(1)
+    seen = max(f["seq"] for f in frames if "seq" in f)
 
     await app.start()
     upstream.push(reply("three"))
@@ -150,12 +168,18 @@ async def test_kill_9_mid_reply_leaves_the_turn_interrupted_with_its_last_checkp
         ws = await cs.ws_connect(f"{app.url}/ws", params={"session": sid})
         frame = await ws.receive_json(timeout=5)
         assert "running" not in frame
+        # Its last checkpoint's text: "one two " (or, if a checkpoint fell between "three" and the kill, all of it).
+        checkpoint = frame["history"][1]["content"] if len(frame["history"]) == 2 else None
+        assert checkpoint in ("one two ", "one two three "), frame["history"]
         assert [(t["role"], t["content"], t.get("finish_reason")) for t in frame["history"]] == [
-            ("user", "count", None), ("assistant", "one two ", "interrupted")]
+            ("user", "count", None), ("assistant", checkpoint, "interrupted")]
         await ws.send_json({"type": "chat", "message": "go on"})
-        assert (await frames_until(ws, "done"))[-1]["finish_reason"] == "stop"
+        after = await frames_until(ws, "done")
+        assert after[-1]["finish_reason"] == "stop"
+        # The page ignores a seq it has seen: the new reply's events come after those before the crash.
+        assert min(f["seq"] for f in after) > seen
         await ws.close()
-    assert [m["content"] for m in upstream.requests[-1]["body"]["messages"]] == ["count", "one two ", "go on"]
+    assert [m["content"] for m in upstream.requests[-1]["body"]["messages"]] == ["count", checkpoint, "go on"]
     assert await app.end() == 0
     assert [t.get("finish_reason") for t in stored_history(app.db, sid)] == [None, "interrupted", None, "stop"]
 
@@ -241,3 +265,20 @@ async def test_without_background_replies_a_reply_nobody_follows_is_interrupted(
     await upstream.wait_closed(1)
     data = await (await client.get(f"/api/sessions/{sid}")).json()
     assert data["history"][-1]["finish_reason"] == "interrupted"
+
+
+def test_a_streaming_turn_is_the_running_reply_not_context_nor_history_to_draw():
+    """A record read while its reply still runs elsewhere (a shared store) ends with a ``streaming``
+    turn: it is not sent upstream as context, and the session frame leaves it to the replayed events."""
+    from nexlm import wire
+    from nexlm.config import ChatConfig
+    from nexlm.context import context
+
+    conv = Conversation("u:a", "c", "fake/fake-model", history=[
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1", "finish_reason": "stop"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "half", "finish_reason": "streaming"}])
+    assert [t["content"] for t in wire.session(conv)["history"]] == ["q1", "a1", "q2"]
+    conv.history.append({"role": "user", "content": "q3"})
+    assert [m["content"] for m in context(conv, ChatConfig())] == ["q1", "a1", "q3"]

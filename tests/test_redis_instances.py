@@ -7,7 +7,10 @@ import asyncio
 import pytest
 from conftest import WS
 from fake_upstream import DONE, Script, chunk
-from redis_servers import command
+from invariants import spawn_app
+from redis_servers import command, free_port
+
+from nexlm.store_redis import SCHEMA, SCHEMA_KEY
 
 
 @pytest.fixture
@@ -115,3 +118,39 @@ async def test_running_replies_are_counted_across_instances(two, upstream):
     await wb.until("done")
     await wa.close()
     await wb.close()
+
+
+async def start_failure(tmp_path, url: str) -> list[str]:
+    """``python app.py`` with ``[store] url``: it must exit 2 at start; its stderr lines."""
+    cfg = tmp_path / "nexlm.toml"
+    cfg.write_text(f'[store]\nkind = "redis"\nurl = "{url}"\n')
+    proc = await spawn_app(cfg, free_port())
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode == 2, (out, err)
+    assert b"NexLM is running" not in out
+    return err.decode().strip().splitlines()
+
+
+async def test_a_wrong_password_stops_the_server_at_start_with_one_line(tmp_path, redis_url, redis_server):
+    assert command(redis_server.port, "ACL", "SETUSER", "app-test", "on", ">the-right-one", "~*", "+@all") \
+        .startswith("+OK")
+    url = redis_url.replace("redis://", "redis://app-test:not-the-password@")
+    lines = await start_failure(tmp_path, url)
+    assert lines == [f"nexlm: cannot open the redis store redis://127.0.0.1:{redis_server.port}/0: cannot connect: "
+                     "authentication refused (invalid username-password pair or user is disabled.)"], lines
+
+
+async def test_nothing_listening_stops_the_server_at_start_with_one_line(tmp_path):
+    port = free_port()
+    lines = await start_failure(tmp_path, f"redis://127.0.0.1:{port}/0")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"nexlm: cannot open the redis store redis://127.0.0.1:{port}/0: cannot connect: "), lines
+
+
+async def test_a_newer_schema_stops_the_server_at_start_with_one_line(tmp_path, redis_url, redis_server):
+    assert command(redis_server.port, "SET", SCHEMA_KEY, str(SCHEMA + 1)).startswith("+OK")
+    lines = await start_failure(tmp_path, redis_url)
+    assert lines == [f"nexlm: cannot open the redis store redis://127.0.0.1:{redis_server.port}/0: its schema "
+                     f"version is {SCHEMA + 1}, newer than this NexLM's ({SCHEMA}); upgrade NexLM or point "
+                     "[store] url at another database"], lines

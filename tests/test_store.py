@@ -8,6 +8,8 @@ returns an opened store whose ``in_use`` is the set ``busy`` the test fills.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from redis_servers import command
 
@@ -170,3 +172,12 @@ async def test_list_owner_newest_first_with_a_cursor(store_factory):
     await store.put(mine[0])  # a new turn moves it to the top
     assert (await store.list_owner("u:a", 1))[0].id == mine[0].id
     assert await store.list_owner("u:nobody", 10) == []
+
+
+async def test_adds_at_the_same_time_still_keep_the_cap(store_factory):
+    store = await store_factory(max_sessions=3)
+    convs = [conv(client=f"c{i}") for i in range(6)]
+    evicted = await asyncio.gather(*(store.add(c) for c in convs))
+    assert store.size == 3 and len(await store.ids()) == 3
+    assert sum(len(e) for e in evicted) == 3
+    assert sorted(await store.ids()) == sorted(c.id for c in convs[3:])  # the oldest made room

@@ -6,8 +6,8 @@ import asyncio
 import sqlite3
 
 import pytest
-
 from invariants import free_port, spawn_app
+
 from nexlm.records import Conversation
 from nexlm.store import StoreError
 from nexlm.store_sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
@@ -105,3 +105,38 @@ async def test_the_server_names_the_store_it_cannot_open_and_exits_2(tmp_path):
     lines = err.decode().strip().splitlines()
     assert lines == [f"nexlm: cannot open the sqlite store {bad}: No such file or directory"], lines
     assert b"NexLM is running" not in out
+
+
+async def test_database_work_runs_on_the_store_thread_never_on_the_loop(tmp_path):
+    """Every statement goes through the one worker thread (so the loop never waits on the disk)."""
+    import threading
+
+    s = store(tmp_path / "n.db")
+    await s.open()
+    threads = []
+
+    class Watched:
+        def __init__(self, db) -> None:
+            self._db = db
+
+        def __getattr__(self, name):
+            if name in ("execute", "executemany"):
+                threads.append(threading.current_thread().name)
+            return getattr(self._db, name)
+
+    s._db = Watched(s._db)
+    c = Conversation("u:a", "c", "fake/fake-model")
+    await s.add(c)
+    s.touch(c.id)
+    await s.get(c.id)
+    await s.peek(c.id)
+    await s.put(c)
+    await s.list_owner("u:a", 5)
+    await s.ids()
+    await s.expire(s.clock() + 7200)
+    await s.add(Conversation("u:a", "c", "fake/fake-model"))
+    await s.delete(c.id)
+    await s.close()
+    loop_thread = threading.current_thread().name
+    assert len(threads) >= 10 and all(t.startswith("nexlm-sqlite") for t in threads), (
+        loop_thread, set(threads))

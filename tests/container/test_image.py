@@ -57,6 +57,9 @@ def test_image_config(image):
     assert "8080/tcp" in cfg.get("ExposedPorts", {})
     health = info.get("Healthcheck") or cfg.get("Healthcheck") or {}  # podman: top level; docker: Config
     assert "/healthz" in " ".join(health.get("Test", [])), health
+    # Conversations in SQLite on the data volume by default (README: -v nexlm-data:/var/lib/nexlm).
+    assert "NEXLM_STORE=sqlite:/var/lib/nexlm/nexlm.db" in cfg.get("Env", []), cfg.get("Env")
+    assert "/var/lib/nexlm" in (cfg.get("Volumes") or {}), cfg.get("Volumes")
     # The OpenMP runtime the llama.cpp build links, and no compiler in the final image.
     proc = podman("run", "--rm", *RUN_OPTS, "--network", "none", image, "sh", "-c",
                   "ldd /opt/nexlm/lib/python3*/site-packages/llama_cpp/lib/libllama.so; command -v gcc cc || true")
