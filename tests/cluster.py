@@ -44,7 +44,7 @@ class Instances:
         return self
 
     def kill(self, i: int) -> None:
-        self.procs[i].send_signal(signal.SIGKILL)
+        self.procs[i].send_signal(signal.SIGKILL)  # (exits with -9: not checked for a clean stop)
 
     async def __aexit__(self, *exc) -> None:
         for proc in self.procs:
@@ -57,6 +57,11 @@ class Instances:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        if exc[0] is None:  # a clean run: every instance not killed by the test stopped cleanly
+            for i, proc in enumerate(self.procs):
+                if proc.returncode != -9:
+                    err = await self.stderr(i)
+                    assert proc.returncode == 0 and "Traceback" not in err, (i, proc.returncode, err[-3000:])
 
     async def stderr(self, i: int) -> str:
         return (await self.procs[i].stderr.read()).decode(errors="replace")
