@@ -20,11 +20,18 @@ def redis_url(redis_server):
 
 
 @pytest.fixture
-def two(make_client, redis_url):
-    """``await two(extra_toml)`` -> two test clients of two apps with the same ``[store] url``."""
+def two(make_client, redis_url, request):
+    """``await two(extra_toml)`` -> two test clients of two apps with the same ``[store] url``
+    (the three-node cluster's when the test is marked ``on_cluster``)."""
+    url = redis_url
+    if request.node.get_closest_marker("on_cluster"):
+        cluster = request.getfixturevalue("redis_cluster")
+        for node in cluster.nodes:
+            assert command(node.port, "FLUSHALL").startswith("+OK")
+        url = cluster.url
 
     async def make(extra: str = ""):
-        env = {"NEXLM_STORE": redis_url}
+        env = {"NEXLM_STORE": url}
         return await make_client(extra, env=env), await make_client(extra, env=env)
 
     return make
@@ -34,7 +41,8 @@ async def ws(client, path="/ws") -> WS:
     return WS(await client.ws_connect(path))
 
 
-async def test_a_session_made_on_one_instance_is_used_on_the_other(two, upstream):
+@pytest.mark.parametrize("where", ["server", pytest.param("cluster", marks=pytest.mark.on_cluster)])
+async def test_a_session_made_on_one_instance_is_used_on_the_other(two, upstream, where):
     a, b = await two()
     wa = await ws(a)
     sid = (await wa.recv())["session"]
@@ -77,7 +85,8 @@ async def test_a_delete_through_one_instance_is_seen_by_the_other(two):
     assert (await a.get(f"/api/sessions/{sid}")).status == 404
 
 
-async def test_message_rate_is_counted_across_instances(two):
+@pytest.mark.parametrize("where", ["server", pytest.param("cluster", marks=pytest.mark.on_cluster)])
+async def test_message_rate_is_counted_across_instances(two, where):
     a, b = await two("[limits]\nmessages_per_minute = 2")
     wa, wb = await ws(a), await ws(b)
     await wa.recv()
