@@ -163,3 +163,24 @@ async def test_a_newer_schema_stops_the_server_at_start_with_one_line(tmp_path, 
     assert lines == [f"nexlm: cannot open the redis store redis://127.0.0.1:{redis_server.port}/0: its schema "
                      f"version is {SCHEMA + 1}, newer than this NexLM's ({SCHEMA}); upgrade NexLM or point "
                      "[store] url at another database"], lines
+
+
+async def test_a_conversation_someone_follows_on_one_instance_is_not_evicted_by_the_other(two, redis_server):
+    a, b = await two("[limits]\nmax_sessions_per_client = 1")
+    wa = await ws(a)
+    sid = (await wa.recv())["session"]  # followed on A: in use there
+    async with asyncio.timeout(5):  # A marks it busy with its next touch, in the background
+        while command(redis_server.port, "EXISTS", f"nexlm:{{{sid}}}:busy") != ":1\r\n":
+            await asyncio.sleep(0.02)
+    r = await b.post("/api/sessions", json={})
+    assert r.status == 503, await r.text()
+    assert (await r.json())["code"] == "busy", await r.text()
+    assert (await b.get(f"/api/sessions/{sid}")).status == 200
+    await wa.close()
+    async with asyncio.timeout(5):  # nobody follows it now: once its marker is gone, it may make room
+        while command(redis_server.port, "EXISTS", f"nexlm:{{{sid}}}:busy") == ":1\r\n":
+            command(redis_server.port, "DEL", f"nexlm:{{{sid}}}:busy")  # (as if its 3 x refresh ran out)
+            await asyncio.sleep(0.02)
+    r = await b.post("/api/sessions", json={})
+    assert r.status in (200, 201), await r.text()
+    assert (await b.get(f"/api/sessions/{sid}")).status == 404
