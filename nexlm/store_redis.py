@@ -79,6 +79,7 @@ class RedisStore:
         self._flusher: asyncio.Task | None = None
         self._refresher: asyncio.Task | None = None
         self._size = 0
+        self._adding = asyncio.Lock()
 
     # ------------------------------------------------------------ life
 
@@ -184,6 +185,12 @@ class RedisStore:
             await self._do("touching", self._flush_touches())
 
     async def add(self, conv: Conversation) -> list[str]:
+        """One at a time in this process (in call order: the oldest makes room for the newest);
+        across instances the scripts keep the caps, in whatever order the adds arrive."""
+        async with self._adding:
+            return await self._add(conv)
+
+    async def _add(self, conv: Conversation) -> list[str]:
         await self._settle()
         evicted: list[str] = []
         client_key = tagged("client", conv.client, "sessions")

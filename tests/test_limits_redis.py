@@ -12,13 +12,17 @@ from nexlm.limits import LimitError
 from nexlm.limits_redis import RedisLimiter
 
 
-@pytest.fixture
-def limiters(redis_server):
-    assert command(redis_server.port, "FLUSHALL").startswith("+OK")
+@pytest.fixture(params=["server", "cluster"])
+def limiters(request):
+    """``await limiters(lease=..., **[limits])``: opened RedisLimiters on one flushed Redis (a server or
+    the three-node cluster: every script touches one key)."""
+    target = request.getfixturevalue("redis_server" if request.param == "server" else "redis_cluster")
+    for node in getattr(target, "nodes", [target]):
+        assert command(node.port, "FLUSHALL").startswith("+OK")
     opened: list[RedisLimiter] = []
 
     async def make(lease: float = 30.0, **limits) -> RedisLimiter:
-        limiter = RedisLimiter(LimitsConfig(**limits), redis_server.url, lease=lease)
+        limiter = RedisLimiter(LimitsConfig(**limits), target.url, lease=lease)
         await limiter.open()
         opened.append(limiter)
         return limiter

@@ -20,11 +20,18 @@ def redis_url(redis_server):
 
 
 @pytest.fixture
-def two(make_client, redis_url):
-    """``await two(extra_toml)`` -> two test clients of two apps with the same ``[store] url``."""
+def two(make_client, redis_url, request):
+    """``await two(extra_toml)`` -> two test clients of two apps with the same ``[store] url``
+    (the three-node cluster's when the test is marked ``on_cluster``)."""
+    url = redis_url
+    if request.node.get_closest_marker("on_cluster"):
+        cluster = request.getfixturevalue("redis_cluster")
+        for node in cluster.nodes:
+            assert command(node.port, "FLUSHALL").startswith("+OK")
+        url = cluster.url
 
     async def make(extra: str = ""):
-        env = {"NEXLM_STORE": redis_url}
+        env = {"NEXLM_STORE": url}
         return await make_client(extra, env=env), await make_client(extra, env=env)
 
     return make
@@ -34,7 +41,8 @@ async def ws(client, path="/ws") -> WS:
     return WS(await client.ws_connect(path))
 
 
-async def test_a_session_made_on_one_instance_is_used_on_the_other(two, upstream):
+@pytest.mark.parametrize("where", ["server", pytest.param("cluster", marks=pytest.mark.on_cluster)])
+async def test_a_session_made_on_one_instance_is_used_on_the_other(two, upstream, where):
     a, b = await two()
     wa = await ws(a)
     sid = (await wa.recv())["session"]
@@ -77,7 +85,8 @@ async def test_a_delete_through_one_instance_is_seen_by_the_other(two):
     assert (await a.get(f"/api/sessions/{sid}")).status == 404
 
 
-async def test_message_rate_is_counted_across_instances(two):
+@pytest.mark.parametrize("where", ["server", pytest.param("cluster", marks=pytest.mark.on_cluster)])
+async def test_message_rate_is_counted_across_instances(two, where):
     a, b = await two("[limits]\nmessages_per_minute = 2")
     wa, wb = await ws(a), await ws(b)
     await wa.recv()
@@ -154,3 +163,24 @@ async def test_a_newer_schema_stops_the_server_at_start_with_one_line(tmp_path, 
     assert lines == [f"nexlm: cannot open the redis store redis://127.0.0.1:{redis_server.port}/0: its schema "
                      f"version is {SCHEMA + 1}, newer than this NexLM's ({SCHEMA}); upgrade NexLM or point "
                      "[store] url at another database"], lines
+
+
+async def test_a_conversation_someone_follows_on_one_instance_is_not_evicted_by_the_other(two, redis_server):
+    a, b = await two("[limits]\nmax_sessions_per_client = 1")
+    wa = await ws(a)
+    sid = (await wa.recv())["session"]  # followed on A: in use there
+    async with asyncio.timeout(5):  # A marks it busy with its next touch, in the background
+        while command(redis_server.port, "EXISTS", f"nexlm:{{{sid}}}:busy") != ":1\r\n":
+            await asyncio.sleep(0.02)
+    r = await b.post("/api/sessions", json={})
+    assert r.status == 503, await r.text()
+    assert (await r.json())["code"] == "busy", await r.text()
+    assert (await b.get(f"/api/sessions/{sid}")).status == 200
+    await wa.close()
+    async with asyncio.timeout(5):  # nobody follows it now: once its marker is gone, it may make room
+        while command(redis_server.port, "EXISTS", f"nexlm:{{{sid}}}:busy") == ":1\r\n":
+            command(redis_server.port, "DEL", f"nexlm:{{{sid}}}:busy")  # (as if its 3 x refresh ran out)
+            await asyncio.sleep(0.02)
+    r = await b.post("/api/sessions", json={})
+    assert r.status in (200, 201), await r.text()
+    assert (await b.get(f"/api/sessions/{sid}")).status == 404
