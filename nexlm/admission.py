@@ -11,7 +11,7 @@ provider's ``fallback`` rule lives here too, for the same reason.
 from __future__ import annotations
 
 from .config import Settings
-from .limits import Limiter, LimitError
+from .limits import LimitError, Limits, make_limiter
 from .providers.base import StreamError
 from .providers.registry import ModelError, Registry, Resolved
 from .validation import ChatError
@@ -20,10 +20,10 @@ SHUTTING_DOWN = "The server is restarting; try again in a moment."
 
 
 class Admission:
-    def __init__(self, settings: Settings, registry: Registry, limiter: Limiter | None = None) -> None:
+    def __init__(self, settings: Settings, registry: Registry, limiter: Limits | None = None) -> None:
         self.settings = settings
         self.registry = registry
-        self.limiter = limiter if limiter is not None else Limiter(settings.limits)
+        self.limiter = limiter if limiter is not None else make_limiter(settings)
         self.closing = False  # set once at shutdown: no new replies from any door
 
     def check_open(self) -> None:
@@ -37,11 +37,11 @@ class Admission:
         except ModelError as exc:
             raise ChatError(exc.code, exc.message, 404 if exc.code == "unknown_model" else 503) from None
 
-    def take(self, client: str) -> None:
-        """Count a message and reserve a running-reply slot; ``release`` must follow, once."""
+    async def take(self, client: str) -> None:
+        """Count a message and reserve a running-reply slot; ``release`` must follow, once.
+        (Async: with a shared store the counts live in Redis.)"""
         try:
-            self.limiter.take_message(client)
-            self.limiter.acquire_reply(client)
+            await self.limiter.admit(client)
         except LimitError as exc:
             raise ChatError(exc.code, exc.message, 429 if exc.code == "rate_limited" else 503,
                             exc.retry_after) from None

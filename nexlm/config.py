@@ -132,6 +132,7 @@ class StoreConfig:
     kind: str = "memory"  # "memory" | "sqlite" | "redis"
     path: str = "nexlm.db"  # sqlite: the database file (WAL mode), relative to the working directory
     url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # redis: may carry a password
+    lease_seconds: float = 10.0  # redis: a running reply's lease; a dead instance's reply is interrupted after it
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 from . import wire
@@ -25,6 +24,7 @@ from .context import params as turn_params
 from .engine import Turn
 from .eventlog import EventLog
 from .events import Outbox
+from .facade_views import View, Views  # noqa: F401  (View: imported from here by tests)
 from .history import History
 from .limits import LimitError
 from .persist import Persister, left_streaming, record_of, recover
@@ -32,6 +32,7 @@ from .providers.base import ChatRequest
 from .providers.registry import Registry, Resolved
 from .records import Conversation
 from .runner import Live, Reply, Runner
+from .shared_facade import Shared
 from .store import StoreFull
 from .store_factory import make_store
 from .validation import ChatError, check_history, check_message, check_params
@@ -41,22 +42,7 @@ log = logging.getLogger(__name__)
 BUSY = "A reply is still streaming; stop it or wait for it to finish."
 
 
-@dataclass(frozen=True, slots=True)
-class View:
-    """A read-only look at one conversation (metrics, tests): no handle to anything live."""
-
-    id: str
-    owner: str | None
-    model: str
-    params: dict
-    history: list[dict]
-    seq: int
-    reply: str | None  # the running reply's id
-    listeners: tuple  # each listener's outbox (its length and .bytes: what is queued for it)
-    grace_timer: bool
-
-
-class Conversations:
+class Conversations(Shared, Views):
     def __init__(self, settings: Settings, registry: Registry, admission: Admission | None = None,
                  on_turn_done: Callable[..., None] | None = None) -> None:
         self.settings = settings
@@ -72,17 +58,18 @@ class Conversations:
         self.persister = Persister(self.store)  # a durable store: every change written soon, replies checkpointed
         self.runner = Runner(self.events, self.limiter, settings.limits.max_history_messages,
                              on_commit=self._commit, on_released=self._release_listeners,
-                             background=settings.background_replies)
+                             background=settings.background_replies, settle=self.persister.settler())
         self._dirty: set[str] = set()  # live records changed since they were last written (memory store)
         self.history = History(self.store, self.live, self._commit)  # GET /api/sessions, PATCH (history.py)
 
     async def start(self) -> None:
         """Open the store (``StoreError``: it cannot be used; the server says why and exits)."""
         await self.store.open()
+        await self._start_shared()
 
     async def reply_running_elsewhere(self, conv: Conversation) -> bool:
         """Is a stored ``streaming`` turn still running in another process? A shared store answers."""
-        check = getattr(self.store, "reply_running_elsewhere", None)
+        check = getattr(self.shared or self.store, "reply_running_elsewhere", None)  # redis: its lease is held
         return bool(await check(conv)) if check is not None else False
 
     @property
@@ -112,6 +99,8 @@ class Conversations:
         if not isinstance(sid, str):
             return None
         live = self.live.get(sid)
+        if self.shared is not None:
+            await self.events.refresh(sid)  # what runs elsewhere, for the frame, resume and busy
         if live is None:
             conv = await self.store.get(sid)
             if conv is None:
@@ -122,21 +111,27 @@ class Conversations:
                 if stale:  # its process died mid-reply: the turn is interrupted, with its last checkpoint
                     self._commit(self.live[sid])
             live = self.live[sid]
+        elif getattr(self.store, "shared", False) and not self._in_use(sid) and not self.persister.pending(sid):
+            conv = await self.store.get(sid)  # another instance may have changed it: an idle copy is a cache
+            if conv is None:
+                self._dropped(sid, "deleted")
+                return None
+            if not self._in_use(sid) and not self.persister.pending(sid):  # (the read yielded)
+                live.conv.refresh(conv)
         else:
             self.store.touch(sid)
         return live if live.conv.owner == owner else None
 
     async def create(self, owner: str | None, client: str) -> Live:
-        """A new conversation. It counts against the client's ``sessions_per_minute``
-        (``rate_limited``, 429) and needs room in the store (``overloaded``/``busy``, 503,
-        when every conversation in the way is in use)."""
+        """A new conversation. It counts against the client's ``sessions_per_minute`` (``rate_limited``,
+        429) and needs room in the store (``overloaded``/``busy``, 503, when all in the way are in use)."""
         conv = await self._add(Conversation(owner, client, self.registry.default_model()))
         live = self.live[conv.id] = Live(conv)
         return live
 
     async def _add(self, conv: Conversation) -> Conversation:
         try:
-            self.limiter.take_session(conv.client)
+            await self.limiter.admit_session(conv.client)
         except LimitError as exc:
             raise ChatError(exc.code, exc.message, 429, exc.retry_after) from None
         try:
@@ -227,24 +222,13 @@ class Conversations:
 
     # ------------------------------------------------------------ turns
 
-    def _admit(self, live: Live, model=None, params=None) -> Resolved:
-        """Check everything a new reply needs; only when all pass, apply model/params and take a slot."""
-        self.admission.check_open()
-        if live.reply is not None:
-            raise ChatError("busy", BUSY, 409)
-        new_model, new_params = self._choice(live.conv, model, params)
-        resolved = self._resolve(new_model)
-        self.admission.take(live.conv.client)
-        live.conv.model, live.conv.params = new_model, new_params
-        return resolved
-
-    def send(self, live: Live, message, model=None, params=None, door: str = "ws") -> Reply:
+    async def send(self, live: Live, message, model=None, params=None, door: str = "ws") -> Reply:
         """Accept a user message and start its reply. Raises ``ChatError`` if refused.
         ``door`` (here and below) names the front door, for the turn's logs and metrics."""
         message = check_message(self.settings.limits, message)
-        resolved = self._admit(live, model, params)
+        resolved, rid = await self._admit(live, model, params)
         live.conv.history.append({"role": "user", "content": message})
-        return self._launch(live, resolved, door)
+        return self._launch(live, resolved, door, rid)
 
     async def send_new(self, owner: str | None, client: str, message, model=None,
                        params=None, door: str = "sse") -> tuple[Live, Reply]:
@@ -252,28 +236,29 @@ class Conversations:
         the conversation exists, so a refusal leaves nothing behind."""
         message = check_message(self.settings.limits, message)
         probe = Live(Conversation(owner, client, self.registry.default_model()))
-        resolved = self._admit(probe, model, params)  # takes a reply slot: given back if the store refuses
+        resolved, _ = await self._admit(probe, model, params, claim=False)  # a reply slot: given back if refused
         try:
             live = await self.create(owner, client)
+            rid = await self._claim(live)
         except ChatError:
             self.limiter.release_reply(client)
             raise
         live.conv.model, live.conv.params = probe.conv.model, probe.conv.params
         live.conv.history.append({"role": "user", "content": message})
-        return live, self._launch(live, resolved, door)
+        return live, self._launch(live, resolved, door, rid)
 
-    def regenerate(self, live: Live, model=None, params=None, door: str = "ws") -> Reply:
+    async def regenerate(self, live: Live, model=None, params=None, door: str = "ws") -> Reply:
         """Replace the last reply with a new one."""
         if live.reply is not None:
             raise ChatError("busy", BUSY, 409)
         h = live.conv.history
         if len(h) < 2 or h[-1]["role"] != "assistant":
             raise ChatError("bad_request", "There is no reply to regenerate yet.")
-        resolved = self._admit(live, model, params)
+        resolved, rid = await self._admit(live, model, params)
         h.pop()
-        return self._launch(live, resolved, door)
+        return self._launch(live, resolved, door, rid)
 
-    def edit(self, live: Live, index, message, model=None, params=None, door: str = "ws") -> Reply:
+    async def edit(self, live: Live, index, message, model=None, params=None, door: str = "ws") -> Reply:
         """Replace the user message at ``index`` (and everything after it) and answer it."""
         message = check_message(self.settings.limits, message)
         if live.reply is not None:
@@ -282,19 +267,19 @@ class Conversations:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(h) \
                 or h[index]["role"] != "user":
             raise ChatError("bad_request", "index must point at one of your messages in the history")
-        resolved = self._admit(live, model, params)
+        resolved, rid = await self._admit(live, model, params)
         del h[index:]
         h.append({"role": "user", "content": message})
-        return self._launch(live, resolved, door)
+        return self._launch(live, resolved, door, rid)
 
-    def _launch(self, live: Live, resolved: Resolved, door: str = "ws") -> Reply:
+    def _launch(self, live: Live, resolved: Resolved, door: str = "ws", rid: str | None = None) -> Reply:
         conv = live.conv
         conv.updated = time.time()
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
         observer = self.on_turn_done
         on_done = None if observer is None else partial(observer, session=live.id)
         reply = self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door,
-                                              on_done=on_done))
+                                              on_done=on_done), rid)
         if self.store.durable:
             self.persister.started(live)  # the question and the streaming turn, then checkpoints
         else:
@@ -303,12 +288,14 @@ class Conversations:
         return reply
 
     async def stop(self, live: Live, reason: str = "stopped") -> bool:
+        if live.reply is None and self.shared is not None:  # it may run on another instance
+            return await self.shared.stop_elsewhere(live.id)
         return await self.runner.stop(live, reason)
 
     # ------------------------------------------------------------ listeners and views
 
     def frame(self, live: Live) -> dict:
-        return wire.session(live.conv, live.reply)
+        return wire.session(live.conv, self._running(live))
 
     def public(self, live: Live) -> dict:
         """``GET /api/sessions/{id}``."""
@@ -337,16 +324,17 @@ class Conversations:
 
     def can_resume(self, live: Live, after: int) -> bool:
         """Is there anything to follow after ``after``: a running reply, or missed events?"""
-        return live.reply is not None or self.events.missed(live.id, after)
+        return self._running(live) is not None or self.events.missed(live.id, after)
 
     def last_reply(self, live: Live) -> str | None:
         return self.events.last_reply(live.id)
 
     def running_since(self, live: Live) -> int | None:
         """The seq just before the running reply's ``start`` (to follow it from the beginning)."""
-        if live.reply is None:
+        running = self._running(live)
+        if running is None:
             return None
-        first = self.events.first_seq(live.id, live.reply.id)
+        first = self.events.first_seq(live.id, running.id)
         return None if first is None else first - 1
 
     # ------------------------------------------------------------ housekeeping
@@ -389,32 +377,7 @@ class Conversations:
             for outbox in list(self.events.listeners(live.id)):
                 outbox.close()
         await self.persister.close()  # every finished or interrupted turn is written before the store closes
+        if self.shared is not None:
+            await self.shared.close()
 
     # ------------------------------------------------------------ stats
-
-    def view(self, sid: str) -> View | None:
-        live = self.live.get(sid)
-        conv = live.conv if live is not None else self.store.peek_now(sid)  # (None: not without I/O)
-        if conv is None:
-            return None
-        return View(conv.id, conv.owner, conv.model, dict(conv.params), [dict(t) for t in conv.history], conv.seq,
-                    live.reply.id if live is not None and live.reply is not None else None,
-                    tuple(self.events.listeners(sid)),
-                    live is not None and live.grace_timer is not None)
-
-    def views(self) -> list[View]:
-        return [v for sid in dict.fromkeys([*self.store.ids_now(), *self.live]) if (v := self.view(sid)) is not None]
-
-    def stats(self) -> dict:
-        """A public view for metrics and the test invariants, whatever the store."""
-        lives = list(self.live.values())
-        return {
-            "sessions": self.store.size,
-            "live": len(lives),
-            "replies_running": sum(live.reply is not None for live in lives),
-            "grace_timers": sum(live.grace_timer is not None for live in lives),
-            "listeners": sum(len(self.events.listeners(live.id)) for live in lives),
-            "reply_tasks": len(self.runner.tasks),
-            "limiter_running": self.limiter.running_total,
-            "limiter_clients": self.limiter.running_clients(),
-        }

@@ -50,7 +50,7 @@ class GatewayTurn:
         return getattr(turn, name)
 
     async def __aenter__(self) -> GatewayTurn:  # noqa: PYI034
-        self.turn = self.gateway._start(self.client, *self._spec)  # raises ChatError; holds nothing then
+        self.turn = await self.gateway._start(self.client, *self._spec)  # raises ChatError; holds nothing then
         self._held = True
         self._task = asyncio.current_task()
         self.gateway._active.add(self)
@@ -90,7 +90,7 @@ class Gateway:
         (for logs and later accounting); limits count per ``client``. Admitted on entry."""
         return GatewayTurn(self, client, (owner, model, messages, params, extra, door))
 
-    def _start(self, client: str, owner, model, messages, params, extra, door) -> Turn:
+    async def _start(self, client: str, owner, model, messages, params, extra, door) -> Turn:
         self.admission.check_open()
         if not isinstance(model, str):
             raise ChatError("bad_request", "model must be a string", param="model")
@@ -102,7 +102,7 @@ class Gateway:
         if isinstance(params, dict):
             params = Params(params.get("temperature"), params.get("top_p"), params.get("max_tokens"))
         request = ChatRequest(resolved.model, messages, params or Params(), extra)
-        self.admission.take(client)  # last: nothing to give back if anything above refused
+        await self.admission.take(client)  # last: nothing to give back if anything above refused
         return Turn(resolved, request, self.admission.fallback_for, door=door, on_done=self.on_turn_done)
 
     @property

@@ -4,13 +4,19 @@ A token bucket per client (refilled continuously, so a burst after a quiet
 minute is allowed but a sustained flood is not) and counters of running
 replies per client and in total. Buckets of clients that have gone quiet are
 dropped, so the table stays as small as the set of active clients.
+
+The facade uses only ``admit``, ``admit_session``, ``release_reply``, ``running_total``,
+``running_clients``, ``open`` and ``close`` (the ``Limits`` protocol), so a store shared by
+several instances can count across them instead (``limits_redis.RedisLimiter``, chosen by
+``make_limiter`` when ``[store] kind = "redis"``).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
-from .config import LimitsConfig
+from .config import LimitsConfig, Settings
 
 
 class LimitError(Exception):
@@ -21,6 +27,29 @@ class LimitError(Exception):
         self.retry_after = retry_after  # seconds, for a Retry-After header
 
 
+class Limits(Protocol):
+    running_total: int  # replies running in this process
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def admit(self, client: str) -> None:
+        """Count a message and reserve a running-reply slot (``LimitError`` when over);
+        ``release_reply`` must follow, once."""
+    async def admit_session(self, client: str) -> None:
+        """Count one new session against ``sessions_per_minute``."""
+    def release_reply(self, client: str) -> None: ...
+    def running_clients(self) -> int: ...
+
+
+def make_limiter(settings: Settings) -> Limits:
+    """This process's counts, or with a Redis store the counts every instance shares."""
+    if settings.store.kind == "redis":
+        from .limits_redis import RedisLimiter
+
+        return RedisLimiter(settings.limits, settings.store.url)
+    return Limiter(settings.limits)
+
+
 class Limiter:
     def __init__(self, config: LimitsConfig) -> None:
         self.config = config
@@ -28,6 +57,19 @@ class Limiter:
         self._session_buckets: dict[str, tuple[float, float]] = {}  # the same, for new sessions
         self._running: dict[str, int] = {}
         self.running_total = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def admit(self, client: str) -> None:
+        self.take_message(client)
+        self.acquire_reply(client)
+
+    async def admit_session(self, client: str) -> None:
+        self.take_session(client)
 
     def take_message(self, client: str, now: float | None = None) -> None:
         """Count one message against the client's rate; raise ``rate_limited`` when over."""

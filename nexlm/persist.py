@@ -73,6 +73,10 @@ class Persister:
             return
         self._writing[live.id] = asyncio.create_task(self._write(live), name=f"write {live.id[:6]}")
 
+    def pending(self, cid: str) -> bool:
+        """Is a write of ``cid`` asked for or in flight (this process has news the store lacks)?"""
+        return cid in self._writing
+
     async def _write(self, live: Live) -> None:
         try:
             while True:
@@ -102,6 +106,19 @@ class Persister:
         """A reply was recorded: its final turn is written now."""
         self._running.pop(live.id, None)
         self.write_soon(live)
+
+    def settler(self):
+        """``settle`` for a store other instances read (``shared``), else None: nothing to wait for."""
+        return self.settle if getattr(self.store, "shared", False) else None
+
+    async def settle(self, live: Live, reply, finish: str) -> None:
+        """Store a reply's final turn now (awaited before its ``done``: ``Runner(settle=...)``), after
+        the checkpoint in flight, so a shared store never shows an ended reply as streaming."""
+        self._running.pop(live.id, None)  # no more checkpoints
+        pending = self._writing.get(live.id)
+        if pending is not None:
+            await asyncio.wait([pending])
+        await self.store.put(replace(live.conv, history=[*live.conv.history, reply.entry(finish)]))
 
     async def _tick(self) -> None:
         while self._running:

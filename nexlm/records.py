@@ -42,6 +42,13 @@ class Conversation:
 
             return json.dumps(_fields(self)).encode()
 
+    def refresh(self, newer: "Conversation") -> None:
+        """Take ``newer``'s state in place (another instance changed the stored record), so code
+        holding this object or its history list sees it too."""
+        self.history[:] = newer.history
+        for name in ("owner", "client", "model", "params", "seq", "created", "updated", "title"):
+            setattr(self, name, getattr(newer, name))
+
     @classmethod
     def loads(cls, data: bytes) -> "Conversation":
         try:

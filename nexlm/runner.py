@@ -26,13 +26,14 @@ from .providers.base import Queued, ReasoningDelta, StreamError, TextDelta
 from .records import Conversation
 
 log = logging.getLogger(__name__)
+SETTLE_SECONDS = 2.0  # a slow store delays a reply's done by at most this
 
 
 class Reply:
     __slots__ = ("id", "client", "turn", "task", "content", "reasoning", "finish_reason")
 
-    def __init__(self, turn: Turn, client: str) -> None:
-        self.id = secrets.token_urlsafe(9)
+    def __init__(self, turn: Turn, client: str, reply_id: str | None = None) -> None:
+        self.id = reply_id or secrets.token_urlsafe(9)
         self.client = client
         self.turn = turn
         self.task: asyncio.Task | None = None
@@ -81,8 +82,11 @@ class Live:
 class Runner:
     def __init__(self, events: EventLog, limiter: Limiter, max_history: int,
                  on_commit: Callable[[Live], None], on_released: Callable[[Live], None],
-                 background: bool = False) -> None:
+                 background: bool = False, settle: Callable | None = None) -> None:
         self.events = events
+        # ``await settle(live, reply, finish)`` before ``done`` goes out (a store other instances
+        # read: the final turn is stored first, so one asked right after ``done`` has it).
+        self._settle = settle
         self.background = background  # replies nobody listens to run to their end
         self.limiter = limiter
         self.max_history = max_history
@@ -95,8 +99,8 @@ class Runner:
 
     # -- running
 
-    def launch(self, live: Live, turn: Turn) -> Reply:
-        reply = Reply(turn, live.conv.client)
+    def launch(self, live: Live, turn: Turn, reply_id: str | None = None) -> Reply:
+        reply = Reply(turn, live.conv.client, reply_id)
         live.reply = reply
         self.events.begin(live.id, reply.id)
         self.events.emit(live.conv, reply.id, wire.start(reply.id, reply.model))
@@ -133,6 +137,14 @@ class Runner:
             self.events.emit(conv, rid, wire.error("internal_error",
                                                    "Something went wrong on the server while answering.", rid))
             finish = "error"
+        if self._settle is not None and reply.finish_reason is None:
+            try:
+                await asyncio.wait_for(self._settle(live, reply, finish), SETTLE_SECONDS)
+            except asyncio.CancelledError:
+                self._finish(live, reply, finish)
+                raise
+            except Exception as exc:  # (the commit after done writes it again)
+                log.error("reply %s: its final turn was not stored before done: %s", rid, exc)
         self._finish(live, reply, finish)
 
     def _finish(self, live: Live, reply: Reply, finish: str) -> None:

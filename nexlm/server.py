@@ -150,6 +150,11 @@ async def _resources(app: web.Application):
         chat = Conversations(settings, registry, on_turn_done=metrics.turn_done)
         try:
             await chat.start()
+            try:
+                await chat.limiter.open()  # (with a redis store the limits are counted there too)
+            except StoreError:
+                await chat.store.close()
+                raise
         except StoreError as exc:  # app.py prints it as one line and exits 2
             await registry.close()
             raise StoreError(f"cannot open the {describe(settings)}: {exc}") from None
@@ -167,6 +172,7 @@ async def _resources(app: web.Application):
             await asyncio.wait([sweeper, lag])
             await asyncio.gather(chat.close(0, None), gateway.close(0))  # normally done in _shutdown already
             await chat.store.close()
+            await chat.limiter.close()
             await registry.close()
 
 

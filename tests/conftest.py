@@ -95,3 +95,25 @@ def connect(client):
         return WS(await client.ws_connect(path, **kw))
 
     return open_ws
+
+
+# ------------------------------------------------------------ real Redis (tests/redis_servers.py)
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the whole session; tests keep apart by their own ids or ``flushall``."""
+    from redis_servers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A three-node Redis Cluster (no replicas) for the cluster run of the store suite."""
+    from redis_servers import RedisCluster
+
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()

@@ -1,4 +1,5 @@
-"""One suite for every store (``Store`` in nexlm/store.py): the same behaviour from memory and SQLite.
+"""One suite for every store (``Store`` in nexlm/store.py): the same behaviour from memory, SQLite
+and Redis (one real redis-server, and a real three-node Redis Cluster).
 
 The ``store_factory`` fixture is parametrized by kind; another store joins by adding a param
 (and, for a server, starting it in the fixture): ``make(ttl=..., max_sessions=..., max_per_client=...)``
@@ -10,17 +11,22 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis_servers import command
 
 from nexlm.records import Conversation
 from nexlm.store import MemoryStore, StoreFull
+from nexlm.store_redis import RedisStore
 from nexlm.store_sqlite import SQLiteStore
 
-KINDS = ["memory", "sqlite"]
+KINDS = ["memory", "sqlite", "redis", "redis-cluster"]
 
 
 class Factory:
-    def __init__(self, kind: str, tmp_path) -> None:
+    def __init__(self, kind: str, tmp_path, redis=None) -> None:
         self.kind = kind
+        self.redis = redis  # tests/redis_servers.py: a RedisServer or a RedisCluster, flushed here
+        for node in getattr(redis, "nodes", [redis] if redis is not None else []):
+            assert command(node.port, "FLUSHALL").startswith("+OK")
         self.tmp_path = tmp_path
         self.busy: set[str] = set()
         self.opened: list = []
@@ -31,6 +37,8 @@ class Factory:
             store = MemoryStore(ttl, max_sessions, max_per_client, in_use=in_use)
         elif self.kind == "sqlite":
             store = SQLiteStore(str(self.tmp_path / "store.db"), ttl, max_sessions, max_per_client, in_use=in_use)
+        elif self.kind.startswith("redis"):
+            store = RedisStore(self.redis.url, ttl, max_sessions, max_per_client, in_use=in_use)
         else:  # pragma: no cover
             raise AssertionError(self.kind)
         await store.open()
@@ -44,7 +52,10 @@ class Factory:
 
 @pytest.fixture(params=KINDS)
 async def store_factory(request, tmp_path):
-    factory = Factory(request.param, tmp_path)
+    redis = None
+    if request.param.startswith("redis"):  # a real redis-server (or three-node cluster) per test session
+        redis = request.getfixturevalue("redis_cluster" if request.param == "redis-cluster" else "redis_server")
+    factory = Factory(request.param, tmp_path, redis)
     yield factory
     await factory.close()
 

@@ -124,9 +124,9 @@ async def sse(request: web.Request) -> web.StreamResponse:
             if session is None:
                 raise ChatError("not_found", "No such session (it may have expired).", 404)
             if kind == "regenerate":
-                reply = chat.regenerate(session, model, params, door="sse")
+                reply = await chat.regenerate(session, model, params, door="sse")
             else:
-                reply = chat.edit(session, fields.get("index"), message, model, params, door="sse")
+                reply = await chat.edit(session, fields.get("index"), message, model, params, door="sse")
         elif kind != "chat":
             raise ChatError("bad_request", f"Unknown type {str(kind)[:40]!r} (chat, regenerate or edit).")
         elif message is None or message == "":
@@ -137,7 +137,7 @@ async def sse(request: web.Request) -> web.StreamResponse:
         elif session is None:
             session, reply = await chat.send_new(owner, client, message, model, params, door="sse")
         else:
-            reply = chat.send(session, message, model, params, door="sse")
+            reply = await chat.send(session, message, model, params, door="sse")
     except ChatError as exc:
         return json_error(exc.code, exc.message, exc.status, exc.retry_after)
     return await _stream(request, chat, session, chat.running_since(session), reply.id)

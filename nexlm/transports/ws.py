@@ -183,7 +183,7 @@ async def _command(chat: Conversations, session, outbox: Outbox, data: str, pars
         frame = parse(data)
         kind = frame.get("type")
         if kind == "chat":
-            chat.send(session, frame.get("message"), frame.get("model"), frame.get("params"), door="ws")
+            await chat.send(session, frame.get("message"), frame.get("model"), frame.get("params"), door="ws")
         elif kind == "stop":
             await chat.stop(session)
         elif kind == "set":
@@ -193,10 +193,10 @@ async def _command(chat: Conversations, session, outbox: Outbox, data: str, pars
             await chat.reset(session)
             chat.broadcast_frame(session)
         elif kind == "regenerate":
-            chat.regenerate(session, frame.get("model"), frame.get("params"), door="ws")
+            await chat.regenerate(session, frame.get("model"), frame.get("params"), door="ws")
         elif kind == "edit":
-            chat.edit(session, frame.get("index"), frame.get("message"), frame.get("model"), frame.get("params"),
-                      door="ws")
+            await chat.edit(session, frame.get("index"), frame.get("message"), frame.get("model"),
+                            frame.get("params"), door="ws")
         elif kind == "restore":
             chat.restore(session, frame.get("history"))
             outbox.put(chat.frame(session))

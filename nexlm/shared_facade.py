@@ -1,0 +1,102 @@
+"""The facade's part for instances that share one Redis (``[store] kind = "redis"``).
+
+``Conversations`` inherits it; with any other store ``shared`` stays None and none of this runs,
+so the memory store behaves exactly as before. With Redis: a new reply first takes the
+session's running lease (``redis_live``), a record that changes is written at once (another
+instance may read it next), a reply running elsewhere shows in the ``session`` frame and can
+be resumed and stopped here, and what another instance finishes or a reaper interrupts is put
+into the history this instance holds.
+"""
+
+from __future__ import annotations
+
+from .redis_live import Busy, open_shared, settle, turn_of
+from .validation import ChatError
+
+BUSY = "A reply is still streaming; stop it or wait for it to finish."
+
+
+class Shared:
+    shared = None  # redis_live.RedisLive once started with [store] kind = "redis"
+
+    async def _start_shared(self) -> None:
+        """Open what the store needs; redis: the live layer shared with the other instances."""
+        if self.settings.store.kind == "redis" and self.shared is None:
+            keep = max(self.settings.chat.resume_grace_seconds, 5.0)
+            shared = await open_shared(self.settings.store.url, self.settings.store.lease_seconds, keep)
+            self.shared = shared
+            self.events = self.runner.events = shared.events
+            shared.on_stop = self._stop_here
+            shared.on_reap = self._reaped
+            shared.events.on_remote_done = self._remote_done
+            shared.start()
+
+    async def _admit(self, live, model=None, params=None, claim: bool = True) -> tuple:
+        """Check everything a new reply needs; only when all pass, apply model/params and take a slot
+        (shared: and the session's running lease, whose reply id is returned)."""
+        self.admission.check_open()
+        if live.reply is not None or self._running(live) is not None:
+            raise ChatError("busy", BUSY, 409)
+        rid = await self._claim(live) if claim else None
+        try:
+            if live.reply is not None:
+                raise ChatError("busy", BUSY, 409)
+            new_model, new_params = self._choice(live.conv, model, params)
+            resolved = self._resolve(new_model)
+            await self.admission.take(live.conv.client)
+            if live.reply is not None:  # another request started one while the limits were counted
+                self.admission.release(live.conv.client)
+                raise ChatError("busy", BUSY, 409)
+        except BaseException:
+            if rid is not None:
+                self.shared.unclaim(live.id, rid)
+            raise
+        live.conv.model, live.conv.params = new_model, new_params
+        return resolved, rid
+
+    async def _claim(self, live) -> str | None:
+        if self.shared is None:
+            return None
+        try:
+            return await self.shared.claim(live.conv)
+        except Busy:
+            raise ChatError("busy", BUSY, 409) from None
+
+    def _running(self, live):
+        """The running reply: this instance's, or (shared) the one another instance runs."""
+        if live.reply is not None or self.shared is None:
+            return live.reply
+        remote = self.events.running_elsewhere(live.id)
+        if remote is not None and not remote.model:
+            remote.model = live.conv.model
+        return remote
+
+    # -------------------------------------------------------------- called by redis_live
+
+    def _stop_here(self, cid: str, rid: str, reason: str) -> None:
+        """A stop sent through another instance (or a lost lease): cancel the reply if it runs here."""
+        live = self.live.get(cid)
+        if live is not None and live.reply is not None and live.reply.id == rid:
+            self.runner.cancel(live.reply, reason)
+
+    async def _remote_done(self, cid: str, events: list[dict]) -> None:
+        """A reply that ran elsewhere ended: this instance's copy of the record is stale (it lacks at
+        least that turn and its question), so it is read again; the instance that ran the reply
+        stored its final turn before sending ``done``."""
+        live = self.live.get(cid)
+        if live is None or live.reply is not None:
+            return
+        conv = await self.store.get(cid)
+        if self.live.get(cid) is not live or live.reply is not None:
+            return
+        if conv is not None:
+            live.conv = conv
+        if events:
+            settle(live.conv.history, turn_of(events))  # (a record that lags behind its stream)
+            live.conv.seq = max(live.conv.seq, events[-1].get("seq", 0))
+
+    async def _reaped(self, cid: str, entry: dict) -> None:
+        """A dead instance's reply: its turn goes into the stored record as ``interrupted``."""
+        conv = await self.store.get(cid)
+        if conv is not None and settle(conv.history, dict(entry)):
+            await self.store.put(conv)

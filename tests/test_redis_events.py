@@ -1,0 +1,45 @@
+"""RedisEventLog on a real redis-server: the reply's path never waits for Redis, and what it
+emits reaches the reply's own stream in order, one pipeline for what was emitted together."""
+
+from __future__ import annotations
+
+from nexlm import wire
+from nexlm.events import Outbox
+from nexlm.records import Conversation
+from nexlm.redis_conn import connect
+from nexlm.redis_events import RedisEventLog, index_key, reply_key, seq_key
+
+
+async def test_emit_buffers_and_one_pipeline_sends_it_in_order(redis_server):
+    conn = await connect(redis_server.url)
+    try:
+        log = RedisEventLog(conn.client, "test-instance", keep=5.0)
+        pipelines = []
+        real = conn.client.pipeline
+
+        def counted(*args, **kwargs):
+            pipelines.append(1)
+            return real(*args, **kwargs)
+
+        conn.client.pipeline = counted
+        conv = Conversation(None, "client", "fake-model")
+        listener = Outbox()
+        log.subscribe(conv.id, listener)
+        log.begin(conv.id, "r1")
+        log.emit(conv, "r1", wire.start("r1", "fake-model"))
+        for i in range(100):
+            log.emit(conv, "r1", wire.delta("r1", f"t{i} "))
+        log.emit(conv, "r1", wire.done("r1", "stop", None, "fake-model", {}, None))
+        log.end(conv.id, "r1")
+        assert pipelines == []  # nothing sent yet: emitting never touches Redis
+        assert len(listener) > 0  # the local listener has them already (merged deltas)
+        await log.flush()
+        assert pipelines == [1]
+        entries = await conn.client.xrange(reply_key(conv.id, "r1"))
+        assert [int(e[0].split(b"-")[1]) for e in entries] == list(range(1, 103))
+        assert int(await conn.client.get(seq_key(conv.id))) == 102 == conv.seq
+        assert await conn.client.pttl(reply_key(conv.id, "r1")) > 0  # expires after the resume grace
+        [(_, fields)] = await conn.client.xrange(index_key(conv.id))
+        assert fields == {b"r": b"r1", b"i": b"test-instance"}
+    finally:
+        await conn.close()

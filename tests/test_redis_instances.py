@@ -1,0 +1,186 @@
+"""Two NexLM app instances in one test process sharing one real redis-server: one server to the user."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import WS
+from fake_upstream import DONE, Script, chunk
+from invariants import spawn_app
+from redis_servers import command, free_port
+
+from nexlm.store_redis import SCHEMA, SCHEMA_KEY
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    assert command(redis_server.port, "FLUSHALL").startswith("+OK")
+    return redis_server.url
+
+
+@pytest.fixture
+def two(make_client, redis_url, request):
+    """``await two(extra_toml)`` -> two test clients of two apps with the same ``[store] url``
+    (the three-node cluster's when the test is marked ``on_cluster``)."""
+    url = redis_url
+    if request.node.get_closest_marker("on_cluster"):
+        cluster = request.getfixturevalue("redis_cluster")
+        for node in cluster.nodes:
+            assert command(node.port, "FLUSHALL").startswith("+OK")
+        url = cluster.url
+
+    async def make(extra: str = ""):
+        env = {"NEXLM_STORE": url}
+        return await make_client(extra, env=env), await make_client(extra, env=env)
+
+    return make
+
+
+async def ws(client, path="/ws") -> WS:
+    return WS(await client.ws_connect(path))
+
+
+@pytest.mark.parametrize("where", ["server", pytest.param("cluster", marks=pytest.mark.on_cluster)])
+async def test_a_session_made_on_one_instance_is_used_on_the_other(two, upstream, where):
+    a, b = await two()
+    wa = await ws(a)
+    sid = (await wa.recv())["session"]
+    await wa.send({"type": "set", "params": {"temperature": 0.3}})
+    await wa.until("session")
+    await wa.send({"type": "chat", "message": "first question"})
+    await wa.until("done")
+    await wa.close()
+
+    r = await b.get(f"/api/sessions/{sid}")
+    assert r.status == 200
+    data = await r.json()
+    assert data["session"] == sid and data["params"].get("temperature") == 0.3
+    assert [(h["role"], h["content"]) for h in data["history"]] == [("user", "first question"),
+                                                                   ("assistant", "Hello world")]
+
+    wb = await ws(b, f"/ws?session={sid}")
+    frame = await wb.recv()
+    assert frame["type"] == "session" and frame["session"] == sid and len(frame["history"]) == 2
+    await wb.send({"type": "chat", "message": "second question"})
+    await wb.until("done")
+    await wb.close()
+    sent = upstream.requests[-1]["body"]
+    assert [m["content"] for m in sent["messages"] if m["role"] != "system"] == [
+        "first question", "Hello world", "second question"]
+    assert sent.get("temperature") == 0.3
+
+    data = await (await a.get(f"/api/sessions/{sid}")).json()
+    assert [h["content"] for h in data["history"]] == ["first question", "Hello world", "second question",
+                                                       "Hello world"]
+
+
+async def test_a_delete_through_one_instance_is_seen_by_the_other(two):
+    a, b = await two()
+    wa = await ws(a)
+    sid = (await wa.recv())["session"]
+    await wa.close()
+    assert (await b.get(f"/api/sessions/{sid}")).status == 200
+    assert (await b.delete(f"/api/sessions/{sid}")).status == 200
+    assert (await a.get(f"/api/sessions/{sid}")).status == 404
+
+
+@pytest.mark.parametrize("where", ["server", pytest.param("cluster", marks=pytest.mark.on_cluster)])
+async def test_message_rate_is_counted_across_instances(two, where):
+    a, b = await two("[limits]\nmessages_per_minute = 2")
+    wa, wb = await ws(a), await ws(b)
+    await wa.recv()
+    await wb.recv()
+    for _ in range(2):
+        await wa.send({"type": "chat", "message": "q"})
+        await wa.until("done")
+    await wb.send({"type": "chat", "message": "one too many"})
+    err = await wb.recv()
+    assert err["type"] == "error" and err["code"] == "rate_limited", err
+    await wa.close()
+    await wb.close()
+
+
+async def test_running_replies_are_counted_across_instances(two, upstream):
+    a, b = await two("[limits]\nmax_replies_per_client = 1")
+    gate = asyncio.Event()
+    upstream.push(Script([chunk("", role=True), chunk("a"), gate, chunk(finish="stop"), DONE]))
+    wa, wb = await ws(a), await ws(b)
+    await wa.recv()
+    await wb.recv()
+    await wa.send({"type": "chat", "message": "long one"})
+    assert (await wa.recv())["type"] == "start"
+    await wb.send({"type": "chat", "message": "meanwhile"})
+    err = await wb.recv()
+    assert err["type"] == "error" and err["code"] == "busy", err
+    gate.set()
+    await wa.until("done")
+    # Given back when A's reply ended (released in the background: poll B for the slot).
+    async with asyncio.timeout(5):
+        while True:
+            await wb.send({"type": "chat", "message": "now"})
+            frame = await wb.recv()
+            if frame["type"] == "start":
+                break
+            assert frame["code"] == "busy", frame
+            await asyncio.sleep(0.05)
+    await wb.until("done")
+    await wa.close()
+    await wb.close()
+
+
+async def start_failure(tmp_path, url: str) -> list[str]:
+    """``python app.py`` with ``[store] url``: it must exit 2 at start; its stderr lines."""
+    cfg = tmp_path / "nexlm.toml"
+    cfg.write_text(f'[store]\nkind = "redis"\nurl = "{url}"\n')
+    proc = await spawn_app(cfg, free_port())
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode == 2, (out, err)
+    assert b"NexLM is running" not in out
+    return err.decode().strip().splitlines()
+
+
+async def test_a_wrong_password_stops_the_server_at_start_with_one_line(tmp_path, redis_url, redis_server):
+    assert command(redis_server.port, "ACL", "SETUSER", "app-test", "on", ">the-right-one", "~*", "+@all") \
+        .startswith("+OK")
+    url = redis_url.replace("redis://", "redis://app-test:not-the-password@")
+    lines = await start_failure(tmp_path, url)
+    assert lines == [f"nexlm: cannot open the redis store redis://127.0.0.1:{redis_server.port}/0: cannot connect: "
+                     "authentication refused (invalid username-password pair or user is disabled.)"], lines
+
+
+async def test_nothing_listening_stops_the_server_at_start_with_one_line(tmp_path):
+    port = free_port()
+    lines = await start_failure(tmp_path, f"redis://127.0.0.1:{port}/0")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"nexlm: cannot open the redis store redis://127.0.0.1:{port}/0: cannot connect: "), lines
+
+
+async def test_a_newer_schema_stops_the_server_at_start_with_one_line(tmp_path, redis_url, redis_server):
+    assert command(redis_server.port, "SET", SCHEMA_KEY, str(SCHEMA + 1)).startswith("+OK")
+    lines = await start_failure(tmp_path, redis_url)
+    assert lines == [f"nexlm: cannot open the redis store redis://127.0.0.1:{redis_server.port}/0: its schema "
+                     f"version is {SCHEMA + 1}, newer than this NexLM's ({SCHEMA}); upgrade NexLM or point "
+                     "[store] url at another database"], lines
+
+
+async def test_a_conversation_someone_follows_on_one_instance_is_not_evicted_by_the_other(two, redis_server):
+    a, b = await two("[limits]\nmax_sessions_per_client = 1")
+    wa = await ws(a)
+    sid = (await wa.recv())["session"]  # followed on A: in use there
+    async with asyncio.timeout(5):  # A marks it busy with its next touch, in the background
+        while command(redis_server.port, "EXISTS", f"nexlm:{{{sid}}}:busy") != ":1\r\n":
+            await asyncio.sleep(0.02)
+    r = await b.post("/api/sessions", json={})
+    assert r.status == 503, await r.text()
+    assert (await r.json())["code"] == "busy", await r.text()
+    assert (await b.get(f"/api/sessions/{sid}")).status == 200
+    await wa.close()
+    async with asyncio.timeout(5):  # nobody follows it now: once its marker is gone, it may make room
+        while command(redis_server.port, "EXISTS", f"nexlm:{{{sid}}}:busy") == ":1\r\n":
+            command(redis_server.port, "DEL", f"nexlm:{{{sid}}}:busy")  # (as if its 3 x refresh ran out)
+            await asyncio.sleep(0.02)
+    r = await b.post("/api/sessions", json={})
+    assert r.status in (200, 201), await r.text()
+    assert (await b.get(f"/api/sessions/{sid}")).status == 404
