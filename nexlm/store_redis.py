@@ -351,6 +351,9 @@ class RedisStore:
         for cid in stale:
             if self._in_use(cid) or not valid_sid(cid) or await self.client.exists(key(cid, "busy")):
                 continue
+            last = await self.client.zscore(ALL_KEY, cid)  # (touched through another instance meanwhile?)
+            if last is not None and last >= now - self.ttl:
+                continue
             await self.delete(cid)
             dropped.append(cid)
         ids = [c for c in self._known if c not in dropped]
