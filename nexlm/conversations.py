@@ -133,7 +133,7 @@ class Conversations(Shared, Views):
         try:
             await self.limiter.admit_session(conv.client)
         except LimitError as exc:
-            raise ChatError(exc.code, exc.message, 429, exc.retry_after) from None
+            raise ChatError(exc.code, exc.message, 429 if exc.code == "rate_limited" else 503, exc.retry_after) from None
         try:
             evicted = await self.store.add(conv)
         except StoreFull as exc:

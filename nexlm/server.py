@@ -42,6 +42,7 @@ from .metrics import Metrics
 from .providers.registry import Registry
 from .security import Guard
 from .store import StoreError
+from .validation import ChatError
 from .store_factory import describe
 from .transports import http, seed_http, seed_ws, sse, ws
 from .transports.v1 import chat as v1
@@ -56,10 +57,22 @@ mimetypes.add_type("text/javascript", ".mjs")
 mimetypes.add_type("text/javascript", ".js")
 
 
+@web.middleware
+async def refusals(request: web.Request, handler):
+    """A refusal no handler turned into an answer (e.g. ``store_unavailable`` from a store that went
+    away while a session was looked up): its status and message, never a 500 with a traceback."""
+    try:
+        return await handler(request)
+    except ChatError as exc:
+        headers = None if exc.retry_after is None else {"Retry-After": str(max(1, round(exc.retry_after)))}
+        return web.json_response({"type": "error", "code": exc.code, "message": exc.message},
+                                 status=exc.status, headers=headers)
+
+
 def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
     app = web.Application(
-        middlewares=[guard.middleware],
+        middlewares=[guard.middleware, refusals],
         client_max_size=settings.limits.max_frame_bytes,
     )
     app[SETTINGS] = settings

@@ -21,14 +21,18 @@ sorted sets may name records Redis has already expired; they are pruned by score
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
 from typing import Callable
 
+from redis.exceptions import RedisError
+
 from .records import Conversation
 from .redis_conn import RedisConn, StoreError, connect, key, tagged, valid_sid
 from .store import StoreFull, listed_at
+from .validation import ChatError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,23 @@ if n < cap then
 end
 return {0, n, unpack(redis.call('ZRANGE', KEYS[1], 0, math.min(n - cap, 30) + 10))}
 """
+
+
+UNAVAILABLE = "The conversation store cannot be reached right now; try again shortly."
+
+
+def _guarded(method):
+    """Redis failing under a request: a refusal the front doors already know how to say (503,
+    ``store_unavailable``), and one log line; never a traceback to the client."""
+    @functools.wraps(method)
+    async def call(self, *args, **kw):
+        try:
+            return await method(self, *args, **kw)
+        except (StoreError, RedisError, OSError) as exc:
+            log.error("redis store: %s", exc if isinstance(exc, StoreError) or self.conn is None
+                      else self.conn.error(exc, method.__name__))
+            raise ChatError("store_unavailable", UNAVAILABLE, 503, 5) from None
+    return call
 
 
 def _s(value) -> str:
@@ -147,6 +168,7 @@ class RedisStore:
         while len(self._known) > 100_000:
             self._known.popitem(last=False)
 
+    @_guarded
     async def get(self, cid: str) -> Conversation | None:
         conv = await self.peek(cid)
         if conv is not None:
@@ -154,6 +176,7 @@ class RedisStore:
             self.touch(cid)
         return conv
 
+    @_guarded
     async def peek(self, cid: str) -> Conversation | None:
         if not valid_sid(cid):
             return None
@@ -166,6 +189,7 @@ class RedisStore:
     def ids_now(self) -> list[str]:
         return list(self._known)
 
+    @_guarded
     async def ids(self) -> list[str]:
         await self._settle()
         stale = self.clock() - self.ttl
@@ -184,6 +208,7 @@ class RedisStore:
         if self._touched:
             await self._do("touching", self._flush_touches())
 
+    @_guarded
     async def add(self, conv: Conversation) -> list[str]:
         """One at a time in this process (in call order: the oldest makes room for the newest);
         across instances the scripts keep the caps, in whatever order the adds arrive."""
@@ -239,6 +264,7 @@ class RedisStore:
         await self.delete(cid)
         return True
 
+    @_guarded
     async def put(self, conv: Conversation) -> None:
         if not await self._do("writing", self.client.set(key(conv.id, "rec"), conv.dumps(), px=self._ttl_ms, xx=True)):
             return  # deleted or expired meanwhile: stays missing
@@ -251,6 +277,7 @@ class RedisStore:
         await self._do("writing", pipe.execute())
         self._know(conv)
 
+    @_guarded
     async def delete(self, cid: str) -> bool:
         conv = await self.peek(cid)
         if conv is None:
@@ -270,6 +297,7 @@ class RedisStore:
         self._touched.pop(cid, None)
         return bool(removed)
 
+    @_guarded
     async def list_owner(self, owner: str, limit: int, before: float | None = None) -> list[Conversation]:
         okey = tagged("owner", owner, "sessions")
         out: list[Conversation] = []
@@ -343,6 +371,13 @@ class RedisStore:
         """Forget records idle for ``ttl`` as of ``now`` (not in use here nor marked busy elsewhere;
         Redis's own key expiry is the backstop), and answer with them the ids this process knew
         whose record is gone (deleted or evicted through another instance)."""
+        try:
+            return await self._expire(now)
+        except (StoreError, RedisError, OSError) as exc:  # housekeeping goes on; the next round tries again
+            log.error("redis store: expiring: %s", exc)
+            return []
+
+    async def _expire(self, now: float | None) -> list[str]:
         await self._settle()
         now = self.clock() if now is None else now
         stale = [_s(m) for m in await self._do("expiring", self.client.zrangebyscore(
@@ -350,6 +385,9 @@ class RedisStore:
         dropped = []
         for cid in stale:
             if self._in_use(cid) or not valid_sid(cid) or await self.client.exists(key(cid, "busy")):
+                continue
+            last = await self.client.zscore(ALL_KEY, cid)  # (touched through another instance meanwhile?)
+            if last is not None and last >= now - self.ttl:
                 continue
             await self.delete(cid)
             dropped.append(cid)

@@ -67,20 +67,43 @@ def wait_until(check, what: str, proc: subprocess.Popen | None = None) -> None:
         time.sleep(0.02)
 
 
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl), for a TLS redis-server."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    return cert, key
+
+
 class RedisServer:
-    def __init__(self, directory: Path, cluster: bool = False) -> None:
+    """``tls``: TLS only (``rediss://``, ``self.cert`` is the CA to trust), with ``password``."""
+
+    def __init__(self, directory: Path, cluster: bool = False, tls: bool = False, password: str | None = None) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(bus=cluster)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         args = [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--logfile", str(self.dir / "log")]
+        ready = lambda: command(self.port, "PING").startswith("+PONG")  # noqa: E731
+        if password:
+            args += ["--requirepass", password]
+        if tls:
+            self.cert, key = self_signed(self.dir)
+            args[2] = "0"  # no plain port
+            args += ["--tls-port", str(self.port), "--tls-cert-file", str(self.cert), "--tls-key-file", str(key),
+                     "--tls-auth-clients", "no"]
+            self.url = f"rediss://127.0.0.1:{self.port}/0"
+            cli = [shutil.which("redis-cli") or "redis-cli", "--tls", "--cacert", str(self.cert), "-p", str(self.port),
+                   *(["--no-auth-warning", "-a", password] if password else []), "PING"]
+            ready = lambda: b"PONG" in subprocess.run(cli, capture_output=True, timeout=5).stdout  # noqa: E731
         if cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.dir / "nodes.conf"),
                      "--cluster-node-timeout", "2000"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_until(lambda: command(self.port, "PING").startswith("+PONG"), f"redis on {self.port}", self.proc)
+            wait_until(ready, f"redis on {self.port}", self.proc)
         except BaseException:
             self.stop()
             raise

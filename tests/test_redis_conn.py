@@ -81,3 +81,29 @@ async def test_bad_scheme_is_one_line():
     with pytest.raises(StoreError) as info:
         await connect("http://127.0.0.1:1/0")
     assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """A redis-server speaking TLS only, with a password (a self-signed certificate from openssl)."""
+    from redis_servers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis-tls"), tls=True, password="tls-pass-77")
+    yield server
+    server.stop()
+
+
+async def test_rediss_with_a_password_in_the_url(tls_server):
+    url = tls_server.url.replace("rediss://", "rediss://:tls-pass-77@") + f"?ssl_ca_certs={tls_server.cert}"
+    conn = await connect(url)
+    try:
+        await conn.client.set(key("tls1", "x"), b"v")
+        assert await conn.client.get(key("tls1", "x")) == b"v"
+    finally:
+        await conn.close()
+    with pytest.raises(StoreError) as info:  # the same server, not trusted: one line
+        await connect(tls_server.url.replace("rediss://", "rediss://:tls-pass-77@"), timeout=3)
+    assert "\n" not in str(info.value) and "tls-pass-77" not in str(info.value)
+    with pytest.raises(StoreError) as info:  # trusted, wrong password
+        await connect(url.replace("tls-pass-77", "nope-nope"), timeout=3)
+    assert "authentication refused" in str(info.value) and "nope-nope" not in str(info.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 from conftest import WS
 from fake_upstream import DONE, Script, chunk
@@ -184,3 +185,31 @@ async def test_a_conversation_someone_follows_on_one_instance_is_not_evicted_by_
     r = await b.post("/api/sessions", json={})
     assert r.status in (200, 201), await r.text()
     assert (await b.get(f"/api/sessions/{sid}")).status == 404
+
+
+async def test_redis_going_away_is_a_503_not_a_crash_and_housekeeping_goes_on(make_client, tmp_path):
+    from redis_servers import RedisServer
+
+    from nexlm.appkeys import CONVERSATIONS
+
+    server = RedisServer(tmp_path / "redis-gone")
+    try:
+        app = await make_client(env={"NEXLM_STORE": server.url})
+        wa = await ws(app)
+        sid = (await wa.recv())["session"]
+        await wa.close()
+        assert (await app.get(f"/api/sessions/{sid}")).status == 200
+    finally:
+        server.stop()
+    r = await app.get(f"/api/sessions/{sid}")
+    assert r.status == 503, await r.text()
+    body = await r.json()
+    assert body["code"] == "store_unavailable" and "\n" not in body["message"]
+    assert (await app.post("/api/sessions", json={})).status == 503
+    try:  # a WebSocket is refused (at the handshake or with an error frame), never left hanging
+        w = await ws(app, f"/ws?session={sid}")
+        frame = await w.recv()
+        assert frame["type"] == "error" and frame["code"] == "store_unavailable", frame
+    except aiohttp.WSServerHandshakeError as exc:
+        assert exc.status == 503
+    await app.server.app[CONVERSATIONS].housekeeping_once()  # logs, raises nothing

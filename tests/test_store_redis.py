@@ -184,3 +184,26 @@ async def test_list_owner_pages_newest_first_and_prunes_expired(open_store):
         assert await store.client.zscore("nexlm:owner:{o}:sessions", convs[4].id) is None
     finally:
         await store.close()
+
+
+async def test_an_older_schema_is_migrated_at_open(redis_url, monkeypatch):
+    from nexlm import store_redis
+
+    ran = []
+
+    async def from_zero(client):
+        ran.append(int(await client.get(SCHEMA_KEY)))
+
+    monkeypatch.setitem(store_redis.MIGRATIONS, 0, from_zero)
+    first = RedisStore(redis_url, 60, 10, 10, in_use=lambda cid: False)
+    await first.open()
+    try:
+        await first.client.set(SCHEMA_KEY, 0)  # as a NexLM with the layout before version 1 left it
+    finally:
+        await first.close()
+    store = RedisStore(redis_url, 60, 10, 10, in_use=lambda cid: False)
+    await store.open()
+    try:
+        assert ran == [0] and int(await store.client.get(SCHEMA_KEY)) == SCHEMA
+    finally:
+        await store.close()
