@@ -14,7 +14,9 @@ carry their own tag; no command ever spans two tags.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 
 from .store import StoreError  # one class for "a store cannot be used", whichever store
+from .validation import ChatError
 
 PREFIX = "nexlm"
 _SAFE_TAG = re.compile(r"[A-Za-z0-9_.@=+/-]{1,128}")
@@ -131,3 +134,23 @@ async def connect(url: str, cluster: bool | None = None, *, timeout: float = 5.0
         return RedisConn(client, True, where)
     except (rexc.RedisError, OSError, ValueError) as exc:
         raise StoreError(f"cannot connect: {reason(exc)}") from None  # (callers name the store)
+
+
+UNAVAILABLE = "The conversation store cannot be reached right now; try again shortly."
+_log = logging.getLogger("nexlm.redis")
+
+
+def guarded(method):
+    """Redis failing under a request: a refusal the front doors already know how to say (503,
+    ``store_unavailable``), and one log line; never a traceback to the client. For the methods of
+    the store and of the live layer that a request awaits (the object's ``conn``, if any, words it)."""
+    @functools.wraps(method)
+    async def call(self, *args, **kw):
+        try:
+            return await method(self, *args, **kw)
+        except (StoreError, rexc.RedisError, OSError) as exc:
+            conn = getattr(self, "conn", None)
+            _log.error("redis: %s", exc if isinstance(exc, StoreError) or conn is None
+                       else conn.error(exc, method.__name__))
+            raise ChatError("store_unavailable", UNAVAILABLE, 503, 5) from None
+    return call

@@ -39,7 +39,7 @@ from redis import exceptions as rexc
 
 from .eventlog import RECENT_REPLIES, EventLog
 from .events import Outbox, encode
-from .redis_conn import key, tagged, valid_sid
+from .redis_conn import guarded, key, tagged, valid_sid
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ class RedisEventLog(EventLog):
 
     # -------------------------------------------------------------- what other instances run
 
+    @guarded
     async def refresh(self, cid: str) -> None:
         """Take the snapshot of ``cid``'s replies in Redis that the synchronous questions answer from."""
         if not valid_sid(cid):

@@ -30,7 +30,7 @@ from redis import exceptions as rexc
 
 from . import wire
 from .events import encode
-from .redis_conn import RedisConn, connect, key, tagged, valid_sid
+from .redis_conn import RedisConn, connect, guarded, key, tagged, valid_sid
 from .redis_events import RedisEventLog, reply_key, running_key, seq_key
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class RedisLive:
     def _member(self, cid: str, rid: str) -> str:
         return f"{cid} {rid} {self.instance}"
 
+    @guarded
     async def claim(self, conv) -> str:
         """Take the session's running lease for a new reply (its id), or raise ``Busy``. The seq
         counter comes with it: this instance numbers the session's events until it lets go."""
@@ -129,6 +130,7 @@ class RedisLive:
         self.held[conv.id] = rid
         return rid
 
+    @guarded
     async def reply_running_elsewhere(self, conv) -> bool:
         """Is the session's running lease held (a dead holder's expires)? (persist.recover asks.)"""
         return valid_sid(conv.id) and bool(await self.r.exists(running_key(conv.id)))
@@ -167,6 +169,7 @@ class RedisLive:
 
     # -------------------------------------------------------------- stop from anywhere
 
+    @guarded
     async def stop_elsewhere(self, cid: str) -> bool:
         """Stop the session's reply on the instance running it; True once its ``done`` is written."""
         raw = await self.r.get(running_key(cid)) if valid_sid(cid) else None

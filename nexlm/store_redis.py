@@ -21,7 +21,6 @@ sorted sets may name records Redis has already expired; they are pruned by score
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import OrderedDict
@@ -30,9 +29,8 @@ from typing import Callable
 from redis.exceptions import RedisError
 
 from .records import Conversation
-from .redis_conn import RedisConn, StoreError, connect, key, tagged, valid_sid
+from .redis_conn import RedisConn, StoreError, connect, guarded, key, tagged, valid_sid
 from .store import StoreFull, listed_at
-from .validation import ChatError
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +52,6 @@ if n < cap then
 end
 return {0, n, unpack(redis.call('ZRANGE', KEYS[1], 0, math.min(n - cap, 30) + 10))}
 """
-
-
-UNAVAILABLE = "The conversation store cannot be reached right now; try again shortly."
-
-
-def _guarded(method):
-    """Redis failing under a request: a refusal the front doors already know how to say (503,
-    ``store_unavailable``), and one log line; never a traceback to the client."""
-    @functools.wraps(method)
-    async def call(self, *args, **kw):
-        try:
-            return await method(self, *args, **kw)
-        except (StoreError, RedisError, OSError) as exc:
-            log.error("redis store: %s", exc if isinstance(exc, StoreError) or self.conn is None
-                      else self.conn.error(exc, method.__name__))
-            raise ChatError("store_unavailable", UNAVAILABLE, 503, 5) from None
-    return call
 
 
 def _s(value) -> str:
@@ -168,7 +149,7 @@ class RedisStore:
         while len(self._known) > 100_000:
             self._known.popitem(last=False)
 
-    @_guarded
+    @guarded
     async def get(self, cid: str) -> Conversation | None:
         conv = await self.peek(cid)
         if conv is not None:
@@ -176,7 +157,7 @@ class RedisStore:
             self.touch(cid)
         return conv
 
-    @_guarded
+    @guarded
     async def peek(self, cid: str) -> Conversation | None:
         if not valid_sid(cid):
             return None
@@ -189,7 +170,7 @@ class RedisStore:
     def ids_now(self) -> list[str]:
         return list(self._known)
 
-    @_guarded
+    @guarded
     async def ids(self) -> list[str]:
         await self._settle()
         stale = self.clock() - self.ttl
@@ -208,7 +189,7 @@ class RedisStore:
         if self._touched:
             await self._do("touching", self._flush_touches())
 
-    @_guarded
+    @guarded
     async def add(self, conv: Conversation) -> list[str]:
         """One at a time in this process (in call order: the oldest makes room for the newest);
         across instances the scripts keep the caps, in whatever order the adds arrive."""
@@ -264,7 +245,7 @@ class RedisStore:
         await self.delete(cid)
         return True
 
-    @_guarded
+    @guarded
     async def put(self, conv: Conversation) -> None:
         if not await self._do("writing", self.client.set(key(conv.id, "rec"), conv.dumps(), px=self._ttl_ms, xx=True)):
             return  # deleted or expired meanwhile: stays missing
@@ -277,7 +258,7 @@ class RedisStore:
         await self._do("writing", pipe.execute())
         self._know(conv)
 
-    @_guarded
+    @guarded
     async def delete(self, cid: str) -> bool:
         conv = await self.peek(cid)
         if conv is None:
@@ -297,7 +278,7 @@ class RedisStore:
         self._touched.pop(cid, None)
         return bool(removed)
 
-    @_guarded
+    @guarded
     async def list_owner(self, owner: str, limit: int, before: float | None = None) -> list[Conversation]:
         okey = tagged("owner", owner, "sessions")
         out: list[Conversation] = []
