@@ -123,13 +123,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         watch.close()
 
 
-async def _stream(request: web.Request, turn, include_usage: bool, started: list) -> web.StreamResponse:
+async def first_event(turn):
+    """(the turn's event iterator, its first real event or None): what decides the HTTP status.
+    ``Queued`` notices (waiting for a single-slot model) are not a token yet."""
     events = aiter(turn)
-    first = None
     async for ev in events:
-        if type(ev) is not Queued:  # waiting for a single-slot model: not a token yet
-            first = ev
-            break
+        if type(ev) is not Queued:
+            return events, ev
+    return events, None
+
+
+async def _stream(request: web.Request, turn, include_usage: bool, started: list) -> web.StreamResponse:
+    events, first = await first_event(turn)
     if type(first) is StreamError:
         return response(from_stream_error(first))
     enc = ChunkStream(turn.model)  # after the first event: a fallback may have changed the model

@@ -19,11 +19,11 @@ from aiohttp import web
 from ...appkeys import GATEWAY, SETTINGS, STREAMS
 from ...clients import identity
 from ...openai_errors import failure, from_chat_error, from_stream_error, response
-from ...openai_wire import Queued, StreamError
+from ...openai_wire import StreamError
 from ...responses_wire import ResponseWriter
 from ...validation import ChatError
 from ..common import CLOSE_DEADLINE
-from .chat import SHUTDOWN, SSE_HEADERS, Watch, _read_json
+from .chat import SHUTDOWN, SSE_HEADERS, Watch, _read_json, first_event
 from .responses_request import parse_request
 
 
@@ -38,12 +38,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     try:
         async with request.app[GATEWAY].turn(owner, client, call.model, call.messages, call.params, call.extra,
                                              door="v1") as turn:
-            events = aiter(turn)
-            first = None
-            async for ev in events:
-                if type(ev) is not Queued:  # waiting for a single-slot model: not a token yet
-                    first = ev
-                    break
+            events, first = await first_event(turn)
             if type(first) is StreamError:
                 return response(from_stream_error(first))
             # After the first event: a fallback may have changed the model.
