@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 from conftest import extra_config
 from invariants import free_port, spawn_app
-from redis_servers import wait_until
+from redis_servers import stop_process, wait_until
 
 
 class Instances:
@@ -129,13 +129,7 @@ class Nginx:
             raise
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 class Sock:

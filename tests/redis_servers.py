@@ -76,6 +76,17 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a server the test started, then kill it if it does not exit within 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class RedisServer:
     """``tls``: TLS only (``rediss://``, ``self.cert`` is the CA to trust), with ``password``."""
 
@@ -109,13 +120,7 @@ class RedisServer:
             raise
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 class RedisCluster:

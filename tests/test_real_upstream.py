@@ -18,6 +18,7 @@ import urllib.request
 import openai
 import pytest
 from invariants import free_port
+from redis_servers import stop_process
 
 from nexlm.config import load_settings
 from nexlm.providers.gguf import packaged_model_path
@@ -66,13 +67,7 @@ class LlamaServer:
         return self.log_path.read_text(errors="replace")[-2000:]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")

@@ -133,6 +133,21 @@ async def first_event(turn):
     return events, None
 
 
+async def ended_by_shutdown(request: web.Request, resp: web.StreamResponse, transport, last: bytes) -> bool:
+    """Inside ``except CancelledError``: if shutdown ended the turn after its grace (and the client
+    is still there), end the stream with ``last`` rather than cut it, and say it was handled."""
+    if not request.app[GATEWAY].closing or transport is None or transport.is_closing():
+        return False
+    asyncio.current_task().uncancel()
+    try:
+        async with asyncio.timeout(CLOSE_DEADLINE):
+            await resp.write(last)
+            await resp.write_eof()
+    except (ConnectionError, TimeoutError):
+        pass
+    return True
+
+
 async def _stream(request: web.Request, turn, include_usage: bool, started: list) -> web.StreamResponse:
     events, first = await first_event(turn)
     if type(first) is StreamError:
@@ -171,16 +186,9 @@ async def _stream(request: web.Request, turn, include_usage: bool, started: list
             await resp.write(tail + DONE)
         await resp.write_eof()
     except asyncio.CancelledError:
-        if not request.app[GATEWAY].closing or transport is None or transport.is_closing():
+        if not await ended_by_shutdown(request, resp, transport,
+                                       error_chunk(from_chat_error(ChatError("shutting_down", SHUTDOWN, 503)).error)):
             raise
-        # Shutdown ended the turn after its grace: say so in the stream rather than cut it.
-        asyncio.current_task().uncancel()
-        try:
-            async with asyncio.timeout(CLOSE_DEADLINE):
-                await resp.write(error_chunk(from_chat_error(ChatError("shutting_down", SHUTDOWN, 503)).error))
-                await resp.write_eof()
-        except (ConnectionError, TimeoutError):
-            pass
     finally:
         streams.discard(transport)
     return resp

@@ -22,8 +22,7 @@ from ...openai_errors import failure, from_chat_error, from_stream_error, respon
 from ...openai_wire import StreamError
 from ...responses_wire import ResponseWriter
 from ...validation import ChatError
-from ..common import CLOSE_DEADLINE
-from .chat import SHUTDOWN, SSE_HEADERS, Watch, _read_json, first_event
+from .chat import SHUTDOWN, SSE_HEADERS, Watch, _read_json, ended_by_shutdown, first_event
 from .responses_request import parse_request
 
 
@@ -95,16 +94,8 @@ async def _stream(request: web.Request, writer: ResponseWriter, turn, events, fi
             await resp.write(writer.end(turn.finish, turn.usage))
         await resp.write_eof()
     except asyncio.CancelledError:
-        if not request.app[GATEWAY].closing or transport is None or transport.is_closing():
-            raise
-        # Shutdown ended the turn after its grace: response.failed says so rather than a cut stream.
-        asyncio.current_task().uncancel()
-        try:
-            async with asyncio.timeout(CLOSE_DEADLINE):
-                await resp.write(writer.fail("shutting_down", SHUTDOWN))
-                await resp.write_eof()
-        except (ConnectionError, TimeoutError):
-            pass
+        if not await ended_by_shutdown(request, resp, transport, writer.fail("shutting_down", SHUTDOWN)):
+            raise  # (ended by shutdown: response.failed says so rather than a cut stream)
     finally:
         streams.discard(transport)
     return resp
