@@ -117,14 +117,22 @@ class RedisLive:
         """Take the session's running lease for a new reply (its id), or raise ``Busy``. The seq
         counter comes with it: this instance numbers the session's events until it lets go."""
         rid = secrets.token_urlsafe(9)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.set(running_key(conv.id), f"{self.instance}:{rid}", nx=True, px=self.lease_ms)
-        pipe.get(seq_key(conv.id))
-        pipe.zadd(LEASES, {self._member(conv.id, rid): time.time() * 1000 + self.lease_ms})
-        ok, seq, _ = await pipe.execute()
-        if not ok:
+        for attempt in (1, 2):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.set(running_key(conv.id), f"{self.instance}:{rid}", nx=True, px=self.lease_ms)
+            pipe.get(seq_key(conv.id))
+            pipe.zadd(LEASES, {self._member(conv.id, rid): time.time() * 1000 + self.lease_ms})
+            pipe.get(running_key(conv.id))
+            ok, seq, _, holder = await pipe.execute()
+            if ok:
+                break
             await self.r.zrem(LEASES, self._member(conv.id, rid))
-            raise Busy
+            if attempt == 2 or (holder or b"").decode().rpartition(":")[0] != self.instance:
+                raise Busy
+            # Held by this instance: a reply that just ended here (the facade saw none running), whose
+            # done and lease release may still wait in the writer's queue (a chat sent right after
+            # done). Send them, then try once more; a lease still held after that is a real busy.
+            await self.events.flush()
         if seq:
             conv.seq = max(conv.seq, int(seq))
         self.held[conv.id] = rid
