@@ -101,7 +101,7 @@ def readable(b, base: str, count: int) -> dict:
 def fanout(b, a: str, other: str, procs: list[Proc]) -> dict:
     P = b.P
     pairs, n = P["stores_fan_pairs"], P["stores_fan_tokens"]
-    c0 = sum(cpu_seconds(p.pid) for p in procs)
+    c0 = [cpu_seconds(p.pid) for p in procs]
     r0 = cpu_seconds(b.redis.proc.pid)
     f = Proc("fanout", [sys.executable, str(BENCH / "fanout.py"), "--a", a, "--b", other, "--pairs", str(pairs),
                         "--n", str(n), "--iv", "20", "--stagger-ms", "500"], b.tmp / "fanout.log",
@@ -110,9 +110,11 @@ def fanout(b, a: str, other: str, procs: list[Proc]) -> dict:
         res = json.loads(f.readline(120 + n * 0.1))
     finally:
         f.stop()
-    cpu = sum(cpu_seconds(p.pid) for p in procs) - c0
+    per = [cpu_seconds(p.pid) - c for p, c in zip(procs, c0)]
+    cpu = sum(per)
     tokens = pairs * n
     res["nexlm_cpu_s"] = round(cpu, 3)
+    res["nexlm_us_per_token_by_instance"] = [round(c * 1e6 / tokens, 1) for c in per] if tokens else None
     res["nexlm_us_per_token"] = round(cpu * 1e6 / tokens, 1) if tokens else None
     if len(procs) > 1:  # the redis fan-out: what the Redis server spent too
         res["redis_us_per_token"] = round((cpu_seconds(b.redis.proc.pid) - r0) * 1e6 / tokens, 1)
@@ -245,7 +247,9 @@ def stores_rows(ph) -> list[dict]:
     if fm:
         cells["memory"] = f"{fm['nexlm_us_per_token']} µs/token (chat + listener on one instance)"
     if fr:
-        cells["redis"] = (f"{fr['nexlm_us_per_token']} µs/token (both instances; listener on the 2nd) = "
+        split = fr.get("nexlm_us_per_token_by_instance") or []
+        cells["redis"] = (f"{fr['nexlm_us_per_token']} µs/token (both instances; listener on the 2nd"
+                          + (f": chat's {split[0]} + listener's {split[1]}" if len(split) == 2 else "") + ") = "
                           f"{_f(ratio)}× memory; redis-server {fr.get('redis_us_per_token')} µs/token")
     cells["sqlite"] = "not run (one instance only)"
     errs = (fm or {}).get("errors", 0) + (fr or {}).get("errors", 0)
