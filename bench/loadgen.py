@@ -1175,6 +1175,10 @@ class LoadGen:
         await asyncio.sleep(0.2)
         return {"streams": k, "stopped": stopped}
 
+    async def cmd_list_sessions(self, a: dict) -> dict:
+        """The sessions this load generator made since the last ``cleanup`` (STORES: read them back)."""
+        return {"sessions": sorted(self.sessions)}
+
     async def cmd_cleanup(self, a: dict) -> dict:
         ids = list(self.sessions)
         self.sessions.clear()

@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BENCH, LIFTED_LIMITS, ROOT, Proc, cpu_seconds, free_port, http_json, machine_lines,  # noqa: E402
                     quantile, raise_nofile, rss_kb, system_busy)
+from stores import STORES_ROW_IDS, render_stores, stores_phase, stores_rows, stores_section  # noqa: E402,F401
 
 FULL = dict(
     b1_rounds=10, b1_per_round=50,
@@ -47,6 +48,7 @@ FULL = dict(
     idle_rounds=[0, 10000, 0, 10000], idle_streams=[200, 500], idle_tokens=200, idle_wait_s=45, idle_gc_off=0,
     v1_rounds=10, v1_per_round=50, v1_conc=64, v1_conc_rounds=3, v1_conc_count=5, v1_conc_tokens=20,
     v1_tput_rounds=5, v1_tput_single_tokens=10000, v1_tput_multi_tokens=1000,
+    stores_b4=[200], stores_fan_pairs=50, stores_fan_tokens=200, stores_readable=20,
 )
 QUICK = dict(
     b1_rounds=2, b1_per_round=10,
@@ -59,6 +61,7 @@ QUICK = dict(
     idle_rounds=[0, 200], idle_streams=[10, 20], idle_tokens=40, idle_wait_s=0, idle_gc_off=0,
     v1_rounds=2, v1_per_round=10, v1_conc=8, v1_conc_rounds=1, v1_conc_count=2, v1_conc_tokens=10,
     v1_tput_rounds=1, v1_tput_single_tokens=1000, v1_tput_multi_tokens=100,
+    stores_b4=[10], stores_fan_pairs=3, stores_fan_tokens=20, stores_readable=3,
 )
 
 # every row the table always has (the smoke test checks them)
@@ -196,6 +199,8 @@ class Bench:
         app = Path(self.args.app).resolve()
         wrap = []
         self.gc_out = None
+        if getattr(self, "put_out", None):  # the STORES phase: every store.put timed (bench/put_trace.py)
+            wrap = [str(BENCH / "put_trace.py"), str(self.put_out)]
         if getattr(self, "gc_trace", False):  # the IDLE phase: count and time NexLM's GC collections
             self.gc_out = self.tmp / f"gc-{self.nexlm_starts}.json"
             wrap = [str(BENCH / "gc_trace.py"), str(self.gc_out)]
@@ -231,11 +236,11 @@ class Bench:
 default_model = "fake/fake-model"
 resume_grace_seconds = 0
 max_sessions = 100000
-{LIFTED_LIMITS}[providers.fake]
+{"background_replies = false" + chr(10) if getattr(self, "store_block", "") else ""}{LIFTED_LIMITS}[providers.fake]
 kind = "openai"
 base_url = "http://127.0.0.1:{self.up_port}/v1"
 models = ["fake-model"]
-"""
+{getattr(self, "store_block", "")}"""
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -739,6 +744,10 @@ models = ["fake-model"]
                 "loadgen_lag": r.get("loadgen_lag"), "probe_rtt": pr["rtt"], "probe_errors": pr["errors"],
                 "nexlm_loop_lag": m1.get("loop_lag_ms")}
 
+    def stores(self) -> None:
+        """Issue 13: NexLM with each store in turn (bench/stores.py)."""
+        stores_phase(self)
+
     def wait_quiet(self) -> None:
         """Wait (up to --wait-quiet seconds) until the rest of the machine uses < 0.3 core over 5 s."""
         limit = self.args.wait_quiet
@@ -776,8 +785,10 @@ models = ["fake-model"]
         self.warmup()
         plan = [("B1", self.b1), ("B2", self.b2), ("B3", self.b3), ("V1", self.v1), ("B5", self.b5), ("B4", self.b4),
                 ("B6", self.memory_load), ("after", self.after), ("B6", self.b6_idle), ("B6", self.b6_active),
-                ("IDLE", self.idle_sessions)]
+                ("IDLE", self.idle_sessions), ("STORES", self.stores)]
         for name, fn in plan:
+            if name == "STORES" and not (self.only and "STORES" in self.only):
+                continue  # issue 13's phase runs only when named: it needs redis-server and restarts NexLM 3 times
             if name == "after" or self.want(name) or (name == "B4" and self.want("B7")):
                 t = time.monotonic()
                 self.log(f"{name} {fn.__name__} ...")
@@ -1310,7 +1321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-logs", action="store_true", help="keep the temporary directory (config, logs)")
     ap.add_argument("--json", default=None, help="also write every raw figure as JSON here")
     ap.add_argument("--only", default=None, help="comma-separated phases to run: B1,B2,B3,B4,B5,B6 (B7 rides on B4), IDLE "
-                         "(issue 11), V1 (issue 12); IDLE or V1 alone adds a dated section to --out and leaves the rest")
+                         "(issue 11), V1 (issue 12), STORES (issue 13: memory/sqlite/redis side by side; only when named); "
+                         "IDLE, V1 or STORES alone adds a dated section to --out and leaves the rest")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
     ap.add_argument("--nexlm-asyncio", action="store_true", help="run NexLM with [server] uvloop = false")
     ap.add_argument("--no-uvloop", action="store_true", help="harness without uvloop")
@@ -1376,10 +1388,15 @@ def main(argv=None) -> int:
         text = merge_section(Path(args.out).read_text(), idle_section(rows, res, args, b.P, when, cmdline))
     elif b.only == {"V1"} and Path(args.out).exists():  # the same for V1 (issue 12)
         text = merge_section(Path(args.out).read_text(), v1_section(rows, res, args, when, cmdline))
+    elif b.only == {"STORES"}:  # the same for STORES (issue 13); its own table, with a column per store
+        section = stores_section(res, b.P, machine_info(args, res), when, cmdline)
+        text = merge_section(Path(args.out).read_text() if Path(args.out).exists() else title + "\n", section)
     Path(args.out).write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "res": res}, indent=1, default=str))
     print(render(rows, res, args, b.P))
+    if "STORES" in res["phases"]:
+        print("\n" + render_stores(stores_rows(res["phases"]["STORES"])))
     print(f"\nwritten to {args.out}", file=sys.stderr)
     return 0
 
