@@ -93,6 +93,9 @@ def _id_seq(entry_id: bytes) -> int:
     return int(entry_id.split(b"-")[1])
 
 
+COALESCE = 0.004  # seconds the writer gathers events before one pipeline
+
+
 class RedisEventLog(EventLog):
     def __init__(self, client, instance: str, keep: float) -> None:
         super().__init__()
@@ -182,6 +185,10 @@ class RedisEventLog(EventLog):
     async def run_writer(self) -> None:
         while True:
             await self._kick.wait()
+            # Gather what the next few ms emit into the same pipeline: one round trip for many
+            # replies' events, where flushing every event alone cost a redis-py pipeline per
+            # token (bench STORES fan-out). Followers on other instances see it COALESCE later.
+            await asyncio.sleep(COALESCE)
             self._kick.clear()
             await self.flush()
 
