@@ -16,6 +16,7 @@ from typing import Any
 from .config_checks import (  # noqa: F401  (ConfigError, MAX_TOKEN_CHARS, model_names: imported from here)
     MAX_TOKEN_CHARS, ConfigError, _check_auth, _check_jwt, _check_names, _check_provider, _fail, model_names,
 )
+from .config_quotas import QuotaRule, QuotasConfig, parse_quotas  # noqa: F401  (QuotaRule: imported from here)
 from .providers.gguf import DEFAULT_PACKAGED, PACKAGED
 
 
@@ -155,6 +156,7 @@ class Settings:
     compat: CompatConfig = CompatConfig()
     store: StoreConfig = StoreConfig()
     metrics: MetricsConfig = MetricsConfig()
+    quotas: QuotasConfig = QuotasConfig()  # [quotas.default], [quotas.group.NAME], [quotas.user.NAME]
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     source: str = "<built-in defaults>"
 
@@ -272,10 +274,10 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
 
     sections = {"server": "server", "chat": "chat", "limits": "limits", "auth": "auth", "compat": "compat",
                 "store": "store", "metrics": "metrics"}
-    unknown = set(data) - set(sections) - {"providers"}
+    unknown = set(data) - set(sections) - {"providers", "quotas"}
     if unknown:
         raise _fail(source, f"[{sorted(unknown)[0]}]",
-                    "unknown section (known: server, chat, limits, auth, compat, store, metrics, providers)")
+                    "unknown section (known: server, chat, limits, auth, compat, store, metrics, providers, quotas)")
     changes = {}
     jwt_table = None
     if isinstance(data.get("auth"), dict) and "jwt" in data["auth"]:
@@ -308,6 +310,9 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
         if not p.api_key and p.api_key_env:
             merged[name] = replace(p, api_key=env.get(p.api_key_env, ""))
     settings = replace(settings, providers={n: p for n, p in merged.items() if p.enabled}, source=source)
+    if "quotas" in data:
+        ids = [f"{n}/{m}" for n, p in settings.providers.items() for m in p.models]
+        settings = replace(settings, quotas=parse_quotas(data["quotas"], source, ids))
 
     if env.get("NEXLM_TOKENS"):
         tokens = tuple(t.strip() for t in env["NEXLM_TOKENS"].split(",") if t.strip())
