@@ -49,18 +49,20 @@ class Turn:
     ``fallback`` as it goes and when it ends (also after a cancellation).
 
     ``door`` names the front door that runs it (one of ``DOORS``), for metrics and
-    logs. ``on_done(turn)`` is called exactly once when the turn ends, finished, failed or
+    logs; ``who`` (a ``clients.Who``, or None) who asked, for quotas and usage.
+    ``on_done(turn)`` is called exactly once when the turn ends, finished, failed or
     cancelled (the observers' one hook: nothing is observed per token). Whoever cancels the
     task that iterates sets ``stop_reason`` first ("stopped", "interrupted"); an owner that
     records the turn calls ``end(finish)`` with what it recorded, which also covers a turn
     cancelled before it ever ran."""
 
     __slots__ = ("resolved", "request", "model", "usage", "finish", "fallback", "started", "first_token",
-                 "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures")
+                 "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures", "who",
+                 "out_chars")
 
     def __init__(self, resolved: Resolved, request: ChatRequest,
                  fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None, *,
-                 door: str = "ws", on_done: Callable[[Turn], None] | None = None) -> None:
+                 door: str = "ws", on_done: Callable[[Turn], None] | None = None, who=None) -> None:
         self.resolved = resolved
         self.request = request
         self.model = resolved.id  # changes when the fallback answers
@@ -77,6 +79,8 @@ class Turn:
         self.ended: float | None = None  # when end() ran
         self.upstream = UpstreamTiming()  # the upstream's own time to first token (providers fill it)
         self.failures: list[tuple[str, str]] = []  # (provider name, error code), fallbacks' too
+        self.who = who  # clients.Who of whoever asked (None: unknown), for the observers (quotas, usage)
+        self.out_chars = 0  # characters of text, reasoning and tool arguments streamed: usage's estimate
 
     def end(self, finish: str | None = None) -> None:
         """The turn is over (with ``finish``, when its owner recorded one): call ``on_done``, once."""
@@ -110,6 +114,7 @@ class Turn:
                     async for ev in stream:
                         kind = type(ev)
                         if kind is TextDelta or kind is ReasoningDelta or kind is ToolCallDelta:
+                            self.out_chars += len(ev.arguments if kind is ToolCallDelta else ev.text)
                             if self.first_token is None:
                                 self.first_token = time.monotonic()
                             streamed = True

@@ -169,8 +169,10 @@ class Quotas:
         self._writes.setdefault(name, set()).add(task)
         task.add_done_callback(lambda t: self._done(name, t))
 
-    def turn_done(self, turn, name: str | None) -> None:
-        """An ended turn: count its tokens, and the message unless it failed before saying anything."""
+    def turn_done(self, turn, **_) -> None:
+        """The turn observer (``Turn(on_done=...)``): count an ended turn against ``turn.who``, its
+        tokens and the message, unless it failed before saying anything."""
+        name = turn.who.name if turn.who is not None else None
         if name is None or not self.enabled:
             return
         failed_silent = turn.finish == "error" and turn.first_token is None

@@ -21,6 +21,7 @@ import jinja2
 from aiohttp import web
 
 from . import __version__
+from .admission import Admission
 from .appkeys import (
     CONVERSATIONS,
     GATEWAY,
@@ -160,11 +161,23 @@ async def _resources(app: web.Application):
         registry = Registry(settings, session)
         app[REGISTRY] = registry
         metrics = app[METRICS]
-        chat = Conversations(settings, registry, on_turn_done=metrics.turn_done)
+        admission = Admission(settings, registry)
+        quotas = admission.quotas
+
+        def turn_done(turn, **kw) -> None:  # every ended turn, every door: its observers
+            metrics.turn_done(turn, **kw)
+            quotas.turn_done(turn)
+
+        chat = Conversations(settings, registry, admission, on_turn_done=turn_done)
         try:
             await chat.start()
             try:
                 await chat.limiter.open()  # (with a redis store the limits are counted there too)
+                try:
+                    await quotas.open()  # (after the store: sqlite's counters live in its file)
+                except StoreError:
+                    await chat.limiter.close()
+                    raise
             except StoreError:
                 await chat.store.close()
                 raise
@@ -172,7 +185,7 @@ async def _resources(app: web.Application):
             await registry.close()
             raise StoreError(f"cannot open the {describe(settings)}: {exc}") from None
         app[CONVERSATIONS] = chat
-        gateway = Gateway(chat.admission, on_turn_done=metrics.turn_done)  # one admission for every door
+        gateway = Gateway(admission, on_turn_done=turn_done)  # one admission for every door
         app[GATEWAY] = gateway
         metrics.read_live = lambda: _live_gauges(app)
         sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
@@ -185,6 +198,7 @@ async def _resources(app: web.Application):
             await asyncio.wait([sweeper, lag])
             await asyncio.gather(chat.close(0, None), gateway.close(0))  # normally done in _shutdown already
             await chat.store.close()
+            await quotas.close()  # (the counts of the last turns written first)
             await chat.limiter.close()
             await registry.close()
 
