@@ -56,11 +56,13 @@ class Turn:
     cancelled before it ever ran."""
 
     __slots__ = ("resolved", "request", "model", "usage", "finish", "fallback", "started", "first_token",
-                 "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures")
+                 "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures",
+                 "owner", "client", "chars_out", "cached")
 
     def __init__(self, resolved: Resolved, request: ChatRequest,
                  fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None, *,
-                 door: str = "ws", on_done: Callable[[Turn], None] | None = None) -> None:
+                 door: str = "ws", on_done: Callable[[Turn], None] | None = None,
+                 owner: str | None = None, client: str = "") -> None:
         self.resolved = resolved
         self.request = request
         self.model = resolved.id  # changes when the fallback answers
@@ -77,6 +79,10 @@ class Turn:
         self.ended: float | None = None  # when end() ran
         self.upstream = UpstreamTiming()  # the upstream's own time to first token (providers fill it)
         self.failures: list[tuple[str, str]] = []  # (provider name, error code), fallbacks' too
+        self.owner = owner  # who asked (the auth principal; None without identity) and from where: for usage
+        self.client = client
+        self.cached = False  # a replayed (cached) reply: usage counts it, with no upstream tokens
+        self.chars_out = 0  # text and reasoning streamed: the usage estimate when a provider reports none
 
     def end(self, finish: str | None = None) -> None:
         """The turn is over (with ``finish``, when its owner recorded one): call ``on_done``, once."""
@@ -113,6 +119,8 @@ class Turn:
                             if self.first_token is None:
                                 self.first_token = time.monotonic()
                             streamed = True
+                            if kind is not ToolCallDelta:
+                                self.chars_out += len(ev.text)
                             yield ev
                         elif kind is Usage:
                             self.usage = ev.data

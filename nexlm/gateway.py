@@ -103,7 +103,8 @@ class Gateway:
             params = Params(params.get("temperature"), params.get("top_p"), params.get("max_tokens"))
         request = ChatRequest(resolved.model, messages, params or Params(), extra)
         await self.admission.take(client)  # last: nothing to give back if anything above refused
-        return Turn(resolved, request, self.admission.fallback_for, door=door, on_done=self.on_turn_done)
+        return Turn(resolved, request, self.admission.fallback_for, door=door, on_done=self.on_turn_done,
+                    owner=owner, client=client)
 
     @property
     def closing(self) -> bool:
