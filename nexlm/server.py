@@ -214,7 +214,7 @@ def _live_gauges(app: web.Application) -> dict:
         "connections": {"ws": len(app[WEBSOCKETS]), "sse": len(app[SSE_STREAMS])},
         "active_replies": chat.limiter.running_total,
         "queued_replies": sum(p.waiting() for p in app[REGISTRY].providers.values() if p.single_slot),
-        "sessions": len(chat.store),
+        "sessions": chat.store.size,  # (the protocol's size: only MemoryStore has len())
     }
 
 

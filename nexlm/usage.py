@@ -90,7 +90,7 @@ def summarize(aggregates, group_by: str) -> dict:
     an owner of None (no identity) is the row ``"user": null``."""
     totals = dict.fromkeys(FIELDS, 0)
     rows: dict = {}
-    index = GROUPS.index(group_by)
+    index = {"day": 0, "user": 1, "model": 2}[group_by]
     for day, owner, model, counts in aggregates:
         k = (day, owner or None, model)[index]
         row = rows.setdefault(k, dict.fromkeys(FIELDS, 0))
