@@ -281,7 +281,8 @@ class Conversations(Shared, Views):
         observer = self.on_turn_done
         on_done = None if observer is None else partial(observer, session=live.id)
         reply = self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door,
-                                              on_done=on_done, who=who), rid)
+                                              on_done=on_done, owner=conv.owner, client=conv.client,
+                                              who=who), rid)
         if self.store.durable:
             self.persister.started(live)  # the question and the streaming turn, then checkpoints
         else:

@@ -57,12 +57,13 @@ class Turn:
     cancelled before it ever ran."""
 
     __slots__ = ("resolved", "request", "model", "usage", "finish", "fallback", "started", "first_token",
-                 "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures", "who",
-                 "out_chars")
+                 "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures",
+                 "owner", "client", "chars_out", "cached", "who")
 
     def __init__(self, resolved: Resolved, request: ChatRequest,
                  fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None, *,
-                 door: str = "ws", on_done: Callable[[Turn], None] | None = None, who=None) -> None:
+                 door: str = "ws", on_done: Callable[[Turn], None] | None = None,
+                 owner: str | None = None, client: str = "", who=None) -> None:
         self.resolved = resolved
         self.request = request
         self.model = resolved.id  # changes when the fallback answers
@@ -79,8 +80,11 @@ class Turn:
         self.ended: float | None = None  # when end() ran
         self.upstream = UpstreamTiming()  # the upstream's own time to first token (providers fill it)
         self.failures: list[tuple[str, str]] = []  # (provider name, error code), fallbacks' too
-        self.who = who  # clients.Who of whoever asked (None: unknown), for the observers (quotas, usage)
-        self.out_chars = 0  # characters of text, reasoning and tool arguments streamed: usage's estimate
+        self.owner = owner  # who asked (the auth principal; None without identity) and from where: for usage
+        self.client = client
+        self.cached = False  # a replayed (cached) reply: usage counts it, with no upstream tokens
+        self.chars_out = 0  # text and reasoning streamed: the usage estimate when a provider reports none
+        self.who = who  # clients.Who of whoever asked (None: unknown): its name and groups, for quotas
 
     def end(self, finish: str | None = None) -> None:
         """The turn is over (with ``finish``, when its owner recorded one): call ``on_done``, once."""
@@ -114,10 +118,11 @@ class Turn:
                     async for ev in stream:
                         kind = type(ev)
                         if kind is TextDelta or kind is ReasoningDelta or kind is ToolCallDelta:
-                            self.out_chars += len(ev.arguments if kind is ToolCallDelta else ev.text)
                             if self.first_token is None:
                                 self.first_token = time.monotonic()
                             streamed = True
+                            if kind is not ToolCallDelta:
+                                self.chars_out += len(ev.text)
                             yield ev
                         elif kind is Usage:
                             self.usage = ev.data

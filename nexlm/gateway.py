@@ -105,7 +105,8 @@ class Gateway:
         request = ChatRequest(resolved.model, messages, params or Params(), extra)
         await self.admission.check_quota(who, resolved)  # before anything is sent upstream
         await self.admission.take(client)  # last: nothing to give back if anything above refused
-        return Turn(resolved, request, self.admission.fallback_for, door=door, on_done=self.on_turn_done, who=who)
+        return Turn(resolved, request, self.admission.fallback_for, door=door, on_done=self.on_turn_done,
+                    owner=owner, client=client, who=who)
 
     @property
     def closing(self) -> bool:

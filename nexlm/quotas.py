@@ -103,7 +103,7 @@ def turn_tokens(turn) -> int:
         return max(0, prompt) + max(0, completion)
     sent = sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else len(str(m.get("content")))
                for m in turn.request.messages)
-    return -(-(sent + getattr(turn, "out_chars", 0)) // CHARS_PER_TOKEN)
+    return -(-(sent + turn.chars_out) // CHARS_PER_TOKEN)
 
 
 class Quotas:
@@ -169,7 +169,7 @@ class Quotas:
         self._writes.setdefault(name, set()).add(task)
         task.add_done_callback(lambda t: self._done(name, t))
 
-    def turn_done(self, turn, **_) -> None:
+    def turn_done(self, turn, session: str | None = None) -> None:
         """The turn observer (``Turn(on_done=...)``): count an ended turn against ``turn.who``, its
         tokens and the message, unless it failed before saying anything."""
         name = turn.who.name if turn.who is not None else None

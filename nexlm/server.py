@@ -33,6 +33,7 @@ from .appkeys import (
     SETTINGS,
     SSE_STREAMS,
     STREAMS,
+    USAGE,
     WEBSOCKETS,
 )
 from .config import Settings
@@ -46,6 +47,8 @@ from .store import StoreError
 from .validation import ChatError
 from .store_factory import describe
 from .transports import http, seed_http, seed_ws, sse, ws
+from .transports import usage as usage_api
+from .usage import Recorder, make_usage_log
 from .transports.v1 import chat as v1
 from .transports.v1 import responses as v1_responses
 from .transports.common import CLOSE_DEADLINE, cut
@@ -82,6 +85,7 @@ def create_app(settings: Settings) -> web.Application:
     app[STREAMS] = set()
     app[SSE_STREAMS] = set()
     metrics = app[METRICS] = Metrics(settings)
+    app[USAGE] = Recorder(make_usage_log(settings), settings.auth.tokens)
     app[LOOP_LAG] = LoopLag(observe=metrics.loop_lag.observe)
     app.on_response_prepare.append(guard.on_prepare)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(ROOT / "templates"), autoescape=True)
@@ -108,6 +112,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_delete(base + "/api/sessions/{sid}", http.delete_session)
     r.add_patch(base + "/api/sessions/{sid}", http.rename_session)
     r.add_post(base + "/api/sessions/{sid}/stop", http.stop)
+    r.add_get(base + "/api/usage", usage_api.usage)
     r.add_get(base + "/api/metrics", http.metrics)
     r.add_get(base + "/metrics", http.prometheus)  # behind access control unless [metrics] public = true
     r.add_get(base + "/healthz", http.healthz)
@@ -160,13 +165,18 @@ async def _resources(app: web.Application):
         app[HTTP] = session
         registry = Registry(settings, session)
         app[REGISTRY] = registry
-        metrics = app[METRICS]
+        metrics, recorder = app[METRICS], app[USAGE]
         admission = Admission(settings, registry)
         quotas = admission.quotas
 
-        def turn_done(turn, **kw) -> None:  # every ended turn, every door: its observers
-            metrics.turn_done(turn, **kw)
-            quotas.turn_done(turn)
+        observers = (metrics.turn_done, recorder.turn_done, quotas.turn_done)
+
+        def turn_done(turn, session=None) -> None:  # every ended turn, every door: metrics, usage, quotas
+            for observe in observers:
+                try:
+                    observe(turn, session)
+                except Exception:  # one observer's bug must not cost the others their count
+                    log.exception("turn observer %s failed", getattr(observe, "__qualname__", observe))
 
         chat = Conversations(settings, registry, admission, on_turn_done=turn_done)
         try:
@@ -184,6 +194,14 @@ async def _resources(app: web.Application):
         except StoreError as exc:  # app.py prints it as one line and exits 2
             await registry.close()
             raise StoreError(f"cannot open the {describe(settings)}: {exc}") from None
+        try:
+            await recorder.start()  # the usage log, in the same store
+        except StoreError as exc:
+            await quotas.close()
+            await chat.limiter.close()
+            await chat.store.close()
+            await registry.close()
+            raise StoreError(f"cannot open the {describe(settings)} for usage: {exc}") from None
         app[CONVERSATIONS] = chat
         gateway = Gateway(admission, on_turn_done=turn_done)  # one admission for every door
         app[GATEWAY] = gateway
@@ -197,6 +215,7 @@ async def _resources(app: web.Application):
                 task.cancel()
             await asyncio.wait([sweeper, lag])
             await asyncio.gather(chat.close(0, None), gateway.close(0))  # normally done in _shutdown already
+            await recorder.close()  # after the turns: their last entries are written
             await chat.store.close()
             await quotas.close()  # (the counts of the last turns written first)
             await chat.limiter.close()
@@ -210,7 +229,7 @@ def _live_gauges(app: web.Application) -> dict:
         "connections": {"ws": len(app[WEBSOCKETS]), "sse": len(app[SSE_STREAMS])},
         "active_replies": chat.limiter.running_total,
         "queued_replies": sum(p.waiting() for p in app[REGISTRY].providers.values() if p.single_slot),
-        "sessions": len(chat.store),
+        "sessions": chat.store.size,  # (the protocol's size: only MemoryStore has len())
     }
 
 
