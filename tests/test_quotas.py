@@ -229,3 +229,26 @@ async def test_no_identity_and_forbidden_models():
         await q.check("bob", (), "fake/fake-reasoner")
     assert (refused.value.code, refused.value.status) == ("forbidden_model", 403)
     assert "fake/fake-reasoner" in refused.value.message
+
+
+async def test_redis_gone_at_the_check_is_a_503_and_a_lost_count_is_logged_not_raised(tmp_path, caplog):
+    from redis_servers import RedisServer
+
+    from nexlm.quota_counters_redis import RedisCounters
+
+    server = RedisServer(tmp_path / "redis")
+    counters = RedisCounters(server.url)
+    await counters.open()
+    q = Quotas(QuotasConfig(default=QuotaRule(messages_per_day=5)), counters)
+    try:
+        await q.check("bob", (), "m/x")
+        server.stop()
+        with pytest.raises(ChatError) as refused:
+            await q.check("bob", (), "m/x")
+        assert (refused.value.code, refused.value.status) == ("store_unavailable", 503)
+        q.record("bob", 10)
+        await q.settle()
+        assert "could not count 10 tokens" in caplog.text
+    finally:
+        server.stop()
+        await counters.close()
