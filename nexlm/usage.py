@@ -147,6 +147,9 @@ def entry_of(turn, tokens: tuple[str, ...], now: float | None = None) -> UsageEn
     usage = turn.usage if isinstance(turn.usage, dict) else {}
     tin, tout = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
     estimated = tin is None or tout is None
+    if estimated and turn.finish == "error" and getattr(turn, "first_token", None) is None:
+        tin = tin or 0  # refused or failed before answering: nothing to estimate (nor, usually, to pay)
+        tout = tout or 0
     if tin is None:
         tin = _estimate(sum(_chars(m.get("content")) for m in turn.request.messages if isinstance(m, dict)))
     if tout is None:
