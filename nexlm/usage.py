@@ -63,7 +63,8 @@ def day_of(ts: float) -> str:
 
 class UsageLog(Protocol):
     """Where entries go. ``query`` returns ``{"totals": {...}, "rows": [...]}`` (see ``summarize``)
-    for ``owner`` (a name; None: everyone) over the UTC days ``frm`` to ``to`` inclusive."""
+    for ``owner`` (a name; None: everyone) over the UTC days ``frm`` to ``to`` inclusive. Replies
+    without identity are stored under the owner ``""`` (rows ``"user": None``)."""
 
     async def open(self) -> None: ...
 
@@ -73,8 +74,7 @@ class UsageLog(Protocol):
 
     async def record_many(self, entries: list[UsageEntry]) -> None: ...
 
-    async def query(self, owner: str | None, frm: dt.date, to: dt.date, group_by: str,
-                    everyone: bool = False) -> dict: ...
+    async def query(self, owner: str | None, frm: dt.date, to: dt.date, group_by: str) -> dict: ...
 
 
 # An aggregate: replies, input_tokens, output_tokens, cached_replies, estimated_replies.
@@ -109,6 +109,7 @@ class MemoryUsage:
     def __init__(self, max_keys: int = MAX_MEMORY_KEYS) -> None:
         self.max_keys = max_keys
         self.days: dict[tuple[str, str, str], list[int]] = {}
+        self._oldest = "9999"  # the oldest day held: a trim check without a scan
 
     async def open(self) -> None:
         pass
@@ -125,21 +126,23 @@ class MemoryUsage:
             agg = self.days.get(key)
             if agg is None:
                 agg = self.days[key] = [0] * len(FIELDS)
+                self._oldest = min(self._oldest, key[0])
             for i, n in enumerate(counts_of(e)):
                 agg[i] += n
         self._trim()
 
     def _trim(self) -> None:
         oldest = (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=RETENTION_DAYS)).isoformat()
-        if len(self.days) <= self.max_keys and not any(k[0] < oldest for k in self.days):
+        if len(self.days) <= self.max_keys and self._oldest >= oldest:
             return
         keep = sorted(self.days, reverse=True)[: self.max_keys]  # newest days first
         self.days = {k: self.days[k] for k in keep if k[0] >= oldest}
+        self._oldest = min((k[0] for k in self.days), default="9999")
 
-    async def query(self, owner, frm, to, group_by, everyone=False) -> dict:
+    async def query(self, owner, frm, to, group_by) -> dict:
         lo, hi = frm.isoformat(), to.isoformat()
         return summarize(((d, o, m, c) for (d, o, m), c in self.days.items()
-                          if lo <= d <= hi and (everyone or o == (owner or ""))), group_by)
+                          if lo <= d <= hi and (owner is None or o == owner)), group_by)
 
 
 def entry_of(turn, tokens: tuple[str, ...], now: float | None = None) -> UsageEntry:
@@ -147,6 +150,9 @@ def entry_of(turn, tokens: tuple[str, ...], now: float | None = None) -> UsageEn
     usage = turn.usage if isinstance(turn.usage, dict) else {}
     tin, tout = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
     estimated = tin is None or tout is None
+    if estimated and turn.finish == "error" and getattr(turn, "first_token", None) is None:
+        tin = tin or 0  # refused or failed before answering: nothing to estimate (nor, usually, to pay)
+        tout = tout or 0
     if tin is None:
         tin = _estimate(sum(_chars(m.get("content")) for m in turn.request.messages if isinstance(m, dict)))
     if tout is None:

@@ -70,20 +70,20 @@ class RedisUsage:
         except Exception as exc:
             raise StoreError(f"usage: redis write failed: {reason(exc)}") from None
 
-    async def query(self, owner, frm, to, group_by, everyone=False) -> dict:
+    async def query(self, owner, frm, to, group_by) -> dict:
         if self.conn is None:
             raise StoreError("usage: redis is closed")
         days = [(frm + dt.timedelta(days=i)).isoformat() for i in range(min(MAX_DAYS, (to - frm).days + 1))]
         client = self.conn.client
         try:
-            if everyone:
+            if owner is None:
                 months = sorted({d[:7] for d in days})
                 pipe = client.pipeline(transaction=False)
                 for m in months:
                     pipe.smembers(owners_key(m))
                 owners = sorted({o.decode() for members in await pipe.execute() for o in members})
             else:
-                owners = [owner or ""]
+                owners = [owner]
             pipe = client.pipeline(transaction=False)
             wanted = [(o, d) for o in owners for d in days]
             for o, d in wanted:

@@ -125,13 +125,13 @@ class SQLiteUsage:
         except sqlite3.Error as exc:
             raise StoreError(f"usage: write failed: {exc}") from None
 
-    async def query(self, owner, frm, to, group_by, everyone=False) -> dict:
-        rows = await self._run(self._select, owner or "", frm.isoformat(), to.isoformat(), everyone)
+    async def query(self, owner, frm, to, group_by) -> dict:
+        rows = await self._run(self._select, owner, frm.isoformat(), to.isoformat())
         return summarize(((d, o, m, c) for d, o, m, *c in rows), group_by)
 
-    def _select(self, owner: str, lo: str, hi: str, everyone: bool) -> list[tuple]:
+    def _select(self, owner: str | None, lo: str, hi: str) -> list[tuple]:
         where, args = "day BETWEEN ? AND ?", [lo, hi]
-        if not everyone:
+        if owner is not None:
             where, args = "owner = ? AND " + where, [owner, *args]
         try:
             return self._db.execute(f"SELECT day, owner, model, {SUMS} FROM usage WHERE {where} "

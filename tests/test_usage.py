@@ -12,14 +12,14 @@ import datetime as dt
 import sqlite3
 
 import pytest
-
 from fake_upstream import reply
 from invariants import make_harness  # noqa: F401  (fixtures)
+from test_metrics import by_labels, scrape
+
+from nexlm.store import StoreError
 from nexlm.transports.usage import period
 from nexlm.usage import MemoryUsage, UsageEntry
 from nexlm.usage_sqlite import SQLiteUsage
-from nexlm.store import StoreError
-from test_metrics import by_labels, scrape
 
 MODEL = "fake/fake-model"
 USERS = ('[auth]\ntokens = ["anon-token-one-0001"]\n'
