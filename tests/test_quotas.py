@@ -10,7 +10,7 @@ import pytest
 from redis_servers import command
 
 from nexlm.config import ConfigError, QuotaRule, QuotasConfig, load_settings
-from nexlm.quota_counters import MemoryCounters, SQLiteCounters, Spent
+from nexlm.quota_counters import MemoryCounters, Spent, SQLiteCounters
 from nexlm.quotas import Effective, Quotas, effective, periods
 from nexlm.validation import ChatError
 
