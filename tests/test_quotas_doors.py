@@ -109,8 +109,9 @@ async def test_a_model_outside_the_list_is_forbidden_on_v1(make_client, upstream
     assert [req["body"]["model"] for req in upstream.requests] == ["fake-model"]
 
 
-async def test_ws_says_forbidden_model_and_quota_exceeded_as_error_events(make_client, upstream):
-    client = await make_client(RULES)
+@pytest.mark.parametrize("store_env", ["memory", "sqlite", "redis"], indirect=True)
+async def test_ws_says_forbidden_model_and_quota_exceeded_as_error_events(make_client, upstream, store_env):
+    client = await make_client(RULES, env=store_env)
     set_clock(client)
     ws = WS(await client.ws_connect("/ws", headers=auth("bob")))
     await ws.recv()  # the session frame
