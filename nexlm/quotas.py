@@ -10,7 +10,8 @@ raises ``tokens_per_month`` keeps the default's daily cap and model list.
 ``check`` runs at admission, before anything is sent upstream: over a cap is ``quota_exceeded``
 (429, ``Retry-After`` the seconds until the period resets, the reset time in the message), a model
 outside the list ``forbidden_model`` (403). ``record`` runs when a turn ends (finished, failed or
-stopped): its tokens (the provider's usage, else about 4 characters a token) and one message. A
+stopped): its tokens (the provider's usage, else about 4 characters a token; none for a reply from
+the response cache) and one message. A
 reply already running is never cut: requests admitted at once may together go past a cap by what
 they spend (at most ``[limits] max_replies_per_client`` of them). Without an identity (auth off)
 nothing applies.
@@ -101,8 +102,8 @@ def turn_tokens(turn) -> int:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if isinstance(prompt, int) and isinstance(completion, int):
         return max(0, prompt) + max(0, completion)
-    sent = sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else len(str(m.get("content")))
-               for m in turn.request.messages)
+    sent = sum(len(c) if isinstance(c, str) else len(str(c)) if c else 0
+               for c in (m.get("content") for m in turn.request.messages))
     return -(-(sent + turn.chars_out) // CHARS_PER_TOKEN)
 
 
@@ -176,7 +177,8 @@ class Quotas:
         if name is None or not self.enabled:
             return
         failed_silent = turn.finish == "error" and turn.first_token is None
-        self.record(name, 0 if failed_silent and not turn.usage else turn_tokens(turn), 0 if failed_silent else 1)
+        spent = 0 if turn.cached or (failed_silent and not turn.usage) else turn_tokens(turn)  # a cache hit: no upstream
+        self.record(name, spent, 0 if failed_silent else 1)
 
     async def _add(self, name: str, p: Periods, tokens: int, messages: int) -> None:
         try:

@@ -252,3 +252,28 @@ async def test_redis_gone_at_the_check_is_a_503_and_a_lost_count_is_logged_not_r
     finally:
         server.stop()
         await counters.close()
+
+
+async def test_the_turn_observer_counts_usage_estimates_and_skips_silent_failures():
+    from types import SimpleNamespace
+
+    from nexlm.clients import Who
+    from nexlm.providers.base import ChatRequest
+
+    clock = Clock(utc(2026, 12, 2, 12))
+    q = Quotas(QuotasConfig(default=QuotaRule(tokens_per_day=10 ** 6)), clock=clock)
+    bob = Who("bob", (), "127.0.0.1")
+
+    def turn(**kw):
+        base = dict(who=bob, usage=None, finish="stop", first_token=1.0, cached=False, chars_out=0,
+                    request=ChatRequest("m", [{"role": "user", "content": "12345678"}, {"role": "assistant",
+                                                                                        "content": None}]))
+        return SimpleNamespace(**{**base, **kw})
+
+    q.turn_done(turn(usage={"prompt_tokens": 30, "completion_tokens": 12}))  # 42, the provider's
+    q.turn_done(turn(chars_out=8))  # no usage: (8 sent + 8 streamed) / 4 = 4
+    q.turn_done(turn(finish="error", first_token=None))  # failed before saying anything: nothing
+    q.turn_done(turn(cached=True, chars_out=400))  # a cache hit: a message, no upstream tokens
+    q.turn_done(turn(who=Who(None, (), "127.0.0.1"), chars_out=400))  # no identity: not counted
+    spent = await q.counters.read("bob", periods(clock()))
+    assert (spent.tokens_day, spent.messages_day) == (46, 3)
