@@ -8,6 +8,7 @@ per piece: the expected totals below are sums of exactly that.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import sqlite3
 
@@ -95,6 +96,12 @@ async def test_usage_totals_are_what_the_upstream_reported_on_every_door(make_ha
     assert by_labels(m, "nexlm_input_tokens", "nexlm_input_tokens_total", "model") == {(MODEL,): 20}
     assert by_labels(m, "nexlm_output_tokens", "nexlm_output_tokens_total", "model") == {(MODEL,): 7}
 
+    if kind == "redis":  # aggregates per owner and day, expiring after the retention
+        from redis_servers import command
+
+        port = request.getfixturevalue("redis_server").port
+        ttl = int(command(port, "TTL", f"nexlm:usage:{{alice}}:{TODAY}").strip(":\r\n"))
+        assert 399 * 86400 < ttl <= 402 * 86400
     if kind == "sqlite":  # one row per reply, with what the summary does not show
         db = sqlite3.connect(tmp_path / "nexlm.db")
         rows = db.execute("SELECT owner, model, provider, finish_reason, cached, estimated, client FROM usage "
@@ -188,3 +195,24 @@ async def test_sqlite_usage_survives_a_restart_and_refuses_a_newer_schema(tmp_pa
     db.close()
     with pytest.raises(StoreError, match="usage schema 99"):
         await SQLiteUsage(path).open()
+
+
+async def test_redis_usage_adds_up_across_instances(redis_server):
+    from redis_servers import command
+
+    from nexlm.usage_redis import RedisUsage
+
+    assert command(redis_server.port, "FLUSHALL").startswith("+OK")
+    one, two = RedisUsage(redis_server.url), RedisUsage(redis_server.url)
+    await one.open()
+    await two.open()
+    try:
+        now = dt.datetime.now(dt.timezone.utc).timestamp()
+        await asyncio.gather(one.record_many([entry(now)] * 3), two.record_many([entry(now), entry(now, owner="b c")]))
+        today = dt.datetime.now(dt.timezone.utc).date()
+        body = await two.query(None, today, today, "user")
+        assert [(row["user"], *counts(row)) for row in body["rows"]] == [("alice", 4, 20, 8), ("b c", 1, 5, 2)]
+        assert counts((await one.query("alice", today, today, "model"))["totals"]) == (4, 20, 8)
+    finally:
+        await one.close()
+        await two.close()
