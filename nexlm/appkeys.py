@@ -29,6 +29,7 @@ METRICS = web.AppKey("metrics", Metrics)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 GUARD = web.AppKey("guard", object)
+USAGE = web.AppKey("usage", object)  # usage.Recorder: the turns' usage observer and its log (query)
 
 # Set by the auth middleware: the principal (token id or trusted user) or None when auth is off.
 PRINCIPAL = web.RequestKey("principal", object)

@@ -1,22 +1,74 @@
-"""Who a request comes from: its owner (for sessions), its client (for limits), its scheme.
+"""Who a request comes from: its owner (for sessions), its name and groups (for usage and quotas),
+its client (for limits), its scheme.
 
 Forwarding and identity headers are believed only from ``[server] trusted_proxies``.
+
+Principals (session owners) are ``"u:" + name`` for a named user (``[auth.users.NAME]``, a JWT's
+user claim, the trusted user header: one name, one owner whichever way it signs in) and
+``"t:" + hash`` for an ``[auth] tokens`` entry (stable when the list is reordered). ``who()`` gives
+the human name: the user's, or ``token-N`` by the token's place in the list.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
+from typing import NamedTuple
 
 from aiohttp import web
 
-from .appkeys import PRINCIPAL, SETTINGS
+from .appkeys import GROUPS, PRINCIPAL, SETTINGS
+
+
+class Who(NamedTuple):
+    """For usage and quotas. ``name`` is None without identity (auth off, or not yet signed in)."""
+    name: str | None
+    groups: tuple[str, ...]
+    client: str
+
+
+def principal_of(token: str) -> str:
+    """A stable, non-secret name for an ``[auth] tokens`` entry: sessions are filed under it, logs may show it."""
+    return "t:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=8)
+def token_names(tokens: tuple[str, ...]) -> dict[str, str]:
+    """principal -> ``token-N`` (1-based, in the order of ``[auth] tokens``)."""
+    return {principal_of(t): f"token-{i}" for i, t in enumerate(tokens, 1)}
+
+
+def name_of(principal: str | None, tokens: tuple[str, ...]) -> str | None:
+    if not principal:
+        return None
+    if principal.startswith("u:"):
+        return principal[2:]
+    return token_names(tokens).get(principal, principal)
 
 
 def identity(request: web.Request) -> tuple[str | None, str]:
     """(owner, client): sessions belong to the owner; limits count per client."""
     owner = request.get(PRINCIPAL)
     return owner, owner or client_address(request)
+
+
+def who(request: web.Request) -> Who:
+    """The one answer to "who is this" for usage, quotas and admin checks, on every front door."""
+    owner, client = identity(request)
+    return Who(name_of(owner, request.app[SETTINGS].auth.tokens), tuple(request.get(GROUPS) or ()), client)
+
+
+def is_admin(request: web.Request, person: Who | None = None) -> bool:
+    """In one of ``[auth] admin_groups``."""
+    person = person or who(request)
+    return person.name is not None and bool(set(person.groups) & set(request.app[SETTINGS].auth.admin_groups))
+
+
+def auth_off(request: web.Request) -> bool:
+    """No credentials of any kind are configured: a single-user install, where everyone is the owner."""
+    auth = request.app[SETTINGS].auth
+    return not (auth.tokens or auth.users or auth.jwt.enabled or auth.trusted_user_header)
 
 
 @functools.lru_cache(maxsize=16)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -16,7 +17,11 @@ from typing import Any
 from .config_checks import (  # noqa: F401  (ConfigError, MAX_TOKEN_CHARS, model_names: imported from here)
     MAX_TOKEN_CHARS, ConfigError, _check_auth, _check_jwt, _check_names, _check_provider, _fail, model_names,
 )
+from .config_quotas import QuotaRule, QuotasConfig, parse_quotas  # noqa: F401  (QuotaRule: imported from here)
 from .providers.gguf import DEFAULT_PACKAGED, PACKAGED
+
+USER_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+ANON_NAME = re.compile(r"token-[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -115,12 +120,24 @@ class JwtConfig:
 
 
 @dataclass(frozen=True)
+class UserConfig:
+    """``[auth.users.NAME]``: a named user with its own token; sessions and usage go under NAME."""
+    name: str
+    token_env: str = ""  # the token is in this environment variable (checked at start: unset is an error)
+    token: str = field(default="", repr=False)  # or the token itself
+    groups: tuple[str, ...] = ()  # for admin_groups and per-group rules
+
+
+@dataclass(frozen=True)
 class AuthConfig:
-    tokens: tuple[str, ...] = field(default=(), repr=False)
+    tokens: tuple[str, ...] = field(default=(), repr=False)  # anonymous owners "token-1", "token-2", ... in order
     trusted_user_header: str = ""  # e.g. "X-Forwarded-User", set by a proxy in [server] trusted_proxies
+    trusted_groups_header: str = ""  # e.g. "X-Forwarded-Groups" (comma-separated), with the user header
+    admin_groups: tuple[str, ...] = ("admins",)  # members see everyone's usage
     login_ttl_seconds: float = 7 * 24 * 3600.0  # a login cookie (a server-side session id) lasts this long
     max_logins: int = 10000  # login sessions kept in memory; the oldest is dropped past this
     jwt: JwtConfig = field(default=JwtConfig(), metadata={"config": False})  # the [auth.jwt] table
+    users: tuple[UserConfig, ...] = field(default=(), repr=False, metadata={"config": False})  # [auth.users.*]
 
 
 STORE_KINDS = ("memory", "sqlite", "redis")
@@ -155,6 +172,7 @@ class Settings:
     compat: CompatConfig = CompatConfig()
     store: StoreConfig = StoreConfig()
     metrics: MetricsConfig = MetricsConfig()
+    quotas: QuotasConfig = QuotasConfig()  # [quotas.default], [quotas.group.NAME], [quotas.user.NAME]
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     source: str = "<built-in defaults>"
 
@@ -272,15 +290,16 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
 
     sections = {"server": "server", "chat": "chat", "limits": "limits", "auth": "auth", "compat": "compat",
                 "store": "store", "metrics": "metrics"}
-    unknown = set(data) - set(sections) - {"providers"}
+    unknown = set(data) - set(sections) - {"providers", "quotas"}
     if unknown:
         raise _fail(source, f"[{sorted(unknown)[0]}]",
-                    "unknown section (known: server, chat, limits, auth, compat, store, metrics, providers)")
+                    "unknown section (known: server, chat, limits, auth, compat, store, metrics, providers, quotas)")
     changes = {}
-    jwt_table = None
-    if isinstance(data.get("auth"), dict) and "jwt" in data["auth"]:
+    jwt_table = users_table = None
+    if isinstance(data.get("auth"), dict) and ("jwt" in data["auth"] or "users" in data["auth"]):
         data["auth"] = dict(data["auth"])
-        jwt_table = data["auth"].pop("jwt")
+        jwt_table = data["auth"].pop("jwt", None)
+        users_table = data["auth"].pop("users", None)
     for key, attr in sections.items():
         if key in data:
             changes[attr] = _apply(getattr(settings, attr), data[key], source, f"[{key}]")
@@ -288,6 +307,8 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
     if jwt_table is not None:
         jwt = _check_jwt(_apply(JwtConfig(), jwt_table, source, "[auth.jwt]"), source, env)
         settings = replace(settings, auth=replace(settings.auth, jwt=jwt))
+    if users_table is not None:
+        settings = replace(settings, auth=replace(settings.auth, users=_users(users_table, source, env)))
 
     table = data.get("providers", {})
     if not isinstance(table, dict):
@@ -308,6 +329,9 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
         if not p.api_key and p.api_key_env:
             merged[name] = replace(p, api_key=env.get(p.api_key_env, ""))
     settings = replace(settings, providers={n: p for n, p in merged.items() if p.enabled}, source=source)
+    if "quotas" in data:
+        ids = [f"{n}/{m}" for n, p in settings.providers.items() for m in p.models]
+        settings = replace(settings, quotas=parse_quotas(data["quotas"], source, ids))
 
     if env.get("NEXLM_TOKENS"):
         tokens = tuple(t.strip() for t in env["NEXLM_TOKENS"].split(",") if t.strip())
@@ -327,6 +351,29 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
     _check_names(settings, source)
     _check_auth(settings, source)
     return settings
+
+
+def _users(table: Any, source: str, env) -> tuple[UserConfig, ...]:
+    """``[auth.users.NAME]`` tables; a token_env that is unset stops the start (a user who cannot sign in
+    would otherwise look like a wrong token)."""
+    if not isinstance(table, dict):
+        raise _fail(source, "[auth.users]", "expected a table of users")
+    users = []
+    for name, utable in table.items():
+        where = f"[auth.users.{name}]"
+        if not USER_NAME.fullmatch(name) or ANON_NAME.fullmatch(name):
+            raise _fail(source, where, "a user name is 1-64 letters, digits or . _ @ - and not token-N "
+                        "(the names of [auth] tokens)")
+        user = _apply(UserConfig(name=name), utable, source, where)
+        if bool(user.token) == bool(user.token_env):
+            raise _fail(source, where, "set exactly one of token, token_env")
+        if user.token_env:
+            token = env.get(user.token_env, "").strip()
+            if not token:
+                raise _fail(source, f"{where} token_env", f"the environment variable {user.token_env} is not set")
+            user = replace(user, token=token)
+        users.append(user)
+    return tuple(users)
 
 
 def _store(store: StoreConfig, override: str, source: str) -> StoreConfig:

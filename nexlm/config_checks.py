@@ -128,8 +128,17 @@ def _check_auth(settings: Settings, source: str) -> None:
     if auth.trusted_user_header and not settings.server.trusted_proxies:
         raise _fail(source, "[auth] trusted_user_header",
                     "needs [server] trusted_proxies (the proxies that set it); otherwise any client could name itself")
-    if any(len(t) > MAX_TOKEN_CHARS for t in auth.tokens):
-        raise _fail(source, "[auth] tokens", f"a token is longer than {MAX_TOKEN_CHARS} characters")
+    if auth.trusted_groups_header and not auth.trusted_user_header:
+        raise _fail(source, "[auth] trusted_groups_header", "needs [auth] trusted_user_header (groups belong to a user)")
+    seen: dict[str, str] = {}
+    owners = [(t, f"[auth] tokens (token-{i})") for i, t in enumerate(auth.tokens, 1)]
+    owners += [(u.token, f"[auth.users.{u.name}]") for u in auth.users]
+    for token, where in owners:
+        if len(token) > MAX_TOKEN_CHARS:
+            raise _fail(source, where, f"a token is longer than {MAX_TOKEN_CHARS} characters")
+        if token in seen:  # which owner would it be? Refused rather than guessed.
+            raise _fail(source, where, f"the same token as {seen[token]}; each owner needs its own")
+        seen[token] = where
     if auth.login_ttl_seconds <= 0 or auth.max_logins < 1:
         raise _fail(source, "[auth] login_ttl_seconds" if auth.login_ttl_seconds <= 0 else "[auth] max_logins",
                     "must be positive")

@@ -222,21 +222,22 @@ class Conversations(Shared, Views):
 
     # ------------------------------------------------------------ turns
 
-    async def send(self, live: Live, message, model=None, params=None, door: str = "ws") -> Reply:
+    async def send(self, live: Live, message, model=None, params=None, door: str = "ws", who=None) -> Reply:
         """Accept a user message and start its reply. Raises ``ChatError`` if refused.
-        ``door`` (here and below) names the front door, for the turn's logs and metrics."""
+        ``door`` (here and below) names the front door, for the turn's logs and metrics; ``who``
+        (``clients.Who``) who asks, for quotas and usage (None: nobody known, no quota)."""
         message = check_message(self.settings.limits, message)
-        resolved, rid = await self._admit(live, model, params)
+        resolved, rid = await self._admit(live, model, params, who=who)
         live.conv.history.append({"role": "user", "content": message})
-        return self._launch(live, resolved, door, rid)
+        return self._launch(live, resolved, door, rid, who)
 
     async def send_new(self, owner: str | None, client: str, message, model=None,
-                       params=None, door: str = "sse") -> tuple[Live, Reply]:
+                       params=None, door: str = "sse", who=None) -> tuple[Live, Reply]:
         """A first message without a conversation (``POST /sse``): everything is checked before
         the conversation exists, so a refusal leaves nothing behind."""
         message = check_message(self.settings.limits, message)
         probe = Live(Conversation(owner, client, self.registry.default_model()))
-        resolved, _ = await self._admit(probe, model, params, claim=False)  # a reply slot: given back if refused
+        resolved, _ = await self._admit(probe, model, params, claim=False, who=who)  # a reply slot: given back if refused
         try:
             live = await self.create(owner, client)
             rid = await self._claim(live)
@@ -245,20 +246,21 @@ class Conversations(Shared, Views):
             raise
         live.conv.model, live.conv.params = probe.conv.model, probe.conv.params
         live.conv.history.append({"role": "user", "content": message})
-        return live, self._launch(live, resolved, door, rid)
+        return live, self._launch(live, resolved, door, rid, who)
 
-    async def regenerate(self, live: Live, model=None, params=None, door: str = "ws") -> Reply:
+    async def regenerate(self, live: Live, model=None, params=None, door: str = "ws", who=None) -> Reply:
         """Replace the last reply with a new one."""
         if live.reply is not None:
             raise ChatError("busy", BUSY, 409)
         h = live.conv.history
         if len(h) < 2 or h[-1]["role"] != "assistant":
             raise ChatError("bad_request", "There is no reply to regenerate yet.")
-        resolved, rid = await self._admit(live, model, params)
+        resolved, rid = await self._admit(live, model, params, who=who)
         h.pop()
-        return self._launch(live, resolved, door, rid)
+        return self._launch(live, resolved, door, rid, who)
 
-    async def edit(self, live: Live, index, message, model=None, params=None, door: str = "ws") -> Reply:
+    async def edit(self, live: Live, index, message, model=None, params=None, door: str = "ws",
+                   who=None) -> Reply:
         """Replace the user message at ``index`` (and everything after it) and answer it."""
         message = check_message(self.settings.limits, message)
         if live.reply is not None:
@@ -267,19 +269,20 @@ class Conversations(Shared, Views):
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(h) \
                 or h[index]["role"] != "user":
             raise ChatError("bad_request", "index must point at one of your messages in the history")
-        resolved, rid = await self._admit(live, model, params)
+        resolved, rid = await self._admit(live, model, params, who=who)
         del h[index:]
         h.append({"role": "user", "content": message})
-        return self._launch(live, resolved, door, rid)
+        return self._launch(live, resolved, door, rid, who)
 
-    def _launch(self, live: Live, resolved: Resolved, door: str = "ws", rid: str | None = None) -> Reply:
+    def _launch(self, live: Live, resolved: Resolved, door: str = "ws", rid: str | None = None, who=None) -> Reply:
         conv = live.conv
         conv.updated = time.time()
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
         observer = self.on_turn_done
         on_done = None if observer is None else partial(observer, session=live.id)
         reply = self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door,
-                                              on_done=on_done), rid)
+                                              on_done=on_done, owner=conv.owner, client=conv.client,
+                                              who=who), rid)
         if self.store.durable:
             self.persister.started(live)  # the question and the streaming turn, then checkpoints
         else:

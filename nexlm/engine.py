@@ -49,18 +49,21 @@ class Turn:
     ``fallback`` as it goes and when it ends (also after a cancellation).
 
     ``door`` names the front door that runs it (one of ``DOORS``), for metrics and
-    logs. ``on_done(turn)`` is called exactly once when the turn ends, finished, failed or
+    logs; ``who`` (a ``clients.Who``, or None) who asked, for quotas and usage.
+    ``on_done(turn)`` is called exactly once when the turn ends, finished, failed or
     cancelled (the observers' one hook: nothing is observed per token). Whoever cancels the
     task that iterates sets ``stop_reason`` first ("stopped", "interrupted"); an owner that
     records the turn calls ``end(finish)`` with what it recorded, which also covers a turn
     cancelled before it ever ran."""
 
     __slots__ = ("resolved", "request", "model", "usage", "finish", "fallback", "started", "first_token",
-                 "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures")
+                 "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures",
+                 "owner", "client", "chars_out", "cached", "who")
 
     def __init__(self, resolved: Resolved, request: ChatRequest,
                  fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None, *,
-                 door: str = "ws", on_done: Callable[[Turn], None] | None = None) -> None:
+                 door: str = "ws", on_done: Callable[[Turn], None] | None = None,
+                 owner: str | None = None, client: str = "", who=None) -> None:
         self.resolved = resolved
         self.request = request
         self.model = resolved.id  # changes when the fallback answers
@@ -77,6 +80,11 @@ class Turn:
         self.ended: float | None = None  # when end() ran
         self.upstream = UpstreamTiming()  # the upstream's own time to first token (providers fill it)
         self.failures: list[tuple[str, str]] = []  # (provider name, error code), fallbacks' too
+        self.owner = owner  # who asked (the auth principal; None without identity) and from where: for usage
+        self.client = client
+        self.cached = False  # a replayed (cached) reply: usage counts it, with no upstream tokens
+        self.chars_out = 0  # text and reasoning streamed: the usage estimate when a provider reports none
+        self.who = who  # clients.Who of whoever asked (None: unknown): its name and groups, for quotas
 
     def end(self, finish: str | None = None) -> None:
         """The turn is over (with ``finish``, when its owner recorded one): call ``on_done``, once."""
@@ -113,6 +121,8 @@ class Turn:
                             if self.first_token is None:
                                 self.first_token = time.monotonic()
                             streamed = True
+                            if kind is not ToolCallDelta:
+                                self.chars_out += len(ev.text)
                             yield ev
                         elif kind is Usage:
                             self.usage = ev.data

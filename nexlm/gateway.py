@@ -83,14 +83,15 @@ class Gateway:
         self._active: set[GatewayTurn] = set()
 
     def turn(self, owner: str | None, client: str, model, messages: list[dict], params: Params | dict | None = None,
-             extra: dict | None = None, door: str = "v1") -> GatewayTurn:
+             extra: dict | None = None, door: str = "v1", who=None) -> GatewayTurn:
         """A turn for ``messages`` (OpenAI chat messages, already checked by the front door) with
         ``model`` (an id or alias), ``params`` (``Params`` or its dict: temperature, top_p,
         max_tokens) and ``extra`` (``base.EXTRA_KEYS``, already checked). ``owner`` is who asked
-        (for logs and later accounting); limits count per ``client``. Admitted on entry."""
-        return GatewayTurn(self, client, (owner, model, messages, params, extra, door))
+        (for logs); limits count per ``client``; ``who`` (``clients.Who``) is checked against its
+        quota (None: no quota) and the turn is counted against it when it ends. Admitted on entry."""
+        return GatewayTurn(self, client, (owner, model, messages, params, extra, door, who))
 
-    async def _start(self, client: str, owner, model, messages, params, extra, door) -> Turn:
+    async def _start(self, client: str, owner, model, messages, params, extra, door, who) -> Turn:
         self.admission.check_open()
         if not isinstance(model, str):
             raise ChatError("bad_request", "model must be a string", param="model")
@@ -102,8 +103,10 @@ class Gateway:
         if isinstance(params, dict):
             params = Params(params.get("temperature"), params.get("top_p"), params.get("max_tokens"))
         request = ChatRequest(resolved.model, messages, params or Params(), extra)
+        await self.admission.check_quota(who, resolved)  # before anything is sent upstream
         await self.admission.take(client)  # last: nothing to give back if anything above refused
-        return Turn(resolved, request, self.admission.fallback_for, door=door, on_done=self.on_turn_done)
+        return Turn(resolved, request, self.admission.fallback_for, door=door, on_done=self.on_turn_done,
+                    owner=owner, client=client, who=who)
 
     @property
     def closing(self) -> bool:

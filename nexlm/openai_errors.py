@@ -27,7 +27,9 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 # Our codes where OpenAI has its own name for the same thing.
 CODES = {"unknown_model": "model_not_found", "rate_limited": "rate_limit_exceeded"}
 RETRY_STATUSES = frozenset({429, 503})  # limits and restarts: a retry after Retry-After is the answer
-NOT_CURED_BY_WAITING = frozenset({"provider_unavailable"})  # configuration: a person must act
+# Configuration (a person must act), or a quota whose reset is hours away: Retry-After says when, but
+# the openai package's automatic retries (seconds later) would only be refused again.
+NOT_CURED_BY_WAITING = frozenset({"provider_unavailable", "quota_exceeded"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from aiohttp import web
 from yarl import URL
 
 from .appkeys import GROUPS, LATE_AUTH, PRINCIPAL
-from .clients import client_address, from_trusted_proxy, request_scheme
+from .clients import client_address, from_trusted_proxy, principal_of, request_scheme  # noqa: F401 (principal_of)
 from .config import MAX_TOKEN_CHARS, Settings
 from .events import error_event
 from .logins import FailureThrottle, LoginSessions
@@ -42,11 +42,6 @@ MAX_WARNED_ORIGINS = 64  # refused origins logged at WARNING (once each); more g
 MIN_TOKEN_CHARS = 16
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-
-
-def principal_of(token: str) -> str:
-    """A stable, non-secret name for a token: sessions are filed under it, logs may show it."""
-    return "t:" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 def content_security_policy(settings: Settings) -> str:
@@ -121,9 +116,14 @@ class Guard:
         self.csp = content_security_policy(settings)
         self.allowed = frozenset(o.rstrip("/") for o in settings.server.allowed_origins)
         self.tokens = tuple(settings.auth.tokens)
-        self._token_digests = tuple((_digest(t), t) for t in self.tokens)
+        users = settings.auth.users
+        # Every accepted token, anonymous ([auth] tokens) or a named user's: its digest, principal, groups.
+        self._token_digests = tuple((_digest(t), principal_of(t), ()) for t in self.tokens) + tuple(
+            (_digest(u.token), "u:" + u.name, u.groups) for u in users)
+        self.user_groups = {"u:" + u.name: u.groups for u in users}  # a login cookie carries only the principal
         self.hosts = self._host_names(settings)
         self.user_header = settings.auth.trusted_user_header
+        self.groups_header = settings.auth.trusted_groups_header
         self.jwt = None
         if settings.auth.jwt.enabled:
             from .jwt_auth import (
@@ -131,16 +131,17 @@ class Guard:
             )
 
             self.jwt = JwtVerifier(settings.auth.jwt)
-        self.required = bool(self.tokens or self.jwt)
+        self.required = bool(self._token_digests or self.jwt)
         self.logins = LoginSessions(settings.auth.login_ttl_seconds, settings.auth.max_logins)
         self.throttle = FailureThrottle()
         self.late_route = settings.compat.seed_frames  # the seed's page sends its token in a frame
         self._warned_origins: set[str] = set()
-        short = sum(1 for t in self.tokens if len(t) < MIN_TOKEN_CHARS)
+        every = self.tokens + tuple(u.token for u in users)
+        short = sum(1 for t in every if len(t) < MIN_TOKEN_CHARS)
         if short:
-            log.warning("[auth] tokens: %d of %d tokens are shorter than %d characters and could be guessed; "
-                        "use long random ones (e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')",
-                        short, len(self.tokens), MIN_TOKEN_CHARS)
+            log.warning("[auth] tokens and [auth.users]: %d of %d tokens are shorter than %d characters and could "
+                        "be guessed; use long random ones (e.g. python -c 'import secrets; "
+                        "print(secrets.token_urlsafe(24))')", short, len(every), MIN_TOKEN_CHARS)
 
     async def lifetime(self, app: web.Application):
         """cleanup_ctx: the JWKS fetcher's HTTP client, when jwks_url is configured."""
@@ -172,16 +173,21 @@ class Guard:
         return host.lower() in self.hosts
 
     def static_principal(self, supplied: str) -> str | None:
-        """The principal of a static token, compared in constant time: both sides hashed to a
+        """The principal of a static token (anonymous or a named user's)."""
+        who = self.static_who(supplied)
+        return who[0] if who is not None else None
+
+    def static_who(self, supplied: str) -> tuple[str, tuple[str, ...]] | None:
+        """(principal, groups) of a static token, compared in constant time: both sides hashed to a
         fixed length, every configured token compared."""
         if not supplied or len(supplied) > MAX_TOKEN_CHARS:
             return None
         digest = _digest(supplied)
         found = None
-        for known, token in self._token_digests:
+        for known, principal, groups in self._token_digests:
             if hmac.compare_digest(digest, known):
-                found = token
-        return principal_of(found) if found is not None else None
+                found = (principal, groups)
+        return found
 
     async def _jwt(self, token: str, client: str, where: str):
         """(principal, groups), or None (the reason goes to the log, never the token)."""
@@ -202,9 +208,9 @@ class Guard:
         wait = self.throttle.retry_after(client)
         if wait:
             return wait
-        principal = self.static_principal(supplied)
-        if principal is not None:
-            return principal, ()
+        found = self.static_who(supplied)
+        if found is not None:
+            return found
         if self.jwt is not None and supplied.count(".") == 2:
             who = await self._jwt(supplied, client, where)
             if who is not None:
@@ -227,7 +233,11 @@ class Guard:
         if self.user_header and from_trusted_proxy(request):
             user = request.headers.get(self.user_header, "").strip()
             if user:
-                return "u:" + user[:200], ()
+                groups = ()
+                if self.groups_header:
+                    raw = request.headers.get(self.groups_header, "")
+                    groups = tuple(g.strip()[:200] for g in raw.split(",") if g.strip())[:64]
+                return "u:" + user[:200], groups
         if not self.required:
             return None, ()
         client = client_address(request)
@@ -245,7 +255,7 @@ class Guard:
         # Cookies are not guesses (a 256-bit id, a signed JWT): a stale one is just 401.
         principal = self.logins.get(request.cookies.get(COOKIE, ""))
         if principal is not None:
-            return principal, ()
+            return principal, self.user_groups.get(principal, ())
         if self.jwt is not None and request.cookies.get(JWT_COOKIE):
             who = await self._jwt(request.cookies[JWT_COOKIE], client, "cookie")
             if who is not None:

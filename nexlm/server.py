@@ -21,6 +21,7 @@ import jinja2
 from aiohttp import web
 
 from . import __version__
+from .admission import Admission
 from .appkeys import (
     CONVERSATIONS,
     GATEWAY,
@@ -32,6 +33,7 @@ from .appkeys import (
     SETTINGS,
     SSE_STREAMS,
     STREAMS,
+    USAGE,
     WEBSOCKETS,
 )
 from .config import Settings
@@ -45,6 +47,8 @@ from .store import StoreError
 from .validation import ChatError
 from .store_factory import describe
 from .transports import http, seed_http, seed_ws, sse, ws
+from .transports import usage as usage_api
+from .usage import Recorder, make_usage_log
 from .transports.v1 import chat as v1
 from .transports.v1 import responses as v1_responses
 from .transports.common import CLOSE_DEADLINE, cut
@@ -81,6 +85,7 @@ def create_app(settings: Settings) -> web.Application:
     app[STREAMS] = set()
     app[SSE_STREAMS] = set()
     metrics = app[METRICS] = Metrics(settings)
+    app[USAGE] = Recorder(make_usage_log(settings), settings.auth.tokens)
     app[LOOP_LAG] = LoopLag(observe=metrics.loop_lag.observe)
     app.on_response_prepare.append(guard.on_prepare)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(ROOT / "templates"), autoescape=True)
@@ -107,6 +112,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_delete(base + "/api/sessions/{sid}", http.delete_session)
     r.add_patch(base + "/api/sessions/{sid}", http.rename_session)
     r.add_post(base + "/api/sessions/{sid}/stop", http.stop)
+    r.add_get(base + "/api/usage", usage_api.usage)
     r.add_get(base + "/api/metrics", http.metrics)
     r.add_get(base + "/metrics", http.prometheus)  # behind access control unless [metrics] public = true
     r.add_get(base + "/healthz", http.healthz)
@@ -159,20 +165,45 @@ async def _resources(app: web.Application):
         app[HTTP] = session
         registry = Registry(settings, session)
         app[REGISTRY] = registry
-        metrics = app[METRICS]
-        chat = Conversations(settings, registry, on_turn_done=metrics.turn_done)
+        metrics, recorder = app[METRICS], app[USAGE]
+        admission = Admission(settings, registry)
+        quotas = admission.quotas
+
+        observers = (metrics.turn_done, recorder.turn_done, quotas.turn_done)
+
+        def turn_done(turn, session=None) -> None:  # every ended turn, every door: metrics, usage, quotas
+            for observe in observers:
+                try:
+                    observe(turn, session)
+                except Exception:  # one observer's bug must not cost the others their count
+                    log.exception("turn observer %s failed", getattr(observe, "__qualname__", observe))
+
+        chat = Conversations(settings, registry, admission, on_turn_done=turn_done)
         try:
             await chat.start()
             try:
                 await chat.limiter.open()  # (with a redis store the limits are counted there too)
+                try:
+                    await quotas.open()  # (after the store: sqlite's counters live in its file)
+                except StoreError:
+                    await chat.limiter.close()
+                    raise
             except StoreError:
                 await chat.store.close()
                 raise
         except StoreError as exc:  # app.py prints it as one line and exits 2
             await registry.close()
             raise StoreError(f"cannot open the {describe(settings)}: {exc}") from None
+        try:
+            await recorder.start()  # the usage log, in the same store
+        except StoreError as exc:
+            await quotas.close()
+            await chat.limiter.close()
+            await chat.store.close()
+            await registry.close()
+            raise StoreError(f"cannot open the {describe(settings)} for usage: {exc}") from None
         app[CONVERSATIONS] = chat
-        gateway = Gateway(chat.admission, on_turn_done=metrics.turn_done)  # one admission for every door
+        gateway = Gateway(admission, on_turn_done=turn_done)  # one admission for every door
         app[GATEWAY] = gateway
         metrics.read_live = lambda: _live_gauges(app)
         sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
@@ -184,7 +215,9 @@ async def _resources(app: web.Application):
                 task.cancel()
             await asyncio.wait([sweeper, lag])
             await asyncio.gather(chat.close(0, None), gateway.close(0))  # normally done in _shutdown already
+            await recorder.close()  # after the turns: their last entries are written
             await chat.store.close()
+            await quotas.close()  # (the counts of the last turns written first)
             await chat.limiter.close()
             await registry.close()
 
@@ -196,7 +229,7 @@ def _live_gauges(app: web.Application) -> dict:
         "connections": {"ws": len(app[WEBSOCKETS]), "sse": len(app[SSE_STREAMS])},
         "active_replies": chat.limiter.running_total,
         "queued_replies": sum(p.waiting() for p in app[REGISTRY].providers.values() if p.single_slot),
-        "sessions": len(chat.store),
+        "sessions": chat.store.size,  # (the protocol's size: only MemoryStore has len())
     }
 
 

@@ -31,9 +31,9 @@ class Shared:
             shared.events.on_remote_done = self._remote_done
             shared.start()
 
-    async def _admit(self, live, model=None, params=None, claim: bool = True) -> tuple:
-        """Check everything a new reply needs; only when all pass, apply model/params and take a slot
-        (shared: and the session's running lease, whose reply id is returned)."""
+    async def _admit(self, live, model=None, params=None, claim: bool = True, who=None) -> tuple:
+        """Check everything a new reply needs (``who``'s quota too); only when all pass, apply
+        model/params and take a slot (shared: and the session's running lease, whose reply id is returned)."""
         self.admission.check_open()
         if live.reply is not None or self._running(live) is not None:
             raise ChatError("busy", BUSY, 409)
@@ -43,6 +43,7 @@ class Shared:
                 raise ChatError("busy", BUSY, 409)
             new_model, new_params = self._choice(live.conv, model, params)
             resolved = self._resolve(new_model)
+            await self.admission.check_quota(who, resolved)
             await self.admission.take(live.conv.client)
             if live.reply is not None:  # another request started one while the limits were counted
                 self.admission.release(live.conv.client)

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .. import seed_wire
 from ..appkeys import GATEWAY, REGISTRY, SETTINGS, STREAMS
-from ..clients import identity
+from ..clients import identity, who
 from ..gateway import GatewayTurn
 from ..openai_errors import from_stream_error
 from ..validation import ChatError, check_message
@@ -72,7 +72,7 @@ def _turn(request: web.Request, message, model, field: str) -> GatewayTurn:
     if settings.chat.system_prompt:
         messages.insert(0, {"role": "system", "content": settings.chat.system_prompt})
     owner, client = identity(request)
-    return request.app[GATEWAY].turn(owner, client, model, messages, door="seed")
+    return request.app[GATEWAY].turn(owner, client, model, messages, door="seed", who=who(request))
 
 
 def _shut_down(request: web.Request) -> bool:

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from ..appkeys import CONVERSATIONS, SETTINGS, SSE_STREAMS, STREAMS
-from ..clients import identity
+from ..clients import identity, who
 from ..conversations import Conversations
 from ..events import Outbox, error_event, sse_frame
 from ..validation import ChatError
@@ -97,6 +97,7 @@ def _number(key: str, raw: str):
 async def sse(request: web.Request) -> web.StreamResponse:
     chat: Conversations = request.app[CONVERSATIONS]
     owner, client = identity(request)
+    person = who(request)
     try:
         fields = await _fields(request)
         after_raw = request.headers.get("Last-Event-ID")
@@ -124,9 +125,10 @@ async def sse(request: web.Request) -> web.StreamResponse:
             if session is None:
                 raise ChatError("not_found", "No such session (it may have expired).", 404)
             if kind == "regenerate":
-                reply = await chat.regenerate(session, model, params, door="sse")
+                reply = await chat.regenerate(session, model, params, door="sse", who=person)
             else:
-                reply = await chat.edit(session, fields.get("index"), message, model, params, door="sse")
+                reply = await chat.edit(session, fields.get("index"), message, model, params, door="sse",
+                                        who=person)
         elif kind != "chat":
             raise ChatError("bad_request", f"Unknown type {str(kind)[:40]!r} (chat, regenerate or edit).")
         elif message is None or message == "":
@@ -135,9 +137,9 @@ async def sse(request: web.Request) -> web.StreamResponse:
                 return await _stream(request, chat, session, since, chat.last_reply(session))
             raise ChatError("bad_request", "message is required")
         elif session is None:
-            session, reply = await chat.send_new(owner, client, message, model, params, door="sse")
+            session, reply = await chat.send_new(owner, client, message, model, params, door="sse", who=person)
         else:
-            reply = await chat.send(session, message, model, params, door="sse")
+            reply = await chat.send(session, message, model, params, door="sse", who=person)
     except ChatError as exc:
         return json_error(exc.code, exc.message, exc.status, exc.retry_after)
     return await _stream(request, chat, session, chat.running_since(session), reply.id)

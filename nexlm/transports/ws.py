@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..appkeys import CONVERSATIONS, SETTINGS, STREAMS, WEBSOCKETS
-from ..clients import identity
+from ..clients import Who, identity, who
 from ..conversations import Conversations
 from ..events import Outbox, encode, error_event
 from ..validation import ChatError
@@ -63,6 +63,7 @@ async def serve(request: web.Request, encoder: Encode, parse: Parse,
         if first is None:
             return ws
     owner, client = identity(request)
+    person = who(request)  # (after a late admission: its token decides)
     try:
         session, existed = await chat.open(request.query.get("session"), owner, client)
     except ChatError as exc:  # no session to be had (rate, cap): say why, then close
@@ -85,10 +86,10 @@ async def serve(request: web.Request, encoder: Encode, parse: Parse,
     writer = asyncio.create_task(_write(ws, outbox, transport, chat, encoder), name=f"ws writer {session.id[:6]}")
     try:
         if first is not None:
-            await _command(chat, session, outbox, first, parse)
+            await _command(chat, session, outbox, first, parse, person)
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                await _command(chat, session, outbox, msg.data, parse)
+                await _command(chat, session, outbox, msg.data, parse, person)
                 # Answers pile up when the client sends without reading: stop reading it until
                 # it catches up, so its own TCP window slows it down (replies' deltas merge anyway).
                 if len(outbox) >= MAX_QUEUED:
@@ -177,13 +178,15 @@ def _parse(data: str) -> dict:
     return frame
 
 
-async def _command(chat: Conversations, session, outbox: Outbox, data: str, parse: Parse = _parse) -> None:
-    """Run one command; refusals become an error frame and the socket stays open."""
+async def _command(chat: Conversations, session, outbox: Outbox, data: str, parse: Parse = _parse,
+                   person: Who | None = None) -> None:
+    """Run one command (for ``person``: quotas and usage); refusals become an error frame and the socket stays open."""
     try:
         frame = parse(data)
         kind = frame.get("type")
         if kind == "chat":
-            await chat.send(session, frame.get("message"), frame.get("model"), frame.get("params"), door="ws")
+            await chat.send(session, frame.get("message"), frame.get("model"), frame.get("params"), door="ws",
+                            who=person)
         elif kind == "stop":
             await chat.stop(session)
         elif kind == "set":
@@ -193,10 +196,10 @@ async def _command(chat: Conversations, session, outbox: Outbox, data: str, pars
             await chat.reset(session)
             chat.broadcast_frame(session)
         elif kind == "regenerate":
-            await chat.regenerate(session, frame.get("model"), frame.get("params"), door="ws")
+            await chat.regenerate(session, frame.get("model"), frame.get("params"), door="ws", who=person)
         elif kind == "edit":
             await chat.edit(session, frame.get("index"), frame.get("message"), frame.get("model"),
-                            frame.get("params"), door="ws")
+                            frame.get("params"), door="ws", who=person)
         elif kind == "restore":
             chat.restore(session, frame.get("history"))
             outbox.put(chat.frame(session))

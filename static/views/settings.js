@@ -4,6 +4,7 @@
 import { t, setLang, getLang } from '../i18n.js';
 import { $ } from '../dom.js';
 import * as store from '../store.js';
+import { fetchUsage, renderUsage } from '../usage.js';
 
 const media = window.matchMedia('(prefers-color-scheme: dark)');
 
@@ -58,6 +59,15 @@ export function createSettings(app, { onSave }) {
     if (typeof ui.dialog.showModal === 'function') ui.dialog.showModal();
     else ui.dialog.setAttribute('open', '');
     f.system.focus();
+    showUsage();
+  }
+
+  async function showUsage() {
+    const panel = $('usage-panel');
+    panel.setAttribute('aria-busy', 'true');
+    const summary = await fetchUsage();
+    renderUsage(panel, summary, t);
+    panel.removeAttribute('aria-busy');
   }
 
   function close() {

@@ -6,6 +6,7 @@ both themes and both languages. Every rule runs; the page must have no violation
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,11 @@ def test_no_wcag_violations_in_other_states(server, make_page, theme):
     audit(page, "editing")
     page.keyboard.press("Escape")
     page.get_by_role("button", name="Settings").click()
+    # The user's usage, loaded when the dialog opens (auth is off: the one user); this module's
+    # server has answered at least the reply above this month.
+    month = page.locator("#usage-panel table").first.get_by_role("row", name="This month")
+    expect(month).to_be_visible()
+    expect(month.locator("td").first).to_have_text(re.compile(r"^[1-9][\d,]*$"))
     audit(page, "the settings dialog")
     page.keyboard.press("Escape")
 

@@ -15,7 +15,7 @@ import logging
 from aiohttp import web
 
 from ...appkeys import GATEWAY, REGISTRY, SETTINGS, STREAMS
-from ...clients import identity
+from ...clients import identity, who
 from ...openai_errors import failure, from_chat_error, from_stream_error, response
 from ...openai_wire import (
     DONE,
@@ -104,7 +104,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     started: list[web.StreamResponse] = []
     try:
         async with request.app[GATEWAY].turn(owner, client, call.model, call.messages, call.params, call.extra,
-                                             door="v1") as turn:
+                                             door="v1", who=who(request)) as turn:
             if call.stream:
                 return await _stream(request, turn, call.include_usage, started)
             return await _complete(turn)

@@ -17,7 +17,7 @@ import asyncio
 from aiohttp import web
 
 from ...appkeys import GATEWAY, SETTINGS, STREAMS
-from ...clients import identity
+from ...clients import identity, who
 from ...openai_errors import failure, from_chat_error, from_stream_error, response
 from ...openai_wire import StreamError
 from ...responses_wire import ResponseWriter
@@ -36,7 +36,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     started: list[web.StreamResponse] = []
     try:
         async with request.app[GATEWAY].turn(owner, client, call.model, call.messages, call.params, call.extra,
-                                             door="v1") as turn:
+                                             door="v1", who=who(request)) as turn:
             events, first = await first_event(turn)
             if type(first) is StreamError:
                 return response(from_stream_error(first))
