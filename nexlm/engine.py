@@ -56,11 +56,12 @@ class Turn:
     cancelled before it ever ran."""
 
     __slots__ = ("resolved", "request", "model", "usage", "finish", "fallback", "started", "first_token",
-                 "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures")
+                 "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures",
+                 "cache", "cached")
 
     def __init__(self, resolved: Resolved, request: ChatRequest,
                  fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None, *,
-                 door: str = "ws", on_done: Callable[[Turn], None] | None = None) -> None:
+                 door: str = "ws", on_done: Callable[[Turn], None] | None = None, cache=None) -> None:
         self.resolved = resolved
         self.request = request
         self.model = resolved.id  # changes when the fallback answers
@@ -77,6 +78,8 @@ class Turn:
         self.ended: float | None = None  # when end() ran
         self.upstream = UpstreamTiming()  # the upstream's own time to first token (providers fill it)
         self.failures: list[tuple[str, str]] = []  # (provider name, error code), fallbacks' too
+        self.cache = cache  # a cache.CacheSlot (or None): a hit is replayed, a complete miss stored
+        self.cached = False  # answered from the cache: no upstream call, no upstream tokens
 
     def end(self, finish: str | None = None) -> None:
         """The turn is over (with ``finish``, when its owner recorded one): call ``on_done``, once."""
@@ -87,6 +90,8 @@ class Turn:
             self.finish = finish
         elif self.finish is None:
             self.finish = "error"
+        if self.cache is not None and not self.cached:
+            self.cache.done(self.usage, self.finish, self.stop_reason is None and self.fallback is None)
         if self.on_done is not None:
             try:
                 self.on_done(self)
@@ -102,7 +107,17 @@ class Turn:
 
     async def __aiter__(self) -> AsyncIterator[TurnEvent]:
         resolved, request, streamed = self.resolved, replace(self.request, timing=self.upstream), False
+        slot = self.cache
         try:
+            if slot is not None and await slot.load() is not None:
+                events, self.usage, finish = slot.hit
+                self.cached = True
+                self.first_token = time.monotonic()
+                for ev in events:
+                    yield ev
+                self.finish = finish
+                return
+            record = slot.record if slot is not None and slot.write else None
             while True:
                 stream = resolved.provider.stream(request)
                 failure: StreamError | None = None
@@ -113,6 +128,8 @@ class Turn:
                             if self.first_token is None:
                                 self.first_token = time.monotonic()
                             streamed = True
+                            if record is not None:
+                                record(ev)
                             yield ev
                         elif kind is Usage:
                             self.usage = ev.data

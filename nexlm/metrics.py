@@ -76,6 +76,12 @@ class Metrics:
                                      ("model",), registry=r)
         self.upstream_errors = Counter("nexlm_upstream_errors", "Failures a provider gave up on (after its own "
                                        "retries), fallbacks' included", ("provider", "code"), registry=r)
+        self.cache_hits = Counter("nexlm_cache_hits", "Response cache lookups answered from the cache",
+                                  registry=r)
+        self.cache_misses = Counter("nexlm_cache_misses", "Response cache lookups that found nothing",
+                                    registry=r)
+        self.cache_bytes = Counter("nexlm_cache_stored_bytes", "Bytes written into the response cache",
+                                   registry=r)
         self.loop_lag = Histogram("nexlm_event_loop_lag_seconds", "How late a 10 ms sleep wakes up",
                                   buckets=LAG_BUCKETS, registry=r)
         self.read_live: Callable[[], dict] = dict

@@ -34,9 +34,11 @@ from .appkeys import (
     STREAMS,
     WEBSOCKETS,
 )
+from .cache import ResponseCache
+from .cache_backends import make_backend
 from .config import Settings
 from .conversations import Conversations
-from .gateway import Gateway
+from .gateway import CACHE_STATUS, Gateway
 from .looplag import LoopLag
 from .metrics import Metrics
 from .providers.registry import Registry
@@ -69,6 +71,13 @@ async def refusals(request: web.Request, handler):
                                  status=exc.status, headers=headers)
 
 
+async def _cache_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``x-nexlm-cache: hit|miss|bypass`` on the responses of the gateway's doors (``CACHE_STATUS``)."""
+    status = request.get(CACHE_STATUS)
+    if status is not None:
+        response.headers["x-nexlm-cache"] = status
+
+
 def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
     app = web.Application(
@@ -83,6 +92,7 @@ def create_app(settings: Settings) -> web.Application:
     metrics = app[METRICS] = Metrics(settings)
     app[LOOP_LAG] = LoopLag(observe=metrics.loop_lag.observe)
     app.on_response_prepare.append(guard.on_prepare)
+    app.on_response_prepare.append(_cache_header)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(ROOT / "templates"), autoescape=True)
 
     app.cleanup_ctx.append(_resources)
@@ -171,8 +181,11 @@ async def _resources(app: web.Application):
         except StoreError as exc:  # app.py prints it as one line and exits 2
             await registry.close()
             raise StoreError(f"cannot open the {describe(settings)}: {exc}") from None
+        cache = ResponseCache(settings.cache, make_backend(settings, chat.store), metrics)  # on the store's connection
+        await cache.open()
+        chat.cache = cache
         app[CONVERSATIONS] = chat
-        gateway = Gateway(chat.admission, on_turn_done=metrics.turn_done)  # one admission for every door
+        gateway = Gateway(chat.admission, on_turn_done=metrics.turn_done, cache=cache)  # one admission for every door
         app[GATEWAY] = gateway
         metrics.read_live = lambda: _live_gauges(app)
         sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
@@ -184,6 +197,7 @@ async def _resources(app: web.Application):
                 task.cancel()
             await asyncio.wait([sweeper, lag])
             await asyncio.gather(chat.close(0, None), gateway.close(0))  # normally done in _shutdown already
+            await cache.close()  # its writes under way, before the store it shares closes
             await chat.store.close()
             await chat.limiter.close()
             await registry.close()
