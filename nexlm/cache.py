@@ -46,7 +46,8 @@ class Backend(Protocol):
 
 def cache_key(model_id: str, request: ChatRequest, owner: str | None, shared: bool) -> str:
     """The entry's key: a hex sha256 of everything that shapes the upstream's answer."""
-    doc = {"v": VERSION, "model": model_id, "messages": request.messages, "params": request.params.as_dict(),
+    params = {k: float(v) if k != "max_tokens" else v for k, v in request.params.as_dict().items()}  # 0 == 0.0
+    doc = {"v": VERSION, "model": model_id, "messages": request.messages, "params": params,
            "extra": request.extra, "owner": None if shared else owner}
     return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

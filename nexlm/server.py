@@ -210,7 +210,7 @@ def _live_gauges(app: web.Application) -> dict:
         "connections": {"ws": len(app[WEBSOCKETS]), "sse": len(app[SSE_STREAMS])},
         "active_replies": chat.limiter.running_total,
         "queued_replies": sum(p.waiting() for p in app[REGISTRY].providers.values() if p.single_slot),
-        "sessions": len(chat.store),
+        "sessions": chat.store.size,  # (every store has size; only the memory one has len)
     }
 
 
