@@ -102,9 +102,10 @@ class Metrics:
             if up.sent is not None and up.first_token is not None:
                 self.added.labels(model).observe(max(0.0, ttft - (up.first_token - up.sent)))
         tokens_in, tokens_out = _tokens(turn.usage, "prompt_tokens"), _tokens(turn.usage, "completion_tokens")
-        if tokens_in:
+        cached = getattr(turn, "cached", False)  # replayed from the response cache: the upstream spent nothing
+        if tokens_in and not cached:
             self.input_tokens.labels(model).inc(tokens_in)
-        if tokens_out:
+        if tokens_out and not cached:
             self.output_tokens.labels(model).inc(tokens_out)
         for provider, code in turn.failures:
             self.upstream_errors.labels(_known(provider, self.providers), _known(code, ERROR_CODES)).inc()

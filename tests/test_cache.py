@@ -64,6 +64,8 @@ async def test_a_hit_replays_text_and_reasoning_without_the_upstream(app_with_ca
     assert hit["usage"] == miss["usage"] and hit["choices"][0]["finish_reason"] == "stop"
     metrics = await (await client.get("/metrics")).text()
     assert "nexlm_cache_hits_total 1.0" in metrics and "nexlm_cache_misses_total 1.0" in metrics
+    completion = miss["usage"]["completion_tokens"]  # counted once: the hit cost the upstream nothing
+    assert f'nexlm_output_tokens_total{{model="fake/fake-model"}} {float(completion)}' in metrics
     stored = [line for line in metrics.splitlines() if line.startswith("nexlm_cache_stored_bytes_total")]
     assert stored and float(stored[0].split()[1]) > 0
 
