@@ -232,6 +232,23 @@ async def test_ws_params_cache_false_bypasses(app_with_cache, upstream):
     await ws.close()
 
 
+async def test_sse_done_says_cached_and_params_cache_false_bypasses(app_with_cache, upstream):
+    import json
+
+    async def ask(params):
+        r = await client.post("/sse", json={"message": "hi", "params": params})
+        events = [json.loads(line[6:]) for line in (await r.text()).splitlines() if line.startswith("data: ")]
+        done = [e for e in events if e["type"] == "done"]
+        await client.app[GATEWAY].cache.flush()
+        return done[-1]
+
+    client = await app_with_cache()
+    assert "cached" not in await ask({"temperature": 0})
+    assert (await ask({"temperature": 0}))["cached"] is True
+    assert "cached" not in await ask({"temperature": 0, "cache": False})
+    assert len(upstream.requests) == 2
+
+
 async def test_a_stopped_ws_reply_is_not_stored(app_with_cache, upstream):
     client = await app_with_cache()
     upstream.push(Script([chunk("", role=True), chunk("partial"), "hang"]))
@@ -351,3 +368,31 @@ async def test_a_failing_backend_is_a_miss_not_a_failed_reply():
     assert await slot.load() is None and slot.status == "miss"
     slot.done({}, "stop", True)
     await cache.flush()  # the write failed quietly
+
+
+# --------------------------------------------------------------------------- config
+
+def test_cache_config_defaults_and_checks(tmp_path):
+    from nexlm.config import ConfigError, load_settings
+
+    path = tmp_path / "c.toml"
+    assert load_settings(None, env={}).cache == CacheConfig(False, 86400.0, 10000, False, False)
+    path.write_text("[cache]\nenabled = true\nttl_seconds = 60\nmax_entries = 5\nshared = true\n")
+    c = load_settings(str(path), env={}).cache
+    assert (c.enabled, c.ttl_seconds, c.max_entries, c.shared, c.any_temperature) == (True, 60.0, 5, True, False)
+    for body, why in (("ttl_seconds = 0", "[cache] ttl_seconds: must be > 0"),
+                      ("max_entries = 0", "[cache] max_entries: must be >= 1"),
+                      ("enabled = 1", "[cache].enabled: expected true or false"),
+                      ("size = 3", "[cache]")):
+        path.write_text(f"[cache]\n{body}\n")
+        with pytest.raises(ConfigError) as err:
+            load_settings(str(path), env={})
+        assert why in str(err.value)
+
+
+async def test_no_cache_and_no_store_together_leave_the_cache_alone(make_client, upstream):
+    client = await make_client("[cache]\nenabled = true")
+    both = {"Cache-Control": "no-cache, no-store"}
+    assert (await v1(client, {"temperature": 0}, both))[1] == "bypass"
+    assert (await v1(client, {"temperature": 0}))[1] == "miss"
+    assert len(upstream.requests) == 2
