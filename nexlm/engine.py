@@ -13,6 +13,10 @@ first token), then at most one ``StreamError`` (the
 failure that no fallback saved) before the iterator ends; ``turn.finish``,
 ``turn.usage`` and ``turn.timing()`` then say how it ended, and ``on_done`` is told. Cancelling the task
 that iterates closes the provider stream, which closes the upstream request.
+
+With a ``cache`` slot (``nexlm.cache.CacheSlot``, from ``ResponseCache.slot``: the facade and the
+gateway both ask it) a hit is replayed with no provider call and ``turn.cached`` is True; a miss
+is recorded and stored when it ends complete.
 """
 
 from __future__ import annotations
@@ -91,7 +95,10 @@ class Turn:
         elif self.finish is None:
             self.finish = "error"
         if self.cache is not None and not self.cached:
-            self.cache.done(self.usage, self.finish, self.stop_reason is None and self.fallback is None)
+            try:  # a complete miss is stored (in the background: the cache owns the write)
+                self.cache.done(self.usage, self.finish, self.stop_reason is None and self.fallback is None)
+            except Exception:
+                log.exception("response cache store failed")
         if self.on_done is not None:
             try:
                 self.on_done(self)
