@@ -101,6 +101,23 @@ def calls_of(sse: str) -> dict:
     return calls
 
 
+async def test_the_responses_api_hits_too(app_with_cache, upstream):
+    client = await app_with_cache()
+    upstream.push(from_fixture("deepseek-reasoner-stream.txt"))
+    seen = []
+    for _ in range(2):
+        r = await client.post("/v1/responses", json={"model": "fakey", "input": "Hi", "temperature": 0})
+        assert r.status == 200
+        data = await r.json()
+        texts = [(item["type"], part["text"]) for item in data["output"]
+                 for part in item.get("content") or item.get("summary") or []]
+        seen.append((r.headers["x-nexlm-cache"], texts))
+        await client.app[GATEWAY].cache.flush()
+    assert [s[0] for s in seen] == ["miss", "hit"]
+    assert seen[0][1] == seen[1][1] and ("message", "2+2 = 4。") in seen[1][1]
+    assert len(upstream.requests) == 1
+
+
 async def test_entries_are_per_owner(app_with_cache, upstream):
     client = await app_with_cache(f'[auth]\ntokens = ["{A}", "{B}"]')
     upstream.push(reply("for A"), reply("for B"))
