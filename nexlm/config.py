@@ -164,6 +164,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """``[cache]``: the exact-match response cache (opt-in; see nexlm/cache.py). Same backend as ``[store]``."""
+    enabled: bool = False
+    ttl_seconds: float = 86400.0  # an entry's lifetime
+    max_entries: int = 10000  # memory and sqlite: least recently used evicted past it (redis: by TTL)
+    shared: bool = False  # false: entries are per owner, so no user can probe what another asked
+    any_temperature: bool = False  # false: only requests with temperature 0 or a seed are cached
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerConfig = ServerConfig()
     chat: ChatConfig = ChatConfig()
@@ -173,6 +183,7 @@ class Settings:
     store: StoreConfig = StoreConfig()
     metrics: MetricsConfig = MetricsConfig()
     quotas: QuotasConfig = QuotasConfig()  # [quotas.default], [quotas.group.NAME], [quotas.user.NAME]
+    cache: CacheConfig = CacheConfig()
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     source: str = "<built-in defaults>"
 
@@ -289,11 +300,11 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
             raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
 
     sections = {"server": "server", "chat": "chat", "limits": "limits", "auth": "auth", "compat": "compat",
-                "store": "store", "metrics": "metrics"}
+                "store": "store", "metrics": "metrics", "cache": "cache"}
     unknown = set(data) - set(sections) - {"providers", "quotas"}
     if unknown:
         raise _fail(source, f"[{sorted(unknown)[0]}]",
-                    "unknown section (known: server, chat, limits, auth, compat, store, metrics, providers, quotas)")
+                    "unknown section (known: server, chat, limits, auth, compat, store, metrics, cache, providers, quotas)")
     changes = {}
     jwt_table = users_table = None
     if isinstance(data.get("auth"), dict) and ("jwt" in data["auth"] or "users" in data["auth"]):
@@ -350,6 +361,10 @@ def load_settings(path: str | None = None, env: dict[str, str] | None = None) ->
         raise _fail(source, "[server] port", f"must be 1-65535, got {settings.server.port}")
     _check_names(settings, source)
     _check_auth(settings, source)
+    if settings.cache.ttl_seconds <= 0:
+        raise _fail(source, "[cache] ttl_seconds", f"must be > 0, got {settings.cache.ttl_seconds}")
+    if settings.cache.max_entries < 1:
+        raise _fail(source, "[cache] max_entries", f"must be >= 1, got {settings.cache.max_entries}")
     return settings
 
 

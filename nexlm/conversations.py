@@ -17,6 +17,7 @@ from functools import partial
 
 from . import wire
 from .admission import Admission
+from .cache import ResponseCache
 from .collector import collect_young
 from .config import Settings
 from .context import context
@@ -61,6 +62,7 @@ class Conversations(Shared, Views):
                              background=settings.background_replies, settle=self.persister.settler())
         self._dirty: set[str] = set()  # live records changed since they were last written (memory store)
         self.history = History(self.store, self.live, self._commit)  # GET /api/sessions, PATCH (history.py)
+        self.cache: ResponseCache | None = None  # the response cache (server.py sets it once the store is open)
 
     async def start(self) -> None:
         """Open the store (``StoreError``: it cannot be used; the server says why and exits)."""
@@ -280,9 +282,12 @@ class Conversations(Shared, Views):
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
         observer = self.on_turn_done
         on_done = None if observer is None else partial(observer, session=live.id)
+        slot = None  # params "cache": false bypasses the response cache (reads and writes)
+        if self.cache is not None and conv.params.get("cache") is not False:
+            slot = self.cache.slot(conv.owner, resolved.id, request)
         reply = self.runner.launch(live, Turn(resolved, request, self.admission.fallback_for, door=door,
                                               on_done=on_done, owner=conv.owner, client=conv.client,
-                                              who=who), rid)
+                                              who=who, cache=slot), rid)
         if self.store.durable:
             self.persister.started(live)  # the question and the streaming turn, then checkpoints
         else:

@@ -13,6 +13,10 @@ first token), then at most one ``StreamError`` (the
 failure that no fallback saved) before the iterator ends; ``turn.finish``,
 ``turn.usage`` and ``turn.timing()`` then say how it ended, and ``on_done`` is told. Cancelling the task
 that iterates closes the provider stream, which closes the upstream request.
+
+With a ``cache`` slot (``nexlm.cache.CacheSlot``, from ``ResponseCache.slot``: the facade and the
+gateway both ask it) a hit is replayed with no provider call and ``turn.cached`` is True; a miss
+is recorded and stored when it ends complete.
 """
 
 from __future__ import annotations
@@ -58,12 +62,12 @@ class Turn:
 
     __slots__ = ("resolved", "request", "model", "usage", "finish", "fallback", "started", "first_token",
                  "provider", "_fallback_to", "door", "on_done", "stop_reason", "ended", "upstream", "failures",
-                 "owner", "client", "chars_out", "cached", "who")
+                 "owner", "client", "chars_out", "cached", "who", "cache")
 
     def __init__(self, resolved: Resolved, request: ChatRequest,
                  fallback_to: Callable[[Resolved, StreamError], Resolved | None] | None = None, *,
                  door: str = "ws", on_done: Callable[[Turn], None] | None = None,
-                 owner: str | None = None, client: str = "", who=None) -> None:
+                 owner: str | None = None, client: str = "", who=None, cache=None) -> None:
         self.resolved = resolved
         self.request = request
         self.model = resolved.id  # changes when the fallback answers
@@ -82,7 +86,8 @@ class Turn:
         self.failures: list[tuple[str, str]] = []  # (provider name, error code), fallbacks' too
         self.owner = owner  # who asked (the auth principal; None without identity) and from where: for usage
         self.client = client
-        self.cached = False  # a replayed (cached) reply: usage counts it, with no upstream tokens
+        self.cache = cache  # a cache.CacheSlot (or None): a hit is replayed, a complete miss stored
+        self.cached = False  # answered from the cache: no upstream call, no upstream tokens (usage counts it so)
         self.chars_out = 0  # text and reasoning streamed: the usage estimate when a provider reports none
         self.who = who  # clients.Who of whoever asked (None: unknown): its name and groups, for quotas
 
@@ -95,6 +100,11 @@ class Turn:
             self.finish = finish
         elif self.finish is None:
             self.finish = "error"
+        if self.cache is not None and not self.cached:
+            try:  # a complete miss is stored (in the background: the cache owns the write)
+                self.cache.done(self.usage, self.finish, self.stop_reason is None and self.fallback is None)
+            except Exception:
+                log.exception("response cache store failed")
         if self.on_done is not None:
             try:
                 self.on_done(self)
@@ -110,7 +120,17 @@ class Turn:
 
     async def __aiter__(self) -> AsyncIterator[TurnEvent]:
         resolved, request, streamed = self.resolved, replace(self.request, timing=self.upstream), False
+        slot = self.cache
         try:
+            if slot is not None and await slot.load() is not None:
+                events, self.usage, finish = slot.hit
+                self.cached = True
+                self.first_token = time.monotonic()
+                for ev in events:
+                    yield ev
+                self.finish = finish
+                return
+            record = slot.record if slot is not None and slot.write else None
             while True:
                 stream = resolved.provider.stream(request)
                 failure: StreamError | None = None
@@ -123,6 +143,8 @@ class Turn:
                             streamed = True
                             if kind is not ToolCallDelta:
                                 self.chars_out += len(ev.text)
+                            if record is not None:
+                                record(ev)
                             yield ev
                         elif kind is Usage:
                             self.usage = ev.data

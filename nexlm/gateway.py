@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from .admission import Admission
+from .cache import BYPASS, ResponseCache
 from .engine import Turn, TurnEvent
 from .providers.base import ChatRequest, Params
 from .validation import ChatError
@@ -56,6 +57,14 @@ class GatewayTurn:
         self.gateway._active.add(self)
         return self
 
+    @property
+    def cache_status(self) -> str | None:
+        """``x-nexlm-cache``: hit, miss or bypass (None when the cache is off)."""
+        cache = self.gateway.cache
+        if cache is None or not cache.enabled or self.turn is None:
+            return None
+        return BYPASS if self.turn.cache is None else self.turn.cache.status
+
     def __aiter__(self) -> AsyncIterator[TurnEvent]:
         if self._events is None:
             self._events = self.turn.__aiter__()
@@ -76,22 +85,36 @@ class GatewayTurn:
                 self.gateway.admission.release(self.client)
 
 
+CACHE_STATUS = "nexlm.cache"  # the request key a front door sets for server.py's x-nexlm-cache header
+
+
+def cache_directives(value: str | None) -> tuple[bool, bool]:
+    """``Cache-Control`` to (read, write): ``no-cache`` does not read the response cache, ``no-store``
+    does not write it."""
+    words = {w.strip().lower() for w in (value or "").split(",")}
+    return "no-cache" not in words, "no-store" not in words
+
+
 class Gateway:
-    def __init__(self, admission: Admission, on_turn_done: Callable[[Turn], None] | None = None) -> None:
+    def __init__(self, admission: Admission, on_turn_done: Callable[[Turn], None] | None = None,
+                 cache: ResponseCache | None = None) -> None:
         self.admission = admission
+        self.cache = cache  # the response cache (shared with the page's facade), or None
         self.on_turn_done = on_turn_done  # each turn's on_done (metrics, the reply log line): no session
         self._active: set[GatewayTurn] = set()
 
     def turn(self, owner: str | None, client: str, model, messages: list[dict], params: Params | dict | None = None,
-             extra: dict | None = None, door: str = "v1", who=None) -> GatewayTurn:
+             extra: dict | None = None, door: str = "v1", who=None,
+             cache: tuple[bool, bool] = (True, True)) -> GatewayTurn:
         """A turn for ``messages`` (OpenAI chat messages, already checked by the front door) with
         ``model`` (an id or alias), ``params`` (``Params`` or its dict: temperature, top_p,
         max_tokens) and ``extra`` (``base.EXTRA_KEYS``, already checked). ``owner`` is who asked
         (for logs); limits count per ``client``; ``who`` (``clients.Who``) is checked against its
-        quota (None: no quota) and the turn is counted against it when it ends. Admitted on entry."""
-        return GatewayTurn(self, client, (owner, model, messages, params, extra, door, who))
+        quota (None: no quota) and the turn is counted against it when it ends. ``cache``: (read,
+        write), from the request's ``Cache-Control`` (``cache_directives``). Admitted on entry."""
+        return GatewayTurn(self, client, (owner, model, messages, params, extra, door, who, cache))
 
-    async def _start(self, client: str, owner, model, messages, params, extra, door, who) -> Turn:
+    async def _start(self, client: str, owner, model, messages, params, extra, door, who, cache) -> Turn:
         self.admission.check_open()
         if not isinstance(model, str):
             raise ChatError("bad_request", "model must be a string", param="model")
@@ -104,9 +127,14 @@ class Gateway:
             params = Params(params.get("temperature"), params.get("top_p"), params.get("max_tokens"))
         request = ChatRequest(resolved.model, messages, params or Params(), extra)
         await self.admission.check_quota(who, resolved)  # before anything is sent upstream
+        slot = None
+        if self.cache is not None and (cache[0] or cache[1]):
+            slot = self.cache.slot(owner, resolved.id, request, read=cache[0], write=cache[1])
+            if slot is not None:
+                await slot.load()  # before the headers: x-nexlm-cache says hit or miss
         await self.admission.take(client)  # last: nothing to give back if anything above refused
         return Turn(resolved, request, self.admission.fallback_for, door=door, on_done=self.on_turn_done,
-                    owner=owner, client=client, who=who)
+                    owner=owner, client=client, who=who, cache=slot)
 
     @property
     def closing(self) -> bool:

@@ -76,6 +76,12 @@ class Metrics:
                                      ("model",), registry=r)
         self.upstream_errors = Counter("nexlm_upstream_errors", "Failures a provider gave up on (after its own "
                                        "retries), fallbacks' included", ("provider", "code"), registry=r)
+        self.cache_hits = Counter("nexlm_cache_hits", "Response cache lookups answered from the cache",
+                                  registry=r)
+        self.cache_misses = Counter("nexlm_cache_misses", "Response cache lookups that found nothing",
+                                    registry=r)
+        self.cache_bytes = Counter("nexlm_cache_stored_bytes", "Bytes written into the response cache",
+                                   registry=r)
         self.loop_lag = Histogram("nexlm_event_loop_lag_seconds", "How late a 10 ms sleep wakes up",
                                   buckets=LAG_BUCKETS, registry=r)
         self.read_live: Callable[[], dict] = dict
@@ -96,9 +102,10 @@ class Metrics:
             if up.sent is not None and up.first_token is not None:
                 self.added.labels(model).observe(max(0.0, ttft - (up.first_token - up.sent)))
         tokens_in, tokens_out = _tokens(turn.usage, "prompt_tokens"), _tokens(turn.usage, "completion_tokens")
-        if tokens_in:
+        cached = getattr(turn, "cached", False)  # replayed from the response cache: the upstream spent nothing
+        if tokens_in and not cached:
             self.input_tokens.labels(model).inc(tokens_in)
-        if tokens_out:
+        if tokens_out and not cached:
             self.output_tokens.labels(model).inc(tokens_out)
         for provider, code in turn.failures:
             self.upstream_errors.labels(_known(provider, self.providers), _known(code, ERROR_CODES)).inc()

@@ -162,7 +162,7 @@ class Runner:
         now = time.monotonic()
         live.conv.updated = time.time()
         self.events.emit(live.conv, reply.id, wire.done(reply.id, finish, turn.usage, turn.model,
-                                                        turn.timing(now), turn.fallback))
+                                                        turn.timing(now), turn.fallback, turn.cached))
         self.events.end(live.id, reply.id, now)
         turn.end(finish)  # observers see what was recorded (a no-op if the turn ended itself)
         if live.reply is reply:

@@ -36,9 +36,11 @@ from .appkeys import (
     USAGE,
     WEBSOCKETS,
 )
+from .cache import ResponseCache
+from .cache_backends import make_backend
 from .config import Settings
 from .conversations import Conversations
-from .gateway import Gateway
+from .gateway import CACHE_STATUS, Gateway
 from .looplag import LoopLag
 from .metrics import Metrics
 from .providers.registry import Registry
@@ -73,6 +75,13 @@ async def refusals(request: web.Request, handler):
                                  status=exc.status, headers=headers)
 
 
+async def _cache_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``x-nexlm-cache: hit|miss|bypass`` on the responses of the gateway's doors (``CACHE_STATUS``)."""
+    status = request.get(CACHE_STATUS)
+    if status is not None:
+        response.headers["x-nexlm-cache"] = status
+
+
 def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
     app = web.Application(
@@ -88,6 +97,7 @@ def create_app(settings: Settings) -> web.Application:
     app[USAGE] = Recorder(make_usage_log(settings), settings.auth.tokens)
     app[LOOP_LAG] = LoopLag(observe=metrics.loop_lag.observe)
     app.on_response_prepare.append(guard.on_prepare)
+    app.on_response_prepare.append(_cache_header)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(ROOT / "templates"), autoescape=True)
 
     app.cleanup_ctx.append(_resources)
@@ -202,8 +212,11 @@ async def _resources(app: web.Application):
             await chat.store.close()
             await registry.close()
             raise StoreError(f"cannot open the {describe(settings)} for usage: {exc}") from None
+        cache = ResponseCache(settings.cache, make_backend(settings, chat.store), metrics)  # on the store's connection
+        await cache.open()
+        chat.cache = cache
         app[CONVERSATIONS] = chat
-        gateway = Gateway(admission, on_turn_done=turn_done)  # one admission for every door
+        gateway = Gateway(admission, on_turn_done=turn_done, cache=cache)  # one admission for every door
         app[GATEWAY] = gateway
         metrics.read_live = lambda: _live_gauges(app)
         sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
@@ -216,6 +229,7 @@ async def _resources(app: web.Application):
             await asyncio.wait([sweeper, lag])
             await asyncio.gather(chat.close(0, None), gateway.close(0))  # normally done in _shutdown already
             await recorder.close()  # after the turns: their last entries are written
+            await cache.close()  # its writes under way, before the store it shares closes
             await chat.store.close()
             await quotas.close()  # (the counts of the last turns written first)
             await chat.limiter.close()
@@ -229,7 +243,7 @@ def _live_gauges(app: web.Application) -> dict:
         "connections": {"ws": len(app[WEBSOCKETS]), "sse": len(app[SSE_STREAMS])},
         "active_replies": chat.limiter.running_total,
         "queued_replies": sum(p.waiting() for p in app[REGISTRY].providers.values() if p.single_slot),
-        "sessions": chat.store.size,  # (the protocol's size: only MemoryStore has len())
+        "sessions": chat.store.size,  # (every store has size; only the memory one has len)
     }
 
 

@@ -12,7 +12,7 @@ import unicodedata
 
 from .config import LimitsConfig
 
-PARAM_KEYS = ("temperature", "top_p", "max_tokens", "system")
+PARAM_KEYS = ("temperature", "top_p", "max_tokens", "system", "cache")
 FINISH_REASONS = ("stop", "length", "stopped", "error", "interrupted")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -84,6 +84,9 @@ def check_params(limits: LimitsConfig, params) -> dict:
             value = clean_text(value)
             if len(value) > limits.max_message_chars:
                 raise ChatError("bad_request", "system prompt is too long")
+        elif key == "cache":
+            if not isinstance(value, bool):
+                raise ChatError("bad_request", "cache must be true or false")
         elif key == "max_tokens":
             cap = limits.max_tokens_cap
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cap:

@@ -26,10 +26,13 @@ def status(reply: str, state: str, position: int) -> dict:
     return {"type": "status", "reply": reply, "state": state, "position": position}
 
 
-def done(reply: str, finish: str, usage: dict | None, model: str, timing: dict, fallback: dict | None) -> dict:
+def done(reply: str, finish: str, usage: dict | None, model: str, timing: dict, fallback: dict | None,
+         cached: bool = False) -> dict:
     ev = {"type": "done", "reply": reply, "finish_reason": finish, "usage": usage, "model": model, "timing": timing}
     if fallback:
         ev["fallback"] = fallback
+    if cached:
+        ev["cached"] = True  # replayed from the response cache: no upstream call
     return ev
 
 

@@ -2,7 +2,7 @@
 // network): what a server history entry becomes locally, what a restore sends, the numbers
 // under a finished reply. Used by conversation.js; loaded by Node in tests/js.
 
-export const PARAM_KEYS = ['temperature', 'top_p', 'max_tokens', 'system'];
+export const PARAM_KEYS = ['temperature', 'top_p', 'max_tokens', 'system', 'cache'];  // cache: false bypasses [cache]
 export const SERVER_KEYS = ['finish_reason', 'model', 'reasoning', 'usage'];
 export const RESTORE_MAX_CHARS = 300000;
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from .. import seed_wire
 from ..appkeys import GATEWAY, REGISTRY, SETTINGS, STREAMS
 from ..clients import identity, who
-from ..gateway import GatewayTurn
+from ..gateway import CACHE_STATUS, GatewayTurn, cache_directives
 from ..openai_errors import from_stream_error
 from ..validation import ChatError, check_message
 from . import clientjson
@@ -72,7 +72,8 @@ def _turn(request: web.Request, message, model, field: str) -> GatewayTurn:
     if settings.chat.system_prompt:
         messages.insert(0, {"role": "system", "content": settings.chat.system_prompt})
     owner, client = identity(request)
-    return request.app[GATEWAY].turn(owner, client, model, messages, door="seed", who=who(request))
+    return request.app[GATEWAY].turn(owner, client, model, messages, door="seed", who=who(request),
+                                     cache=cache_directives(request.headers.get("Cache-Control")))
 
 
 def _shut_down(request: web.Request) -> bool:
@@ -106,6 +107,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     try:
         body = await _body(request)
         async with _turn(request, body.get("message"), body.get("modelType"), "message") as turn:
+            request[CACHE_STATUS] = turn.cache_status
             parts: list[str] = []
             async for ev in turn:
                 text = seed_wire.text_of(ev)
@@ -137,6 +139,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     streams, transport = request.app[STREAMS], request.transport
     try:
         async with _turn(request, q.get("prompt"), q.get("modelType"), "prompt") as turn:
+            request[CACHE_STATUS] = turn.cache_status
             last = time.monotonic()
             async for ev in turn:
                 text = seed_wire.text_of(ev)

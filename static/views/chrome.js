@@ -21,6 +21,7 @@ export function createChrome(app, { onExport }) {
     if (set('top_p')) chips.push(`top_p ${p.top_p}`);
     if (set('max_tokens')) chips.push(`max ${p.max_tokens}`);
     if (p.system) chips.push(t('paramSystem'));
+    if (p.cache === false) chips.push(t('paramNoCache'));
     ui.chips.replaceChildren(...chips.map((c) => el('li', 'chip', c)));
     ui.chips.hidden = chips.length === 0;
   }

@@ -53,6 +53,7 @@ export function createSettings(app, { onSave }) {
       input.value = p[input.name] ?? '';
       input.placeholder = eff[input.name] ?? t('serverDefault');
     }
+    f.cache.checked = p.cache !== false;
     f.transport.value = app.kind;
     f.lang.value = store.getPref('lang', 'auto');
     f.theme.value = store.getPref('theme', 'system');
@@ -86,6 +87,7 @@ export function createSettings(app, { onSave }) {
     if (f.system.value.trim()) params.system = f.system.value;
     const values = { temperature: readNumber(f.temperature), top_p: readNumber(f.top_p), max_tokens: readNumber(f.max_tokens, true) };
     for (const [k, v] of Object.entries(values)) if (v !== undefined) params[k] = v;
+    if (!f.cache.checked) params.cache = false;  // unset: the server's [cache] applies
     store.setPref('lang', f.lang.value);
     store.setPref('theme', f.theme.value);
     onSave(params, f.transport.value === 'sse' ? 'sse' : 'ws');
@@ -99,6 +101,7 @@ export function createSettings(app, { onSave }) {
   $('settings-cancel').addEventListener('click', close);
   $('settings-reset').addEventListener('click', () => {
     for (const input of [f.system, ...numbers]) input.value = '';
+    f.cache.checked = true;
   });
   ui.form.addEventListener('submit', (e) => {
     e.preventDefault();

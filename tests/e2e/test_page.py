@@ -238,6 +238,25 @@ def test_settings_reach_the_upstream(server, fake, make_page):
     page.errors.check()
 
 
+def test_the_cache_switch_reaches_the_session(server, fake, make_page):
+    page = make_page(server.url)
+    online(page)
+    page.get_by_role("button", name="Settings").click()
+    dialog = page.locator("dialog#settings")
+    switch = dialog.get_by_label("Reuse identical answers (response cache)")
+    expect(switch).to_be_checked()
+    switch.uncheck()
+    dialog.get_by_role("button", name="Save").click()
+    expect(page.locator("#param-chips")).to_contain_text("no cache")
+    send(page, "without the cache")
+    wait_idle(page)
+    status, data = server.session(conv(page)["session"])
+    assert data["params"]["cache"] is False
+    page.get_by_role("button", name="Settings").click()
+    expect(switch).not_to_be_checked()  # the dialog shows the conversation's choice
+    page.errors.check()
+
+
 def test_model_output_never_executes(server, make_page):
     page = make_page(server.url)
     external = []

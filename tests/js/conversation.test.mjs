@@ -207,7 +207,7 @@ test('settings are sent only when they differ from the session', () => {
   chat.serverParams = paramsForServer({});
   assert.equal(chat.settingsCommand(), null);
   chat.conv.params = { temperature: 0.3 };
-  assert.deepEqual(chat.settingsCommand(), { type: 'set', params: { temperature: 0.3, top_p: null, max_tokens: null, system: null } });
+  assert.deepEqual(chat.settingsCommand(), { type: 'set', params: { temperature: 0.3, top_p: null, max_tokens: null, system: null, cache: null } });
   chat.conv.params = {};
   chat.conv.model = 'p/m';
   assert.equal(chat.settingsCommand().model, 'p/m');

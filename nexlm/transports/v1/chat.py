@@ -16,6 +16,7 @@ from aiohttp import web
 
 from ...appkeys import GATEWAY, REGISTRY, SETTINGS, STREAMS
 from ...clients import identity, who
+from ...gateway import CACHE_STATUS, cache_directives
 from ...openai_errors import failure, from_chat_error, from_stream_error, response
 from ...openai_wire import (
     DONE,
@@ -104,7 +105,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     started: list[web.StreamResponse] = []
     try:
         async with request.app[GATEWAY].turn(owner, client, call.model, call.messages, call.params, call.extra,
-                                             door="v1", who=who(request)) as turn:
+                                             door="v1", who=who(request),
+                                             cache=cache_directives(request.headers.get("Cache-Control"))) as turn:
+            request[CACHE_STATUS] = turn.cache_status  # the x-nexlm-cache header (server.py adds it)
             if call.stream:
                 return await _stream(request, turn, call.include_usage, started)
             return await _complete(turn)

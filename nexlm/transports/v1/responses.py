@@ -18,6 +18,7 @@ from aiohttp import web
 
 from ...appkeys import GATEWAY, SETTINGS, STREAMS
 from ...clients import identity, who
+from ...gateway import CACHE_STATUS, cache_directives
 from ...openai_errors import failure, from_chat_error, from_stream_error, response
 from ...openai_wire import StreamError
 from ...responses_wire import ResponseWriter
@@ -36,7 +37,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
     started: list[web.StreamResponse] = []
     try:
         async with request.app[GATEWAY].turn(owner, client, call.model, call.messages, call.params, call.extra,
-                                             door="v1", who=who(request)) as turn:
+                                             door="v1", who=who(request),
+                                             cache=cache_directives(request.headers.get("Cache-Control"))) as turn:
+            request[CACHE_STATUS] = turn.cache_status  # the x-nexlm-cache header (server.py adds it)
             events, first = await first_event(turn)
             if type(first) is StreamError:
                 return response(from_stream_error(first))
