@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -63,7 +64,8 @@ class Persister:
         self.interval = interval
         self._writing: dict[str, asyncio.Task] = {}
         self._again: set[str] = set()
-        self._running: dict[str, tuple[Live, int]] = {}  # cid -> (live, text pieces at its last write)
+        # cid -> (live, text pieces at its last write, when it was written: monotonic)
+        self._running: dict[str, tuple[Live, int, float]] = {}
         self._ticker: asyncio.Task | None = None
 
     def write_soon(self, live: Live) -> None:
@@ -83,7 +85,7 @@ class Persister:
                 self._again.discard(live.id)
                 reply = live.reply
                 if live.id in self._running and reply is not None:
-                    self._running[live.id] = (live, len(reply.content))
+                    self._running[live.id] = (live, len(reply.content), time.monotonic())
                 try:
                     await self.store.put(record_of(live))
                 except Exception as exc:  # the next change or checkpoint tries again
@@ -97,7 +99,7 @@ class Persister:
 
     def started(self, live: Live) -> None:
         """A reply began: write the question (and the empty streaming turn), checkpoint from now on."""
-        self._running[live.id] = (live, 0)
+        self._running[live.id] = (live, 0, time.monotonic())
         self.write_soon(live)
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.create_task(self._tick(), name="checkpoints")
@@ -121,11 +123,15 @@ class Persister:
         await self.store.put(replace(live.conv, history=[*live.conv.history, reply.entry(finish)]))
 
     async def _tick(self) -> None:
+        """Checkpoint each running reply about every ``interval`` from its own start, looking ten
+        times per interval: writing them all in one tick stalled every stream at once (bench
+        STORES, sqlite, 200 paced streams: 167 of 200 with a gap over 40 ms)."""
         while self._running:
-            await asyncio.sleep(self.interval)
-            for cid, (live, written) in list(self._running.items()):
+            await asyncio.sleep(self.interval / 10)
+            due = time.monotonic() - self.interval
+            for cid, (live, written, at) in list(self._running.items()):
                 reply = live.reply
-                if reply is not None and len(reply.content) != written and cid not in self._writing:
+                if at <= due and reply is not None and len(reply.content) != written and cid not in self._writing:
                     self.write_soon(live)
 
     # -- shutdown
