@@ -16,12 +16,11 @@ periods are dropped (memory, sqlite) or expire (redis) soon after their period e
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Protocol
 
 from .config import Settings
+from .sqlite_worker import SQLiteWorker
 from .store import StoreError
 
 
@@ -53,7 +52,9 @@ def make_counters(settings: Settings) -> Counters:
     if kind == "sqlite":
         return SQLiteCounters(settings.store.path)
     if kind == "redis":
-        from .quota_counters_redis import RedisCounters  # redis-py only for those who use it
+        from .quota_counters_redis import (
+            RedisCounters,  # redis-py only for those who use it
+        )
 
         return RedisCounters(settings.store.url)
     return MemoryCounters()
@@ -99,28 +100,17 @@ _SQLITE_MIGRATIONS = [
 ]
 
 
-class SQLiteCounters:
+class SQLiteCounters(SQLiteWorker):
     """Periods are stored as ``d:<day>`` and ``m:<month>``; each add is one transaction."""
 
+    thread_name, what = "nexlm-quotas", "the quota counters"
+
     def __init__(self, path: str) -> None:
-        self.path = path
-        self._pool: ThreadPoolExecutor | None = None
-        self._db: sqlite3.Connection | None = None
+        super().__init__(path)
         self._day = ""  # the newest day written: when it changes, older rows are dropped
 
-    async def _call(self, fn, *args):
-        if self._pool is None:
-            raise StoreError("the quota counters are not open")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
     async def open(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexlm-quotas")
-        try:
-            await self._call(self._open)
-        except BaseException:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-            raise
+        await self._start(self._open)
 
     def _open(self) -> None:
         try:
@@ -151,16 +141,7 @@ class SQLiteCounters:
         self._db = db
 
     async def close(self) -> None:
-        if self._pool is None:
-            return
-        await self._call(self._close)
-        self._pool.shutdown(wait=True)
-        self._pool = None
-
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        await self._stop()
 
     async def read(self, owner: str, periods: Periods) -> Spent:
         return await self._call(self._read, owner, periods.day, periods.month)

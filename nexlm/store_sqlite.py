@@ -28,12 +28,12 @@ import fcntl
 import os
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import orjson
 
 from .records import Conversation
+from .sqlite_worker import SQLiteWorker
 from .store import StoreError, StoreFull, listed_at
 
 SCHEMA_VERSION = 2
@@ -62,19 +62,17 @@ MIGRATIONS = [
 PAGE = 100
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteWorker):
     kind = "sqlite"
     durable = True
 
     def __init__(self, path: str, ttl: float, max_sessions: int, max_per_client: int,
                  in_use: Callable[[str], bool]) -> None:
-        self.path = path
+        super().__init__(path)
         self.ttl = ttl
         self.max_sessions = max(1, max_sessions)
         self.max_per_client = max(1, max_per_client)
         self._in_use = in_use
-        self._pool: ThreadPoolExecutor | None = None
-        self._db: sqlite3.Connection | None = None
         self._lock: int | None = None  # a descriptor of the file, flock'ed; closed after the connection
         self._size = 0
         self._touched: dict[str, float] = {}  # id -> last activity, not yet written
@@ -82,21 +80,10 @@ class SQLiteStore:
 
     clock = staticmethod(time.time)
 
-    async def _call(self, fn, *args):
-        if self._pool is None:
-            raise StoreError("the sqlite store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
     # -- opening
 
     async def open(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexlm-sqlite")
-        try:
-            self._size = await self._call(self._open)
-        except BaseException:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-            raise
+        self._size = await self._start(self._open)
 
     def _open(self) -> int:
         try:
@@ -159,14 +146,8 @@ class SQLiteStore:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     async def close(self) -> None:
-        if self._pool is None:
-            return
         touched, self._touched = self._touched, {}
-        try:
-            await self._call(self._close, touched)
-        finally:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        await self._stop(self._close, touched)
 
     def _close(self, touched: dict) -> None:
         db, self._db = self._db, None

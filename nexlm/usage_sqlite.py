@@ -9,12 +9,11 @@ one refused. Rows older than ``RETENTION_DAYS`` are deleted at open and once a d
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 
+from .sqlite_worker import SQLiteWorker
 from .store import StoreError
 from .usage import RETENTION_DAYS, UsageEntry, summarize
 
@@ -41,28 +40,17 @@ MIGRATIONS = [
 SUMS = ("COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cached), SUM(estimated)")
 
 
-class SQLiteUsage:
+class SQLiteUsage(SQLiteWorker):
     kind = "sqlite"
 
+    thread_name, what = "nexlm-usage", "the usage log"
+
     def __init__(self, path: str) -> None:
-        self.path = path
-        self._pool: ThreadPoolExecutor | None = None
-        self._db: sqlite3.Connection | None = None
+        super().__init__(path)
         self._pruned = 0.0
 
-    async def _run(self, fn, *args):
-        if self._pool is None:
-            raise StoreError("usage: the database is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
     async def open(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="nexlm-usage")
-        try:
-            await self._run(self._open)
-        except BaseException:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-            raise
+        await self._start(self._open)
 
     def _open(self) -> None:
         try:
@@ -94,18 +82,7 @@ class SQLiteUsage:
         self._pruned = time.monotonic()
 
     async def close(self) -> None:
-        if self._pool is None:
-            return
-        try:
-            await self._run(self._close)
-        finally:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        await self._stop()
 
     async def record(self, entry: UsageEntry) -> None:
         await self.record_many([entry])
@@ -113,7 +90,7 @@ class SQLiteUsage:
     async def record_many(self, entries: list[UsageEntry]) -> None:
         rows = [(e.day, e.time, e.owner or "", e.client, e.model, e.provider, e.input_tokens, e.output_tokens,
                  e.finish_reason, int(e.cached), int(e.estimated)) for e in entries]
-        await self._run(self._insert, rows)
+        await self._call(self._insert, rows)
 
     def _insert(self, rows: list[tuple]) -> None:
         try:
@@ -126,7 +103,7 @@ class SQLiteUsage:
             raise StoreError(f"usage: write failed: {exc}") from None
 
     async def query(self, owner, frm, to, group_by) -> dict:
-        rows = await self._run(self._select, owner, frm.isoformat(), to.isoformat())
+        rows = await self._call(self._select, owner, frm.isoformat(), to.isoformat())
         return summarize(((d, o, m, c) for d, o, m, *c in rows), group_by)
 
     def _select(self, owner: str | None, lo: str, hi: str) -> list[tuple]:
