@@ -40,3 +40,6 @@ GROUPS = web.RequestKey("groups", tuple)
 # ``await request[LATE_AUTH](token)`` checks it (throttled like any guess), sets PRINCIPAL and
 # GROUPS, or raises ``validation.ChatError``. Nothing may be done for the client before it succeeds.
 LATE_AUTH = web.RequestKey("late_auth", object)
+# The response cache's answer for this request (hit, miss, bypass; None: off): server.py sends it
+# as x-nexlm-cache on the gateway's doors.
+CACHE_STATUS = web.RequestKey("cache_status", object)

@@ -85,7 +85,6 @@ class GatewayTurn:
                 self.gateway.admission.release(self.client)
 
 
-CACHE_STATUS = "nexlm.cache"  # the request key a front door sets for server.py's x-nexlm-cache header
 
 
 def cache_directives(value: str | None) -> tuple[bool, bool]:

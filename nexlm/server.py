@@ -23,6 +23,7 @@ from aiohttp import web
 from . import __version__
 from .admission import Admission
 from .appkeys import (
+    CACHE_STATUS,
     CONVERSATIONS,
     GATEWAY,
     GUARD,
@@ -40,7 +41,7 @@ from .cache import ResponseCache
 from .cache_backends import make_backend
 from .config import Settings
 from .conversations import Conversations
-from .gateway import CACHE_STATUS, Gateway
+from .gateway import Gateway
 from .looplag import LoopLag
 from .metrics import Metrics
 from .providers.registry import Registry

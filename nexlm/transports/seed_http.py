@@ -19,9 +19,9 @@ import time
 from aiohttp import web
 
 from .. import seed_wire
-from ..appkeys import GATEWAY, REGISTRY, SETTINGS, STREAMS
+from ..appkeys import CACHE_STATUS, GATEWAY, REGISTRY, SETTINGS, STREAMS
 from ..clients import identity, who
-from ..gateway import CACHE_STATUS, GatewayTurn, cache_directives
+from ..gateway import GatewayTurn, cache_directives
 from ..openai_errors import from_stream_error
 from ..validation import ChatError, check_message
 from . import clientjson

@@ -16,9 +16,9 @@ import asyncio
 
 from aiohttp import web
 
-from ...appkeys import GATEWAY, SETTINGS, STREAMS
+from ...appkeys import CACHE_STATUS, GATEWAY, SETTINGS, STREAMS
 from ...clients import identity, who
-from ...gateway import CACHE_STATUS, cache_directives
+from ...gateway import cache_directives
 from ...openai_errors import failure, from_chat_error, from_stream_error, response
 from ...openai_wire import StreamError
 from ...responses_wire import ResponseWriter
