@@ -10,6 +10,7 @@ replies finish for a bounded time, records them, then closes WebSockets with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mimetypes
 import weakref
@@ -47,14 +48,14 @@ from .metrics import Metrics
 from .providers.registry import Registry
 from .security import Guard
 from .store import StoreError
-from .validation import ChatError
 from .store_factory import describe
 from .transports import http, seed_http, seed_ws, sse, ws
 from .transports import usage as usage_api
-from .usage import Recorder, make_usage_log
+from .transports.common import CLOSE_DEADLINE, cut
 from .transports.v1 import chat as v1
 from .transports.v1 import responses as v1_responses
-from .transports.common import CLOSE_DEADLINE, cut
+from .usage import Recorder, make_usage_log
+from .validation import ChatError
 
 log = logging.getLogger(__name__)
 
@@ -190,51 +191,39 @@ async def _resources(app: web.Application):
                     log.exception("turn observer %s failed", getattr(observe, "__qualname__", observe))
 
         chat = Conversations(settings, registry, admission, on_turn_done=turn_done)
-        try:
-            await chat.start()
+        async with contextlib.AsyncExitStack() as opened:  # closed in reverse, also when opening fails
+            opened.push_async_callback(registry.close)
             try:
+                await chat.start()
+                opened.push_async_callback(chat.store.close)
                 await chat.limiter.open()  # (with a redis store the limits are counted there too)
-                try:
-                    await quotas.open()  # (after the store: sqlite's counters live in its file)
-                except StoreError:
-                    await chat.limiter.close()
-                    raise
-            except StoreError:
-                await chat.store.close()
-                raise
-        except StoreError as exc:  # app.py prints it as one line and exits 2
-            await registry.close()
-            raise StoreError(f"cannot open the {describe(settings)}: {exc}") from None
-        try:
-            await recorder.start()  # the usage log, in the same store
-        except StoreError as exc:
-            await quotas.close()
-            await chat.limiter.close()
-            await chat.store.close()
-            await registry.close()
-            raise StoreError(f"cannot open the {describe(settings)} for usage: {exc}") from None
-        cache = ResponseCache(settings.cache, make_backend(settings, chat.store), metrics)  # on the store's connection
-        await cache.open()
-        chat.cache = cache
-        app[CONVERSATIONS] = chat
-        gateway = Gateway(admission, on_turn_done=turn_done, cache=cache)  # one admission for every door
-        app[GATEWAY] = gateway
-        metrics.read_live = lambda: _live_gauges(app)
-        sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
-        lag = asyncio.create_task(app[LOOP_LAG].run(), name="loop lag")
-        try:
-            yield
-        finally:
-            for task in (sweeper, lag):
-                task.cancel()
-            await asyncio.wait([sweeper, lag])
-            await asyncio.gather(chat.close(0, None), gateway.close(0))  # normally done in _shutdown already
-            await recorder.close()  # after the turns: their last entries are written
-            await cache.close()  # its writes under way, before the store it shares closes
-            await chat.store.close()
-            await quotas.close()  # (the counts of the last turns written first)
-            await chat.limiter.close()
-            await registry.close()
+                opened.push_async_callback(chat.limiter.close)
+                await quotas.open()  # (after the store: sqlite's counters live in its file)
+                opened.push_async_callback(quotas.close)
+            except StoreError as exc:  # app.py prints it as one line and exits 2
+                raise StoreError(f"cannot open the {describe(settings)}: {exc}") from None
+            try:
+                await recorder.start()  # the usage log, in the same store
+            except StoreError as exc:
+                raise StoreError(f"cannot open the {describe(settings)} for usage: {exc}") from None
+            opened.push_async_callback(recorder.close)  # after the turns: their last entries are written
+            cache = ResponseCache(settings.cache, make_backend(settings, chat.store), metrics)  # on the store's connection
+            await cache.open()
+            opened.push_async_callback(cache.close)  # before the store it shares closes
+            chat.cache = cache
+            app[CONVERSATIONS] = chat
+            gateway = Gateway(admission, on_turn_done=turn_done, cache=cache)  # one admission for every door
+            app[GATEWAY] = gateway
+            metrics.read_live = lambda: _live_gauges(app)
+            sweeper = asyncio.create_task(chat.housekeeping(), name="housekeeping")
+            lag = asyncio.create_task(app[LOOP_LAG].run(), name="loop lag")
+            try:
+                yield
+            finally:
+                for task in (sweeper, lag):
+                    task.cancel()
+                await asyncio.wait([sweeper, lag])
+                await asyncio.gather(chat.close(0, None), gateway.close(0))  # normally done in _shutdown already
 
 
 def _live_gauges(app: web.Application) -> dict:
