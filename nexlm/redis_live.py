@@ -32,6 +32,7 @@ from . import wire
 from .events import encode
 from .redis_conn import RedisConn, connect, guarded, key, tagged, valid_sid
 from .redis_events import RedisEventLog, reply_key, running_key, seq_key
+from .redis_follow_cluster import ClusterEventLog
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,8 @@ class RedisLive:
             log.info("reply %s: its instance stopped answering; marked interrupted", rid)
         pipe.zrem(LEASES, member)
         await pipe.execute()
+        if isinstance(self.events, ClusterEventLog):
+            await self.events.announce({cid})  # the done, to the other instances' readers
 
 
 def instance_id() -> str:
@@ -272,4 +275,5 @@ def instance_id() -> str:
 async def open_shared(url: str, lease_seconds: float, keep: float) -> RedisLive:
     """Connect (``StoreError`` if Redis cannot be used) and build this instance's live layer."""
     conn = await connect(url)
-    return RedisLive(conn, RedisEventLog(conn.client, instance_id(), keep), lease_seconds)
+    events = (ClusterEventLog if conn.cluster else RedisEventLog)(conn.client, instance_id(), keep)
+    return RedisLive(conn, events, lease_seconds)

@@ -1,13 +1,19 @@
 """RedisEventLog on a real redis-server: the reply's path never waits for Redis, and what it
-emits reaches the reply's own stream in order, one pipeline for what was emitted together."""
+emits reaches the reply's own stream in order, one pipeline for what was emitted together. On a
+three-node Redis Cluster: another instance's reader gets it all in order, once each."""
 
 from __future__ import annotations
 
-from nexlm import wire
+import asyncio
+
+import pytest
+
+from nexlm import redis_follow_cluster, wire
 from nexlm.events import Outbox
 from nexlm.records import Conversation
 from nexlm.redis_conn import connect
-from nexlm.redis_events import RedisEventLog, index_key, reply_key, seq_key
+from nexlm.redis_events import RedisEventLog, index_key, reply_key, running_key, seq_key
+from nexlm.redis_follow_cluster import ClusterEventLog
 
 
 async def test_emit_buffers_and_one_pipeline_sends_it_in_order(redis_server):
@@ -43,3 +49,100 @@ async def test_emit_buffers_and_one_pipeline_sends_it_in_order(redis_server):
         assert fields == {b"r": b"r1", b"i": b"test-instance"}
     finally:
         await conn.close()
+
+
+class Recorder(Outbox):
+    """A listener that keeps every event it is given, unmerged (a duplicate or gap shows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got: list[dict] = []
+        self.ended = asyncio.Event()
+        self.last: str | None = None  # the reply whose done ends what this listener waits for
+
+    def put(self, event: dict) -> None:
+        self.got.append(event)
+        if event["type"] == "done" and event["reply"] == self.last:
+            self.ended.set()
+
+
+def spread_sessions(client, per_node: int = 2) -> list[Conversation]:
+    """Sessions whose slots lie on every node of the cluster, ``per_node`` each at least."""
+    convs, nodes = [], {}
+    while len(nodes) < len(client.get_primaries()) or min(nodes.values()) < per_node:
+        conv = Conversation(None, "client", "fake-model")
+        node = client.nodes_manager.get_node_from_slot(client.keyslot(index_key(conv.id))).name
+        nodes[node] = nodes.get(node, 0) + 1
+        convs.append(conv)
+    return convs
+
+
+@pytest.mark.parametrize("announcements", ["delivered", "lost"])
+async def test_cluster_reader_in_order_no_gap_no_duplicate(redis_cluster, monkeypatch, announcements):
+    """Instance W writes replies in many sessions (on every node); instance R's listeners get each
+    session's events exactly once, in order, with nothing missing: woken by W's announcements only
+    (no safety poll), or by the safety poll only (every announcement lost)."""
+    if announcements == "delivered":
+        monkeypatch.setattr(redis_follow_cluster, "POLL", 3600.0)
+    else:
+        monkeypatch.setattr(redis_follow_cluster, "POLL", 0.05)
+    wconn, rconn = await connect(redis_cluster.url), await connect(redis_cluster.url)
+    assert wconn.cluster and rconn.cluster
+    w = ClusterEventLog(wconn.client, "inst-w", keep=30.0)
+    r = ClusterEventLog(rconn.client, "inst-r", keep=30.0)
+    if announcements == "lost":
+        async def lost(sessions):
+            return None
+        w.announce = lost
+    tasks = [asyncio.create_task(w.run_writer()), asyncio.create_task(r.run_reader())]
+    try:
+        convs = spread_sessions(rconn.client)
+        early, late = convs[::2], convs[1::2]  # R listens before W starts / joins mid-reply
+        rec = {c.id: Recorder() for c in convs}
+        for c in early:
+            await r.refresh(c.id)
+            r.subscribe(c.id, rec[c.id])
+        for c in convs:
+            rid = f"a{c.id}"
+            w.begin(c.id, rid)
+            w.emit(c, rid, wire.start(rid, "fake-model"))
+            await wconn.client.set(running_key(c.id), f"inst-w:{rid}")  # the lease redis_live would take
+        for i in range(30):
+            for c in convs:
+                w.emit(c, f"a{c.id}", wire.delta(f"a{c.id}", f"{i} "))
+            if i % 7 == 0:
+                await asyncio.sleep(0.01)  # let the writer send some, so R reads while W writes
+            if i == 10:
+                for c in late:
+                    await r.refresh(c.id)
+                    r.subscribe(c.id, rec[c.id])
+        big = convs[0]
+        for i in range(2500):  # more than one read's worth in one flush
+            w.emit(big, f"a{big.id}", wire.delta(f"a{big.id}", "x"))
+        for c in convs:  # the first reply ends, a second starts in the same session (a new stream)
+            w.emit(c, f"a{c.id}", wire.done(f"a{c.id}", "stop", None, "fake-model", {}, None))
+            w.end(c.id, f"a{c.id}")
+            rec[c.id].last = f"b{c.id}"
+            w.begin(c.id, f"b{c.id}")
+            w.emit(c, f"b{c.id}", wire.start(f"b{c.id}", "fake-model"))
+        await asyncio.sleep(0.01)
+        for c in convs:
+            w.emit(c, f"b{c.id}", wire.delta(f"b{c.id}", "second"))
+            w.emit(c, f"b{c.id}", wire.done(f"b{c.id}", "stop", None, "fake-model", {}, None))
+            w.end(c.id, f"b{c.id}")
+        async with asyncio.timeout(30):  # a guard against a test that never ends, not a speed check
+            for c in convs:
+                await rec[c.id].ended.wait()
+        for c in convs:
+            got = rec[c.id].got
+            assert [e["seq"] for e in got] == list(range(1, c.seq + 1)), c.id  # every event once, in order
+            assert [e["reply"] for e in got if e["type"] in ("start", "done")] == [f"a{c.id}"] * 2 + [f"b{c.id}"] * 2
+            assert "".join(e["content"] for e in got if e["type"] == "delta" and e["reply"] == f"a{c.id}") == \
+                "".join(f"{i} " for i in range(30)) + ("x" * 2500 if c is big else "")
+        assert not r._follows  # every followed reply ended with its done
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await wconn.close()
+        await rconn.close()

@@ -4,7 +4,8 @@ Real ``python app.py`` processes (tests/cluster.py) against the fake upstream in
 whose gates (``asyncio.Event`` steps) pace each reply, so nothing here waits on a clock: a reply
 running on instance A is followed by a client of instance B, stopped through B, resumed on B
 after a dropped connection, refused as ``busy`` through B, and ended ``interrupted`` by B when A
-is killed. The same through a real nginx (round robin) at the end.
+is killed; each on one redis-server and on a three-node Redis Cluster. The same through a real
+nginx (round robin) at the end.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ async def started(a: Sock, message: str = "question") -> tuple[str, str]:
     return sid, start["reply"]
 
 
-@pytest.fixture
-async def two(tmp_path, upstream, redis_server):
-    async with Instances(tmp_path, upstream.url, redis_server.url, n=2) as inst:
+@pytest.fixture(params=["redis_server", "redis_cluster"])
+async def two(request, tmp_path, upstream):
+    """Two instances on one redis-server, then on a three-node Redis Cluster (whose reader follows
+    other instances' replies by announcements and per-session reads, not one XREAD)."""
+    redis = request.getfixturevalue(request.param)
+    async with Instances(tmp_path, upstream.url, redis.url, n=2) as inst:
         yield inst
 
 
