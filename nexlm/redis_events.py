@@ -24,7 +24,8 @@ continue exactly after the replay: no gap, no duplicate.
 
 The facade's synchronous questions (``missed``, ``last_reply``, ``running_elsewhere``...) are
 answered from a snapshot that ``refresh`` (one round trip) takes when a client looks a session up.
-Not for Redis Cluster: the reader's one XREAD spans several sessions' slots.
+On a Redis Cluster (one XREAD cannot span slots) ``redis_follow_cluster.ClusterEventLog`` reads
+per session instead, when the writer announces new entries and on a slow poll.
 """
 
 from __future__ import annotations
