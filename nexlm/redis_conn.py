@@ -14,6 +14,7 @@ carry their own tag; no command ever spans two tags.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -134,6 +135,17 @@ async def connect(url: str, cluster: bool | None = None, *, timeout: float = 5.0
         return RedisConn(client, True, where)
     except (rexc.RedisError, OSError, ValueError) as exc:
         raise StoreError(f"cannot connect: {reason(exc)}") from None  # (callers name the store)
+
+
+def honour_cancel() -> None:
+    """Re-raise a cancellation that a redis-py command swallowed. With a socket timeout, redis-py
+    sends through ``asyncio.wait_for``, which on Python 3.11 returns the finished send instead of
+    raising when the cancel lands while it runs; a background loop that goes on after that never
+    ends, and its owner's ``cancel`` + ``await`` hangs (a shutdown that never finishes). Each
+    Redis loop calls this once a round."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 UNAVAILABLE = "The conversation store cannot be reached right now; try again shortly."

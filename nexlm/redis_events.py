@@ -24,8 +24,7 @@ continue exactly after the replay: no gap, no duplicate.
 
 The facade's synchronous questions (``missed``, ``last_reply``, ``running_elsewhere``...) are
 answered from a snapshot that ``refresh`` (one round trip) takes when a client looks a session up.
-On a Redis Cluster (one XREAD cannot span slots) ``redis_follow_cluster.ClusterEventLog`` reads
-per session instead, when the writer announces new entries and on a slow poll.
+On a Redis Cluster, where one XREAD cannot span slots, ``redis_follow_cluster`` reads per session.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from redis import exceptions as rexc
 
 from .eventlog import RECENT_REPLIES, EventLog
 from .events import Outbox, encode
-from .redis_conn import guarded, key, tagged, valid_sid
+from .redis_conn import guarded, honour_cancel, key, tagged, valid_sid
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +382,7 @@ class RedisEventLog(EventLog):
 
     async def run_reader(self) -> None:
         while True:
+            honour_cancel()
             try:
                 await self._read_once()
             except (rexc.RedisError, OSError) as exc:

@@ -23,7 +23,7 @@ import logging
 
 from redis import exceptions as rexc
 
-from .redis_conn import tagged, valid_sid
+from .redis_conn import honour_cancel, tagged, valid_sid
 from .redis_events import RedisEventLog, index_key
 
 log = logging.getLogger(__name__)
@@ -31,15 +31,6 @@ log = logging.getLogger(__name__)
 CHANNEL = tagged("live", "all")
 POLL = 1.0  # seconds between safety reads of every watched session
 COUNT = 1000  # entries per stream per read; a stream that filled it is read again at once
-
-
-def _honour_cancel() -> None:
-    """Re-raise a cancellation a redis-py command swallowed: on Python 3.11 its ``asyncio.wait_for``
-    drops a cancel that lands as the command's answer arrives, and a loop that goes on after it
-    never ends (its owner's ``cancel`` + ``await`` hangs). Called by this module's loops."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class ClusterEventLog(RedisEventLog):
@@ -57,7 +48,7 @@ class ClusterEventLog(RedisEventLog):
         sessions = {op[1] for op in self._ops if op[1]}
         await super().flush()
         await self.announce(sessions)
-        _honour_cancel()
+        honour_cancel()
 
     async def announce(self, sessions) -> None:
         """Tell the other instances' readers these sessions have new entries (best effort)."""
@@ -82,7 +73,7 @@ class ClusterEventLog(RedisEventLog):
         listener = asyncio.create_task(self._listen(), name="redis cluster announcements")
         try:
             while True:
-                _honour_cancel()
+                honour_cancel()
                 try:
                     await self._read_cluster_once()
                 except (rexc.RedisError, OSError) as exc:
@@ -101,7 +92,7 @@ class ClusterEventLog(RedisEventLog):
                 self._due.update(self._watch)  # what was written while not subscribed
                 self._want.set()
                 while True:
-                    _honour_cancel()
+                    honour_cancel()
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
                     if msg and msg["type"] == "message":
                         named = [s for s in msg["data"].decode().split() if s in self._watch]

@@ -30,7 +30,7 @@ from redis import exceptions as rexc
 
 from . import wire
 from .events import encode
-from .redis_conn import RedisConn, connect, guarded, key, tagged, valid_sid
+from .redis_conn import RedisConn, connect, guarded, honour_cancel, key, tagged, valid_sid
 from .redis_events import RedisEventLog, reply_key, running_key, seq_key
 from .redis_follow_cluster import ClusterEventLog
 
@@ -156,6 +156,7 @@ class RedisLive:
 
     async def _renew(self) -> None:
         while True:
+            honour_cancel()
             await asyncio.sleep(self.lease_ms / 3000)
             held = list(self.held.items())
             if not held:
@@ -209,6 +210,7 @@ class RedisLive:
             try:
                 await pubsub.subscribe(stop_channel(self.instance))
                 while True:
+                    honour_cancel()
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
                     if msg and msg["type"] == "message" and self.on_stop is not None:
                         cid, _, rid = msg["data"].decode().partition(" ")
@@ -223,6 +225,7 @@ class RedisLive:
 
     async def _reap_loop(self) -> None:
         while True:
+            honour_cancel()
             await asyncio.sleep(REAP_EVERY)
             try:
                 await self.reap_once()
