@@ -30,6 +30,7 @@ Not for Redis Cluster: the reader's one XREAD spans several sessions' slots.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Awaitable, Callable
@@ -39,13 +40,11 @@ from redis import exceptions as rexc
 
 from .eventlog import RECENT_REPLIES, EventLog
 from .events import Outbox, encode
+from .redis_batch import INDEX_TTL_MS, XRead, append, as_dict, command, split
 from .redis_conn import guarded, key, tagged, valid_sid
 
 log = logging.getLogger(__name__)
 
-MAXLEN = 20000  # events kept per reply stream (approximate trim); a reply is far shorter
-BLOCK_MS = 4000  # under redis_conn.SOCKET_TIMEOUT
-INDEX_TTL_MS = 7 * 86400 * 1000
 
 
 def reply_key(cid: str, rid: str) -> str:
@@ -60,6 +59,7 @@ def seq_key(cid: str) -> str:
     return key(cid, "seq")
 
 
+@functools.lru_cache(maxsize=1 << 14)  # the reader names every watched index on each read
 def index_key(cid: str) -> str:
     return key(cid, "replies")
 
@@ -93,13 +93,15 @@ def _id_seq(entry_id: bytes) -> int:
     return int(entry_id.split(b"-")[1])
 
 
-COALESCE = 0.004  # seconds the writer gathers events before one pipeline
+COALESCE = 0.008  # seconds the writer gathers events before sending them
+GATHER = 0.008  # seconds the reader lets pass after a read that got something
 
 
 class RedisEventLog(EventLog):
-    def __init__(self, client, instance: str, keep: float) -> None:
+    def __init__(self, client, instance: str, keep: float, cluster: bool = False) -> None:
         super().__init__()
         self.r = client
+        self.cluster = cluster
         self.instance = instance
         self.keep_ms = max(1000, int(keep * 1000))
         self._ops: list[tuple] = []
@@ -114,6 +116,8 @@ class RedisEventLog(EventLog):
         self._fresh: list[str] = []  # sessions with follows to catch up (XRANGE) before the next XREAD
         self._wake_key = tagged("wake", instance)
         self._wake_pos = b"0-0"
+        self._xread = XRead(client)
+        self._pruned = False  # listeners left since the reader last dropped what nobody here follows
         self.on_end: Callable | None = None  # (pipe, cid, rid): commands after a reply's done (the lease's release)
         self.on_remote_done: Callable[[str, list[dict]], Awaitable[None]] | None = None
 
@@ -144,16 +148,14 @@ class RedisEventLog(EventLog):
         self._kick.set()
 
     def _build(self, pipe, ops: list[tuple]) -> None:
-        seqs: dict[str, int] = {}
+        batch: list[tuple] = []  # consecutive events (cid, rid, seq, data) (a cluster's)
         for op in ops:
             kind, cid = op[0], op[1]
             if kind == "xadd":
-                _, _, rid, seq, data = op
-                pipe.xadd(reply_key(cid, rid), {"e": data}, id=f"0-{seq}", maxlen=MAXLEN, approximate=True)
-                seqs[cid] = seq
+                batch.append(op[1:])
                 continue
-            if cid in seqs:  # the counter before anything that may let another instance number events
-                pipe.set(seq_key(cid), seqs.pop(cid), px=INDEX_TTL_MS)
+            append(pipe, batch)  # events and counters before anything that may let another instance number events
+            batch = []
             if kind == "begin":
                 pipe.xadd(index_key(cid), {"r": op[2], "i": self.instance}, maxlen=4 * RECENT_REPLIES, approximate=True)
                 pipe.pexpire(index_key(cid), INDEX_TTL_MS)
@@ -166,19 +168,27 @@ class RedisEventLog(EventLog):
                 pipe.delete(index_key(cid))
             elif kind == "wake":
                 pipe.xadd(self._wake_key, {"w": 1}, maxlen=16, approximate=True)
-        for cid, seq in seqs.items():
-            pipe.set(seq_key(cid), seq, px=INDEX_TTL_MS)
+        append(pipe, batch)
 
     async def flush(self) -> None:
-        """Send what is buffered, in order (one pipeline)."""
+        """Send what is buffered, in order: on a single Redis each run of events as one packed
+        ``EVAL``, the other ops (a reply's begin and end, the lease's release) in a pipeline after
+        the events before them; on a cluster all in one pipeline."""
         async with self._lock:
             ops, self._ops = self._ops, []
             if not ops:
                 return
-            pipe = self.r.pipeline(transaction=False)
-            self._build(pipe, ops)
             try:
-                await pipe.execute(raise_on_error=False)
+                for part in [ops] if self.cluster else split(ops):
+                    if isinstance(part, bytes):
+                        try:
+                            await command(self.r, part)
+                        except rexc.ResponseError as exc:
+                            log.warning("redis: reply events not shared: %s", exc)
+                        continue
+                    pipe = self.r.pipeline(transaction=False)
+                    self._build(pipe, part)
+                    await pipe.execute(raise_on_error=False)
             except (rexc.RedisError, OSError) as exc:
                 log.warning("redis: %d reply events not shared: %s", len(ops), exc)
 
@@ -291,9 +301,11 @@ class RedisEventLog(EventLog):
 
     def unsubscribe(self, cid: str, outbox: Outbox) -> int:
         self._floor.pop(outbox, None)
+        self._pruned = True
         return super().unsubscribe(cid, outbox)
 
     def release_listeners(self, cid: str, listeners) -> None:
+        self._pruned = True
         for outbox in listeners:
             self._floor.pop(outbox, None)
 
@@ -343,7 +355,7 @@ class RedisEventLog(EventLog):
 
     async def _read_entries(self, f: _Follow, entries) -> None:
         for entry_id, fields in entries:
-            ev = orjson.loads(fields[b"e"])
+            ev = orjson.loads(fields[b"e"] if isinstance(fields, dict) else fields[1])
             f.pos = _id_seq(entry_id)
             self._deliver(f, ev)
             if ev["type"] == "done":
@@ -365,6 +377,7 @@ class RedisEventLog(EventLog):
         """New replies in a watched session: follow those running elsewhere from their start."""
         for entry_id, fields in entries:
             self._watch[cid] = entry_id
+            fields = as_dict(fields)
             rid, inst = fields[b"r"].decode(), fields[b"i"].decode()
             snap = self._snap.get(cid)
             if snap is not None:
@@ -375,6 +388,9 @@ class RedisEventLog(EventLog):
                 self._follow(cid, rid, 0)
 
     def _prune(self) -> None:
+        if not self._pruned:
+            return
+        self._pruned = False
         for cid in [c for c in self._watch if not self.listeners(c)]:
             del self._watch[cid]
         for k in [k for k, f in self._follows.items() if f.cid not in self._watch]:
@@ -398,10 +414,11 @@ class RedisEventLog(EventLog):
             cid = self._fresh.pop(0)
             for f in [f for f in self._follows.values() if f.cid == cid]:
                 await self._read_entries(f, await self.r.xrange(f.key, min=f"(0-{f.pos}"))
-        streams = {self._wake_key: self._wake_pos}
-        streams.update({index_key(cid): pos for cid, pos in self._watch.items()})
-        streams.update({k: f"0-{f.pos}" for k, f in self._follows.items()})
-        for name, entries in await self.r.xread(streams, block=BLOCK_MS, count=1000) or ():
+        names = [self._wake_key, *(index_key(cid) for cid in self._watch), *self._follows]
+        positions = [self._wake_pos, *self._watch.values(), *(b"0-%d" % f.pos for f in self._follows.values())]
+        got = False
+        for name, entries in await self._xread.read(names, positions, self.cluster):
+            got = True
             name = name.decode()
             if name == self._wake_key:
                 self._wake_pos = entries[-1][0]
@@ -411,3 +428,5 @@ class RedisEventLog(EventLog):
                 cid = name[len("nexlm:{"):-len("}:replies")]
                 if cid in self._watch:
                     self._indexed(cid, entries)
+        if got:  # let the next read gather more: one read per writer batch of every instance was
+            await asyncio.sleep(GATHER)  # most of a following instance's CPU per token

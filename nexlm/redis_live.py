@@ -272,4 +272,4 @@ def instance_id() -> str:
 async def open_shared(url: str, lease_seconds: float, keep: float) -> RedisLive:
     """Connect (``StoreError`` if Redis cannot be used) and build this instance's live layer."""
     conn = await connect(url)
-    return RedisLive(conn, RedisEventLog(conn.client, instance_id(), keep), lease_seconds)
+    return RedisLive(conn, RedisEventLog(conn.client, instance_id(), keep, conn.cluster), lease_seconds)

@@ -1,20 +1,20 @@
 """RedisEventLog on a real redis-server: the reply's path never waits for Redis, and what it
-emits reaches the reply's own stream in order, one pipeline for what was emitted together."""
+emits reaches the reply's own stream in order, one command for the events emitted together."""
 
 from __future__ import annotations
 
-from nexlm import wire
+from nexlm import redis_events, wire
 from nexlm.events import Outbox
 from nexlm.records import Conversation
 from nexlm.redis_conn import connect
 from nexlm.redis_events import RedisEventLog, index_key, reply_key, seq_key
 
 
-async def test_emit_buffers_and_one_pipeline_sends_it_in_order(redis_server):
+async def test_emit_buffers_and_one_command_sends_the_events_in_order(redis_server, monkeypatch):
     conn = await connect(redis_server.url)
     try:
         log = RedisEventLog(conn.client, "test-instance", keep=5.0)
-        pipelines = []
+        pipelines, commands = [], []
         real = conn.client.pipeline
 
         def counted(*args, **kwargs):
@@ -22,6 +22,13 @@ async def test_emit_buffers_and_one_pipeline_sends_it_in_order(redis_server):
             return real(*args, **kwargs)
 
         conn.client.pipeline = counted
+        real_command = redis_events.command
+
+        async def counted_command(client, packed):
+            commands.append(packed[:40])
+            return await real_command(client, packed)
+
+        monkeypatch.setattr(redis_events, "command", counted_command)
         conv = Conversation(None, "client", "fake-model")
         listener = Outbox()
         log.subscribe(conv.id, listener)
@@ -31,10 +38,11 @@ async def test_emit_buffers_and_one_pipeline_sends_it_in_order(redis_server):
             log.emit(conv, "r1", wire.delta("r1", f"t{i} "))
         log.emit(conv, "r1", wire.done("r1", "stop", None, "fake-model", {}, None))
         log.end(conv.id, "r1")
-        assert pipelines == []  # nothing sent yet: emitting never touches Redis
+        assert pipelines == commands == []  # nothing sent yet: emitting never touches Redis
         assert len(listener) > 0  # the local listener has them already (merged deltas)
         await log.flush()
-        assert pipelines == [1]
+        # begin (the replies index) in a pipeline, the 102 events in one EVAL, then end's pipeline
+        assert len(pipelines) == 2 and len(commands) == 1 and b"EVAL" in commands[0]
         entries = await conn.client.xrange(reply_key(conv.id, "r1"))
         assert [int(e[0].split(b"-")[1]) for e in entries] == list(range(1, 103))
         assert int(await conn.client.get(seq_key(conv.id))) == 102 == conv.seq
