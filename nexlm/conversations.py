@@ -298,7 +298,7 @@ class Conversations(Shared, Views):
 
     async def stop(self, live: Live, reason: str = "stopped") -> bool:
         if live.reply is None and self.shared is not None:  # it may run on another instance
-            return await self.shared.stop_elsewhere(live.id)
+            return await self._stop_elsewhere(live)
         return await self.runner.stop(live, reason)
 
     # ------------------------------------------------------------ listeners and views

@@ -93,6 +93,14 @@ class Shared:
         return getattr(self.store, "shared", False) and not self.persister.pending(live.id) and (
             not self._in_use(live.id) or live.reply is None and self._running(live) is not None)
 
+    async def _stop_elsewhere(self, live) -> bool:
+        """Stop the session's reply on the instance running it; once its ``done`` is written, this
+        instance's snapshot is taken again (a frame drawn next shows nothing running)."""
+        stopped = await self.shared.stop_elsewhere(live.id)
+        if stopped:
+            await self.events.refresh(live.id)
+        return stopped
+
     def _running(self, live):
         """The running reply: this instance's, or (shared) the one another instance runs."""
         if live.reply is not None or self.shared is None:
