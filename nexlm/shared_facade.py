@@ -3,9 +3,11 @@
 ``Conversations`` inherits it; with any other store ``shared`` stays None and none of this runs,
 so the memory store behaves exactly as before. With Redis: a new reply first takes the
 session's running lease (``redis_live``), a record that changes is written at once (another
-instance may read it next), a reply running elsewhere shows in the ``session`` frame and can
-be resumed and stopped here, and what another instance finishes or a reaper interrupts is put
-into the history this instance holds.
+instance may read it next), and the reply is listed for the others once its question is stored.
+A reply running elsewhere shows in the ``session`` frame, with its question (the record is read
+again when one starts), and can be resumed and stopped here (``reset`` and ``delete`` stop it
+first); what another instance finishes or a reaper interrupts is put into the history this
+instance holds.
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ class Shared:
 
     async def _close_shared(self) -> None:
         if self.shared is not None:
+            await self.shared.close()  # (its reader first: it starts the reloads)
             for task in self._reloads.values():
                 task.cancel()
             await asyncio.gather(*self._reloads.values(), return_exceptions=True)
-            await self.shared.close()
 
     async def _admit(self, live, model=None, params=None, claim: bool = True, who=None) -> tuple:
         """Check everything a new reply needs (``who``'s quota too); only when all pass, apply
