@@ -2,7 +2,8 @@
 
 Real ``python app.py`` processes (tests/cluster.py) against the fake upstream in this process,
 whose gates (``asyncio.Event`` steps) pace each reply, so nothing here waits on a clock: a reply
-running on instance A is followed by a client of instance B, stopped through B, resumed on B
+running on instance A is followed by a client of instance B (whose view has its question),
+stopped, reset or deleted through B, resumed on B
 after a dropped connection, refused as ``busy`` through B, and ended ``interrupted`` by B when A
 is killed. The same through a real nginx (round robin) at the end.
 """
