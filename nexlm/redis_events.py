@@ -109,6 +109,7 @@ class RedisEventLog(EventLog):
         self._want = asyncio.Event()  # something to follow
         self._lock = asyncio.Lock()
         self._own: dict[str, str] = {}  # reply id -> session id, replies running here
+        self._unlisted: dict[str, str] = {}  # the same, begun but not in the replies index yet
         self._snap: dict[str, _Snapshot] = {}
         self._floor: dict[Outbox, int] = {}
         self._watch: dict[str, bytes] = {}  # session -> position in its replies index
@@ -120,13 +121,18 @@ class RedisEventLog(EventLog):
         self._pruned = False  # listeners left since the reader last dropped what nobody here follows
         self.on_end: Callable | None = None  # (pipe, cid, rid): commands after a reply's done (the lease's release)
         self.on_remote_done: Callable[[str, list[dict]], Awaitable[None]] | None = None
+        self.on_remote_start: Callable[[str], None] = lambda cid: None  # a reply began elsewhere: reread the record
 
     # -------------------------------------------------------------- writing (this instance's replies)
 
     def begin(self, cid: str, reply_id: str) -> None:
         super().begin(cid, reply_id)
         self._own[reply_id] = cid
-        self._queue(("begin", cid, reply_id))
+        self._unlisted[reply_id] = cid  # listed in the index by announce (once its record is stored) or end
+
+    def announce(self, reply_id: str) -> None:  # (so whoever hears of the reply reads a record with its question)
+        if (cid := self._unlisted.pop(reply_id, None)) is not None:
+            self._queue(("begin", cid, reply_id))
 
     def emit(self, conv, reply_id: str, event: dict) -> dict:
         ev = super().emit(conv, reply_id, event)
@@ -136,6 +142,7 @@ class RedisEventLog(EventLog):
 
     def end(self, cid: str, reply_id: str, now: float | None = None) -> None:
         super().end(cid, reply_id, now)
+        self.announce(reply_id)
         if self._own.pop(reply_id, None) is not None:
             self._queue(("end", cid, reply_id))
 
@@ -271,9 +278,7 @@ class RedisEventLog(EventLog):
     def subscribe(self, cid: str, outbox: Outbox, after: int | None = None, running: str | None = None) -> None:
         remote = self.running_elsewhere(cid) if running is None else None
         super().subscribe(cid, outbox, after, running or (remote.id if remote else None))
-        snap = self._snap.get(cid)
-        if snap is None:  # a session made here (never looked up): nothing ran anywhere yet
-            snap = self._snap[cid] = _Snapshot(None, [], b"0-0")
+        snap = self._snap.setdefault(cid, _Snapshot(None, [], b"0-0"))  # (never looked up: nothing ran yet)
         t = self._topics[cid]
         logs = {r.id: r for r in t.replies}
         local_top = max((r.events[-1]["seq"] for r in t.replies if r.events), default=0)
@@ -386,6 +391,7 @@ class RedisEventLog(EventLog):
                 snap.running = (inst, rid)
             if inst != self.instance:
                 self._follow(cid, rid, 0)
+                self.on_remote_start(cid)
 
     def _prune(self) -> None:
         if not self._pruned:
