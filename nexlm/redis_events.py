@@ -106,6 +106,8 @@ class RedisEventLog(EventLog):
         self.keep_ms = max(1000, int(keep * 1000))
         self._ops: list[tuple] = []
         self._kick = asyncio.Event()
+        self._nap: asyncio.Future | None = None  # the writer's gathering pause
+        self._later: list[tuple] = []  # (cid, listeners, done event): handed to them after the next flush
         self._want = asyncio.Event()  # something to follow
         self._lock = asyncio.Lock()
         self._own: dict[str, str] = {}  # reply id -> session id, replies running here
@@ -135,9 +137,15 @@ class RedisEventLog(EventLog):
             self._queue(("begin", cid, reply_id))
 
     def emit(self, conv, reply_id: str, event: dict) -> dict:
-        ev = super().emit(conv, reply_id, event)
-        if reply_id in self._own:
-            self._queue(("xadd", conv.id, reply_id, ev["seq"], encode(ev)))
+        if reply_id not in self._own:
+            return super().emit(conv, reply_id, event)
+        if event["type"] != "done":
+            ev = super().emit(conv, reply_id, event)
+        else:  # its listeners here get it once Redis has it, and the lease's release after it: whoever
+            t = self._topics.get(conv.id)  # acts on done through another instance finds the reply ended
+            self._later.append((conv.id, set(t.listeners) if t else set(), event))
+            ev = super().emit(conv, reply_id, event, fan_out=False)  # (kept: a listener from now on replays it)
+        self._queue(("xadd", conv.id, reply_id, ev["seq"], encode(ev)))
         return ev
 
     def end(self, cid: str, reply_id: str, now: float | None = None) -> None:
@@ -153,6 +161,8 @@ class RedisEventLog(EventLog):
     def _queue(self, op: tuple) -> None:
         self._ops.append(op)
         self._kick.set()
+        if op[0] in ("end", "release") and self._nap is not None and not self._nap.done():
+            self._nap.set_result(None)  # a reply's end (its lease's release) goes at once
 
     def _build(self, pipe, ops: list[tuple]) -> None:
         batch: list[tuple] = []  # consecutive events (cid, rid, seq, data) (a cluster's)
@@ -183,6 +193,7 @@ class RedisEventLog(EventLog):
         the events before them; on a cluster all in one pipeline."""
         async with self._lock:
             ops, self._ops = self._ops, []
+            later, self._later = self._later, []
             if not ops:
                 return
             try:
@@ -198,6 +209,10 @@ class RedisEventLog(EventLog):
                     await pipe.execute(raise_on_error=False)
             except (rexc.RedisError, OSError) as exc:
                 log.warning("redis: %d reply events not shared: %s", len(ops), exc)
+            finally:
+                for cid, listeners, ev in later:
+                    for outbox in listeners & self.listeners(cid):
+                        outbox.put(ev)
 
     async def run_writer(self) -> None:
         while True:
@@ -205,7 +220,14 @@ class RedisEventLog(EventLog):
             # Gather what the next few ms emit into the same pipeline: one round trip for many
             # replies' events, where flushing every event alone cost a redis-py pipeline per
             # token (bench STORES fan-out). Followers on other instances see it COALESCE later.
-            await asyncio.sleep(COALESCE)
+            loop = asyncio.get_running_loop()
+            self._nap = loop.create_future()
+            timer = loop.call_later(COALESCE, self._nap.set_result, None)
+            try:
+                await self._nap
+            finally:
+                timer.cancel()
+                self._nap = None
             self._kick.clear()
             await self.flush()
 

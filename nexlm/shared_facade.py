@@ -49,9 +49,10 @@ class Shared:
         """Check everything a new reply needs (``who``'s quota too); only when all pass, apply
         model/params and take a slot (shared: and the session's running lease, whose reply id is returned)."""
         self.admission.check_open()
-        if live.reply is not None or self._running(live) is not None:
+        remote = None if live.reply is not None else self._running(live)
+        if live.reply is not None or remote is not None and not await self._ended_elsewhere(live, remote):
             raise ChatError("busy", BUSY, 409)
-        rid = await self._claim(live) if claim else None
+        rid = await self._claim(live, remote.id if remote is not None else None) if claim else None
         try:
             if live.reply is not None:
                 raise ChatError("busy", BUSY, 409)
@@ -69,13 +70,19 @@ class Shared:
         live.conv.model, live.conv.params = new_model, new_params
         return resolved, rid
 
-    async def _claim(self, live) -> str | None:
+    async def _claim(self, live, ended: str | None = None) -> str | None:
         if self.shared is None:
             return None
         try:
-            return await self.shared.claim(live.conv)
+            return await self.shared.claim(live.conv, ended)
         except Busy:
             raise ChatError("busy", BUSY, 409) from None
+
+    async def _ended_elsewhere(self, live, remote) -> bool:
+        """Has the reply another instance runs just ended? That instance sends ``done`` to its own
+        clients before Redis has it (a reply never waits for Redis), so a client that acts on it
+        through this instance can arrive first: it gets a short wait, not ``busy``."""
+        return self.shared is not None and await self.shared.just_ended(live.id, remote.id)
 
     def _announce(self, live) -> None:
         """Shared: list the new reply where the other instances look for one (``RedisEventLog.announce``)
