@@ -10,6 +10,8 @@ as most of the CPU a reply followed through another instance cost).
 
 from __future__ import annotations
 
+import functools
+
 from redis.exceptions import ResponseError
 
 from .redis_conn import key
@@ -42,28 +44,28 @@ def append(pipe, batch: list[tuple]) -> None:
         pipe.set(key(cid, "seq"), seq, px=INDEX_TTL_MS)
 
 
-def _append_args(batch: list[tuple], last: dict) -> list:
-    keys = [key(cid, "reply", rid) for cid, rid, _, _ in batch]
-    keys += [key(cid, "seq") for cid in last]
-    args: list = [len(keys), *keys, MAXLEN, INDEX_TTL_MS, len(batch)]
-    for _, _, seq, data in batch:
-        args += (seq, data)
-    args += last.values()
-    return args
-
-
 def packed_append(batch: list[tuple]) -> bytes:
-    """``append``'s EVAL packed here (str keys, int numbers, bytes JSON), for ``command``."""
-    args = _append_args(batch, {cid: seq for cid, _, seq, _ in batch})
-    out = [b"*%d\r\n" % (len(args) + 2), _EVAL, _APPEND_BULK]
-    for a in args:
-        if isinstance(a, bytes):
-            out.append(_bulk(a))
-        elif isinstance(a, str):
-            out.append(_bulk(a.encode()))
-        else:
-            out.append(_bulk(b"%d" % a))
+    """The ``_APPEND`` EVAL of ``batch`` (cid, reply id, seq, JSON per event), packed for ``command``."""
+    last = {cid: seq for cid, _, seq, _ in batch}
+    n, nkeys = len(batch), len(batch) + len(last)
+    out = [b"*%d\r\n" % (6 + nkeys + 2 * n + len(last)), _EVAL, _APPEND_BULK, _bulk(b"%d" % nkeys)]
+    out += [_reply_bulk(cid, rid) for cid, rid, _, _ in batch]
+    out += [_seq_bulk(cid) for cid in last]
+    out += [_MAXLEN_BULK, _TTL_BULK, _bulk(b"%d" % n)]
+    for _, _, seq, data in batch:
+        out += (_bulk(b"%d" % seq), _bulk(data))
+    out += [_bulk(b"%d" % seq) for seq in last.values()]
     return b"".join(out)
+
+
+@functools.lru_cache(maxsize=1 << 12)  # a running reply's events name its stream in every batch
+def _reply_bulk(cid: str, rid: str) -> bytes:
+    return _bulk(key(cid, "reply", rid).encode())
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _seq_bulk(cid: str) -> bytes:
+    return _bulk(key(cid, "seq").encode())
 
 
 def split(ops: list[tuple]) -> list:
@@ -108,6 +110,7 @@ def _bulk(b: bytes) -> bytes:
 
 _EVAL = _bulk(b"EVAL")
 _APPEND_BULK = _bulk(_APPEND.encode())
+_MAXLEN_BULK, _TTL_BULK = _bulk(b"%d" % MAXLEN), _bulk(b"%d" % INDEX_TTL_MS)
 _XREAD_HEAD = b"".join(_bulk(a) for a in (b"XREAD", b"COUNT", b"1000", b"BLOCK", b"%d" % BLOCK_MS, b"STREAMS"))
 
 

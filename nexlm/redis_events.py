@@ -93,8 +93,8 @@ def _id_seq(entry_id: bytes) -> int:
     return int(entry_id.split(b"-")[1])
 
 
-COALESCE = 0.008  # seconds the writer gathers events before sending them
-GATHER = 0.008  # seconds the reader lets pass after a read that got something
+COALESCE = 0.016  # seconds the writer gathers events before sending them
+GATHER = 0.016  # seconds the reader lets pass after a read that got something
 
 
 class RedisEventLog(EventLog):
