@@ -11,9 +11,7 @@ Layout (a session's keys share its hash tag, ``redis_conn.key``):
   lease (``redis_live``) emits events, so it numbers them itself and writes the counter with its
   events; the next holder starts from it, and a reaper INCRs it: positions rise across instances.
 
-Writing: ``emit`` is the memory log's (local listeners get the event at once) plus a command
-in a buffer; one writer task sends the buffer as one pipeline, so what is emitted while the
-previous pipeline is in flight is coalesced into the next. A reply never awaits Redis.
+Writing (``redis_writer.RedisWriter``): a reply never awaits Redis.
 
 Following: this instance's listeners of a reply running elsewhere are fed by one reader task:
 one ``XREAD BLOCK`` over the replies index of each session listened to here, the reply streams
@@ -30,7 +28,6 @@ Not for Redis Cluster: the reader's one XREAD spans several sessions' slots.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from typing import Awaitable, Callable
@@ -39,29 +36,13 @@ import orjson
 from redis import exceptions as rexc
 
 from .eventlog import RECENT_REPLIES, EventLog
-from .events import Outbox, encode
-from .redis_batch import INDEX_TTL_MS, XRead, append, as_dict, command, split
-from .redis_conn import guarded, key, tagged, valid_sid
+from .events import Outbox
+from .redis_batch import XRead, as_dict
+from .redis_conn import guarded, valid_sid
+from .redis_writer import RedisWriter, index_key, reply_key, running_key, seq_key  # noqa: F401 (the layout's names)
 
 log = logging.getLogger(__name__)
 
-
-
-def reply_key(cid: str, rid: str) -> str:
-    return key(cid, "reply", rid)
-
-
-def running_key(cid: str) -> str:
-    return key(cid, "running")
-
-
-def seq_key(cid: str) -> str:
-    return key(cid, "seq")
-
-
-@functools.lru_cache(maxsize=1 << 14)  # the reader names every watched index on each read
-def index_key(cid: str) -> str:
-    return key(cid, "replies")
 
 
 class RemoteReply:
@@ -93,143 +74,23 @@ def _id_seq(entry_id: bytes) -> int:
     return int(entry_id.split(b"-")[1])
 
 
-COALESCE = 0.016  # seconds the writer gathers events before sending them
 GATHER = 0.016  # seconds the reader lets pass after a read that got something
 
 
-class RedisEventLog(EventLog):
+class RedisEventLog(RedisWriter):
     def __init__(self, client, instance: str, keep: float, cluster: bool = False) -> None:
-        super().__init__()
-        self.r = client
-        self.cluster = cluster
-        self.instance = instance
-        self.keep_ms = max(1000, int(keep * 1000))
-        self._ops: list[tuple] = []
-        self._kick = asyncio.Event()
-        self._nap: asyncio.Future | None = None  # the writer's gathering pause
-        self._later: list[tuple] = []  # (cid, listeners, done event): handed to them after the next flush
+        super().__init__(client, instance, keep, cluster)
         self._want = asyncio.Event()  # something to follow
-        self._lock = asyncio.Lock()
-        self._own: dict[str, str] = {}  # reply id -> session id, replies running here
-        self._unlisted: dict[str, str] = {}  # the same, begun but not in the replies index yet
         self._snap: dict[str, _Snapshot] = {}
         self._floor: dict[Outbox, int] = {}
         self._watch: dict[str, bytes] = {}  # session -> position in its replies index
         self._follows: dict[str, _Follow] = {}  # reply stream key -> follow, in reply order
         self._fresh: list[str] = []  # sessions with follows to catch up (XRANGE) before the next XREAD
-        self._wake_key = tagged("wake", instance)
         self._wake_pos = b"0-0"
         self._xread = XRead(client)
         self._pruned = False  # listeners left since the reader last dropped what nobody here follows
-        self.on_end: Callable | None = None  # (pipe, cid, rid): commands after a reply's done (the lease's release)
         self.on_remote_done: Callable[[str, list[dict]], Awaitable[None]] | None = None
         self.on_remote_start: Callable[[str], None] = lambda cid: None  # a reply began elsewhere: reread the record
-
-    # -------------------------------------------------------------- writing (this instance's replies)
-
-    def begin(self, cid: str, reply_id: str) -> None:
-        super().begin(cid, reply_id)
-        self._own[reply_id] = cid
-        self._unlisted[reply_id] = cid  # listed in the index by announce (once its record is stored) or end
-
-    def announce(self, reply_id: str) -> None:  # (so whoever hears of the reply reads a record with its question)
-        if (cid := self._unlisted.pop(reply_id, None)) is not None:
-            self._queue(("begin", cid, reply_id))
-
-    def emit(self, conv, reply_id: str, event: dict) -> dict:
-        if reply_id not in self._own:
-            return super().emit(conv, reply_id, event)
-        if event["type"] != "done":
-            ev = super().emit(conv, reply_id, event)
-        else:  # its listeners here get it once Redis has it, and the lease's release after it: whoever
-            t = self._topics.get(conv.id)  # acts on done through another instance finds the reply ended
-            self._later.append((conv.id, set(t.listeners) if t else set(), event))
-            ev = super().emit(conv, reply_id, event, fan_out=False)  # (kept: a listener from now on replays it)
-        self._queue(("xadd", conv.id, reply_id, ev["seq"], encode(ev)))
-        return ev
-
-    def end(self, cid: str, reply_id: str, now: float | None = None) -> None:
-        super().end(cid, reply_id, now)
-        self.announce(reply_id)
-        if self._own.pop(reply_id, None) is not None:
-            self._queue(("end", cid, reply_id))
-
-    def forget(self, cid: str) -> None:
-        super().forget(cid)
-        self._queue(("forget", cid))
-
-    def _queue(self, op: tuple) -> None:
-        self._ops.append(op)
-        self._kick.set()
-        if op[0] in ("end", "release") and self._nap is not None and not self._nap.done():
-            self._nap.set_result(None)  # a reply's end (its lease's release) goes at once
-
-    def _build(self, pipe, ops: list[tuple]) -> None:
-        batch: list[tuple] = []  # consecutive events (cid, rid, seq, data) (a cluster's)
-        for op in ops:
-            kind, cid = op[0], op[1]
-            if kind == "xadd":
-                batch.append(op[1:])
-                continue
-            append(pipe, batch)  # events and counters before anything that may let another instance number events
-            batch = []
-            if kind == "begin":
-                pipe.xadd(index_key(cid), {"r": op[2], "i": self.instance}, maxlen=4 * RECENT_REPLIES, approximate=True)
-                pipe.pexpire(index_key(cid), INDEX_TTL_MS)
-            elif kind in ("end", "release"):  # release: a lease whose reply never started
-                if kind == "end":
-                    pipe.pexpire(reply_key(cid, op[2]), self.keep_ms)
-                if self.on_end is not None:
-                    self.on_end(pipe, cid, op[2])
-            elif kind == "forget":
-                pipe.delete(index_key(cid))
-            elif kind == "wake":
-                pipe.xadd(self._wake_key, {"w": 1}, maxlen=16, approximate=True)
-        append(pipe, batch)
-
-    async def flush(self) -> None:
-        """Send what is buffered, in order: on a single Redis each run of events as one packed
-        ``EVAL``, the other ops (a reply's begin and end, the lease's release) in a pipeline after
-        the events before them; on a cluster all in one pipeline."""
-        async with self._lock:
-            ops, self._ops = self._ops, []
-            later, self._later = self._later, []
-            if not ops:
-                return
-            try:
-                for part in [ops] if self.cluster else split(ops):
-                    if isinstance(part, bytes):
-                        try:
-                            await command(self.r, part)
-                        except rexc.ResponseError as exc:
-                            log.warning("redis: reply events not shared: %s", exc)
-                        continue
-                    pipe = self.r.pipeline(transaction=False)
-                    self._build(pipe, part)
-                    await pipe.execute(raise_on_error=False)
-            except (rexc.RedisError, OSError) as exc:
-                log.warning("redis: %d reply events not shared: %s", len(ops), exc)
-            finally:
-                for cid, listeners, ev in later:
-                    for outbox in listeners & self.listeners(cid):
-                        outbox.put(ev)
-
-    async def run_writer(self) -> None:
-        while True:
-            await self._kick.wait()
-            # Gather what the next few ms emit into the same pipeline: one round trip for many
-            # replies' events, where flushing every event alone cost a redis-py pipeline per
-            # token (bench STORES fan-out). Followers on other instances see it COALESCE later.
-            loop = asyncio.get_running_loop()
-            self._nap = loop.create_future()
-            timer = loop.call_later(COALESCE, self._nap.set_result, None)
-            try:
-                await self._nap
-            finally:
-                timer.cancel()
-                self._nap = None
-            self._kick.clear()
-            await self.flush()
 
     # -------------------------------------------------------------- what other instances run
 

@@ -3,7 +3,7 @@ emits reaches the reply's own stream in order, one command for the events emitte
 
 from __future__ import annotations
 
-from nexlm import redis_events, wire
+from nexlm import redis_writer, wire
 from nexlm.events import Outbox
 from nexlm.records import Conversation
 from nexlm.redis_conn import connect
@@ -22,13 +22,13 @@ async def test_emit_buffers_and_one_command_sends_the_events_in_order(redis_serv
             return real(*args, **kwargs)
 
         conn.client.pipeline = counted
-        real_command = redis_events.command
+        real_command = redis_writer.command
 
         async def counted_command(client, packed):
             commands.append(packed[:40])
             return await real_command(client, packed)
 
-        monkeypatch.setattr(redis_events, "command", counted_command)
+        monkeypatch.setattr(redis_writer, "command", counted_command)
         conv = Conversation(None, "client", "fake-model")
         listener = Outbox()
         log.subscribe(conv.id, listener)
