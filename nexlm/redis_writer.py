@@ -146,6 +146,8 @@ class RedisWriter(EventLog):
                     await pipe.execute(raise_on_error=False)
             except (rexc.RedisError, OSError) as exc:
                 log.warning("redis: %d reply events not shared: %s", len(ops), exc)
+            except Exception:  # the writer must outlive anything: local listeners wait on it for done
+                log.exception("redis: %d reply events not shared", len(ops))
             finally:
                 for cid, listeners, ev in later:
                     for outbox in listeners & self.listeners(cid):

@@ -51,3 +51,29 @@ async def test_emit_buffers_and_one_command_sends_the_events_in_order(redis_serv
         assert fields == {b"r": b"r1", b"i": b"test-instance"}
     finally:
         await conn.close()
+
+
+async def test_done_reaches_local_listeners_after_the_flush_even_when_writing_fails(redis_server, monkeypatch):
+    """A reply's done waits for the writer's batch; a batch that fails (Redis gone, or anything
+    unexpected) must still hand it over, or the local clients would wait for it forever."""
+    conn = await connect(redis_server.url)
+    try:
+        log = RedisEventLog(conn.client, "test-instance", keep=5.0)
+
+        async def failing(client, packed, errors=[ConnectionError("gone"), RuntimeError("bug")]):  # noqa: B006
+            raise errors.pop(0)
+
+        monkeypatch.setattr(redis_writer, "command", failing)
+        for n in (1, 2):
+            conv = Conversation(None, "client", "fake-model")
+            listener = Outbox()
+            log.subscribe(conv.id, listener)
+            log.begin(conv.id, "r")
+            log.emit(conv, "r", wire.start("r", "fake-model"))
+            log.emit(conv, "r", wire.done("r", "stop", None, "fake-model", {}, None))
+            log.end(conv.id, "r")
+            assert [e["type"] for e in await listener.get()] == ["start"]  # done waits for the batch
+            await log.flush()  # fails (a connection error, then an unexpected one) and hands done over
+            assert [e["type"] for e in await listener.get()] == ["done"]
+    finally:
+        await conn.close()
