@@ -48,7 +48,7 @@ FULL = dict(
     idle_rounds=[0, 10000, 0, 10000], idle_streams=[200, 500], idle_tokens=200, idle_wait_s=45, idle_gc_off=0,
     v1_rounds=10, v1_per_round=50, v1_conc=64, v1_conc_rounds=3, v1_conc_count=5, v1_conc_tokens=20,
     v1_tput_rounds=5, v1_tput_single_tokens=10000, v1_tput_multi_tokens=1000,
-    stores_b4=[200], stores_fan_pairs=50, stores_fan_tokens=200, stores_readable=20,
+    stores_b4=[200], stores_fan_pairs=50, stores_fan_tokens=400, stores_fan_rounds=3, stores_readable=20,
 )
 QUICK = dict(
     b1_rounds=2, b1_per_round=10,
@@ -61,7 +61,7 @@ QUICK = dict(
     idle_rounds=[0, 200], idle_streams=[10, 20], idle_tokens=40, idle_wait_s=0, idle_gc_off=0,
     v1_rounds=2, v1_per_round=10, v1_conc=8, v1_conc_rounds=1, v1_conc_count=2, v1_conc_tokens=10,
     v1_tput_rounds=1, v1_tput_single_tokens=1000, v1_tput_multi_tokens=100,
-    stores_b4=[10], stores_fan_pairs=3, stores_fan_tokens=20, stores_readable=3,
+    stores_b4=[10], stores_fan_pairs=3, stores_fan_tokens=20, stores_fan_rounds=1, stores_readable=3,
 )
 
 # every row the table always has (the smoke test checks them)

@@ -11,9 +11,10 @@ port, ``--save "" --appendonly no``), each on a fresh NexLM process run under be
   second HTTP connection (redis: through the second instance) has the finished turn;
 * B5: the random stop/disconnect mix; WS ``stop`` → upstream connection closed;
 * B4: N 20 ms-paced WS streams: worst gap per stream, gaps > 40 ms, NexLM CPU µs per token;
-* fan-out: pairs of a chat client and a listener following the same reply (bench/fanout.py). memory: both
-  on the one instance; redis: the listener on a second NexLM instance on the same Redis. NexLM CPU (both
-  instances) per reply token; target redis ≤ 1.5 × memory.
+* fan-out (after the three, bench/fanout_cpu.py's rounds on fresh processes, memory and redis alternating):
+  pairs of a chat client and a listener following the same reply (bench/fanout.py). memory: both on the one
+  instance; redis: the listener on a second NexLM instance on the same Redis. NexLM CPU (both instances)
+  per reply token, the median round; target redis ≤ 1.5 × memory.
 
 ``[chat] background_replies = false`` for every store, so that a client that leaves stops its reply as
 with memory (B5 compares like with like; sqlite and redis default it to true).
@@ -21,13 +22,15 @@ with memory (B5 compares like with like; sqlite and redis default it to true).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import sys
 import time
 
-from common import BENCH, Proc, cpu_seconds, free_port, http_json, quantile, tests_module
+import fanout_cpu
+from common import Proc, free_port, http_json, quantile, tests_module
 
 STORES = ("memory", "sqlite", "redis")
 STORES_ROW_IDS = ["S-B1", "S-commit-1", "S-commit-N", "S-readable", "S-B5", "S-B4", "S-fanout"]
@@ -98,27 +101,22 @@ def readable(b, base: str, count: int) -> dict:
     return {"ok": ok, "bad": bad}
 
 
-def fanout(b, a: str, other: str, procs: list[Proc]) -> dict:
+def fanout_rounds(b) -> dict:
+    """bench/fanout_cpu.py's rounds: fresh NexLM processes (memory: one; redis: two on one
+    redis-server) for each round, memory and redis alternating; the median round of each."""
     P = b.P
-    pairs, n = P["stores_fan_pairs"], P["stores_fan_tokens"]
-    c0 = [cpu_seconds(p.pid) for p in procs]
-    r0 = cpu_seconds(b.redis.proc.pid)
-    f = Proc("fanout", [sys.executable, str(BENCH / "fanout.py"), "--a", a, "--b", other, "--pairs", str(pairs),
-                        "--n", str(n), "--iv", "20", "--stagger-ms", "500"], b.tmp / "fanout.log",
-             cpus=b.harness_cpus, pipe_stdout=True)
-    try:
-        res = json.loads(f.readline(120 + n * 0.1))
-    finally:
-        f.stop()
-    per = [cpu_seconds(p.pid) - c for p, c in zip(procs, c0)]
-    cpu = sum(per)
-    tokens = pairs * n
-    res["nexlm_cpu_s"] = round(cpu, 3)
-    res["nexlm_us_per_token_by_instance"] = [round(c * 1e6 / tokens, 1) for c in per] if tokens else None
-    res["nexlm_us_per_token"] = round(cpu * 1e6 / tokens, 1) if tokens else None
-    if len(procs) > 1:  # the redis fan-out: what the Redis server spent too
-        res["redis_us_per_token"] = round((cpu_seconds(b.redis.proc.pid) - r0) * 1e6 / tokens, 1)
-    return res
+    args = argparse.Namespace(pairs=P["stores_fan_pairs"], n=P["stores_fan_tokens"], iv=20, profile=None)
+    rounds: dict[str, list[dict]] = {"memory": [], "redis": []}
+    for i in range(P["stores_fan_rounds"]):
+        for kind in (("memory", "redis") if i % 2 == 0 else ("redis", "memory")):
+            rounds[kind].append(fanout_cpu.one_round(b.tmp, kind, b.up_port, b.redis, args, b.nexlm_cpus, b.harness_cpus))
+    out = {}
+    for kind, rs in rounds.items():
+        med = sorted(rs, key=lambda r: r["us_per_token"])[len(rs) // 2]
+        out[kind] = {"nexlm_us_per_token": med["us_per_token"], "nexlm_us_per_token_by_instance": med["us_per_token_by_instance"],
+                     "redis_us_per_token": med.get("redis_server_us_per_token"), "errors": sum(r["errors"] for r in rs),
+                     "rounds": [r["us_per_token"] for r in rs]}
+    return out
 
 
 def run_one(b, kind: str) -> dict:
@@ -169,8 +167,6 @@ def run_one(b, kind: str) -> dict:
         b.lg_call({"cmd": "replies", "target": "ws", "concurrency": P["stores_readable"], "count": 1, "n": 5,
                    "stagger_ms": 200})
         s["readable"] = readable(b, "http://" + other, P["stores_readable"])
-        if kind in ("memory", "redis"):
-            s["fanout"] = fanout(b, f"127.0.0.1:{b.nex_port}", other, [b.nex] + ([second] if second else []))
     finally:
         if second is not None:
             second.stop()
@@ -190,6 +186,9 @@ def stores_phase(b) -> None:
         for kind in STORES:
             b.log(f"STORES: {kind}")
             out[kind] = run_one(b, kind)
+        b.log("STORES: fan-out rounds (fresh processes, memory and redis alternating)")
+        for kind, res in fanout_rounds(b).items():
+            out[kind]["fanout"] = res
     finally:
         b.store_block = ""
         b.put_out = None
@@ -286,7 +285,8 @@ def stores_section(res, P, machine, when, cmdline) -> str:
         "are written by a ticker, Redis events by one pipeline task per instance). "
         f"Sizes: B1 {P['b1_rounds']}×{P['b1_per_round']} replies per target, B5 {P['b5_ops']} ops, "
         f"B4 N={P['stores_b4']} × {P['b4_tokens']} tokens, fan-out {P['stores_fan_pairs']} pairs × "
-        f"{P['stores_fan_tokens']} tokens at 20 ms.", "",
+        f"{P['stores_fan_tokens']} tokens at 20 ms, {P['stores_fan_rounds']} rounds per store on fresh processes "
+        "(bench/fanout_cpu.py's; the median round).", "",
         *machine, "",
         render_stores(stores_rows(ph)), "",
         *detail, STORES_END, ""])

@@ -113,12 +113,12 @@ class Conversations(Shared, Views):
                 if stale:  # its process died mid-reply: the turn is interrupted, with its last checkpoint
                     self._commit(self.live[sid])
             live = self.live[sid]
-        elif getattr(self.store, "shared", False) and not self._in_use(sid) and not self.persister.pending(sid):
-            conv = await self.store.get(sid)  # another instance may have changed it: an idle copy is a cache
+        elif self._cached(live):
+            conv = await self.store.get(sid)  # another instance may have changed it: the copy is a cache
             if conv is None:
                 self._dropped(sid, "deleted")
                 return None
-            if not self._in_use(sid) and not self.persister.pending(sid):  # (the read yielded)
+            if self._cached(live):  # (the read yielded)
                 live.conv.refresh(conv)
         else:
             self.store.touch(sid)
@@ -155,7 +155,7 @@ class Conversations(Shared, Views):
         return Live(await self._add(conv))
 
     async def delete(self, live: Live) -> None:
-        await self.runner.stop(live, "stopped")
+        await self.stop(live)  # (shared: also a reply running on another instance, its upstream request closed)
         await self.store.delete(live.id)
         self._dropped(live.id, "deleted")
 
@@ -217,7 +217,7 @@ class Conversations(Shared, Views):
         self._commit(live)
 
     async def reset(self, live: Live) -> None:
-        await self.runner.stop(live, "stopped")
+        await self.stop(live)  # (as delete)
         live.conv.history.clear()
         self.events.forget(live.id)
         self._commit(live)
@@ -290,6 +290,7 @@ class Conversations(Shared, Views):
                                               who=who, cache=slot), rid)
         if self.store.durable:
             self.persister.started(live)  # the question and the streaming turn, then checkpoints
+            self._announce(live)  # shared: other instances hear of the reply once that is stored
         else:
             self._dirty.add(live.id)
         self.store.touch(live.id)
@@ -297,7 +298,7 @@ class Conversations(Shared, Views):
 
     async def stop(self, live: Live, reason: str = "stopped") -> bool:
         if live.reply is None and self.shared is not None:  # it may run on another instance
-            return await self.shared.stop_elsewhere(live.id)
+            return await self._stop_elsewhere(live)
         return await self.runner.stop(live, reason)
 
     # ------------------------------------------------------------ listeners and views
@@ -385,7 +386,6 @@ class Conversations(Shared, Views):
             for outbox in list(self.events.listeners(live.id)):
                 outbox.close()
         await self.persister.close()  # every finished or interrupted turn is written before the store closes
-        if self.shared is not None:
-            await self.shared.close()
+        await self._close_shared()
 
     # ------------------------------------------------------------ stats

@@ -58,14 +58,14 @@ class EventLog:
         if len(t.replies) > RECENT_REPLIES:
             del t.replies[0]
 
-    def emit(self, conv: Conversation, reply_id: str, event: dict) -> dict:
-        """Number a reply event, keep it for resume, hand it to every listener."""
+    def emit(self, conv: Conversation, reply_id: str, event: dict, fan_out: bool = True) -> dict:
+        """Number a reply event, keep it for resume, hand it to every listener (unless not ``fan_out``)."""
         conv.seq += 1
         event["seq"] = conv.seq
         t = self._topic(conv.id)
         if t.replies and t.replies[-1].id == reply_id:
             t.replies[-1].events.append(event)
-        for outbox in t.listeners:
+        for outbox in t.listeners if fan_out else ():
             outbox.put(event)
         return event
 

@@ -64,12 +64,14 @@ class Persister:
         self.interval = interval
         self._writing: dict[str, asyncio.Task] = {}
         self._again: set[str] = set()
+        self._settled: set[str] = set()  # replies' final records stored by ``settle``, nothing asked since
         # cid -> (live, text pieces at its last write, when it was written: monotonic)
         self._running: dict[str, tuple[Live, int, float]] = {}
         self._ticker: asyncio.Task | None = None
 
     def write_soon(self, live: Live) -> None:
         """Write ``live``'s record as soon as the write before it (if any) is done."""
+        self._settled.discard(live.id)
         if live.id in self._writing:
             self._again.add(live.id)
             return
@@ -105,22 +107,38 @@ class Persister:
             self._ticker = asyncio.create_task(self._tick(), name="checkpoints")
 
     def ended(self, live: Live) -> None:
-        """A reply was recorded: its final turn is written now."""
+        """A reply was recorded (or a setting changed): written now; not when ``settle`` stored this
+        very record before the reply's ``done``. Then nothing of the reply is written after its
+        ``done``, which another instance may act on: a reset or a delete through it stays done."""
         self._running.pop(live.id, None)
+        if live.reply is None and live.id in self._settled:
+            self._settled.discard(live.id)
+            return
         self.write_soon(live)
 
     def settler(self):
         """``settle`` for a store other instances read (``shared``), else None: nothing to wait for."""
         return self.settle if getattr(self.store, "shared", False) else None
 
-    async def settle(self, live: Live, reply, finish: str) -> None:
-        """Store a reply's final turn now (awaited before its ``done``: ``Runner(settle=...)``), after
-        the checkpoint in flight, so a shared store never shows an ended reply as streaming."""
+    async def settle(self, live: Live, history: list[dict]) -> None:
+        """Store a reply's final record now (awaited before its ``done``: ``Runner(settle=...)``), after
+        the checkpoint in flight, so a shared store never shows an ended reply as streaming. It is
+        the record as the reply leaves it (``history`` with its turn, ``seq`` its ``done``'s): the
+        runner writes nothing after ``done`` then."""
         self._running.pop(live.id, None)  # no more checkpoints
         pending = self._writing.get(live.id)
         if pending is not None:
             await asyncio.wait([pending])
-        await self.store.put(replace(live.conv, history=[*live.conv.history, reply.entry(finish)]))
+        self._settled.add(live.id)  # (until a write is asked for meanwhile: then it is written after done)
+        try:
+            await self.store.put(replace(live.conv, history=history, seq=live.conv.seq + 1, updated=time.time()))
+        except BaseException:
+            self._settled.discard(live.id)
+            raise
+
+    def write_of(self, cid: str) -> asyncio.Task | None:
+        """The write of ``cid``'s record asked for or in flight (its end: the store has this process's news)."""
+        return self._writing.get(cid)
 
     async def _tick(self) -> None:
         """Checkpoint each running reply about every ``interval`` from its own start, looking ten

@@ -11,9 +11,7 @@ Layout (a session's keys share its hash tag, ``redis_conn.key``):
   lease (``redis_live``) emits events, so it numbers them itself and writes the counter with its
   events; the next holder starts from it, and a reaper INCRs it: positions rise across instances.
 
-Writing: ``emit`` is the memory log's (local listeners get the event at once) plus a command
-in a buffer; one writer task sends the buffer as one pipeline, so what is emitted while the
-previous pipeline is in flight is coalesced into the next. A reply never awaits Redis.
+Writing (``redis_writer.RedisWriter``): a reply never awaits Redis.
 
 Following: this instance's listeners of a reply running elsewhere are fed by one reader task:
 one ``XREAD BLOCK`` over the replies index of each session listened to here, the reply streams
@@ -38,30 +36,13 @@ import orjson
 from redis import exceptions as rexc
 
 from .eventlog import RECENT_REPLIES, EventLog
-from .events import Outbox, encode
-from .redis_conn import guarded, honour_cancel, key, tagged, valid_sid
+from .events import Outbox
+from .redis_batch import XRead, as_dict
+from .redis_conn import guarded, honour_cancel, valid_sid
+from .redis_writer import RedisWriter, index_key, reply_key, running_key, seq_key  # noqa: F401 (the layout's names)
 
 log = logging.getLogger(__name__)
 
-MAXLEN = 20000  # events kept per reply stream (approximate trim); a reply is far shorter
-BLOCK_MS = 4000  # under redis_conn.SOCKET_TIMEOUT
-INDEX_TTL_MS = 7 * 86400 * 1000
-
-
-def reply_key(cid: str, rid: str) -> str:
-    return key(cid, "reply", rid)
-
-
-def running_key(cid: str) -> str:
-    return key(cid, "running")
-
-
-def seq_key(cid: str) -> str:
-    return key(cid, "seq")
-
-
-def index_key(cid: str) -> str:
-    return key(cid, "replies")
 
 
 class RemoteReply:
@@ -93,104 +74,23 @@ def _id_seq(entry_id: bytes) -> int:
     return int(entry_id.split(b"-")[1])
 
 
-COALESCE = 0.004  # seconds the writer gathers events before one pipeline
+GATHER = 0.016  # seconds the reader lets pass after a read that got something
 
 
-class RedisEventLog(EventLog):
-    def __init__(self, client, instance: str, keep: float) -> None:
-        super().__init__()
-        self.r = client
-        self.instance = instance
-        self.keep_ms = max(1000, int(keep * 1000))
-        self._ops: list[tuple] = []
-        self._kick = asyncio.Event()
+class RedisEventLog(RedisWriter):
+    def __init__(self, client, instance: str, keep: float, cluster: bool = False) -> None:
+        super().__init__(client, instance, keep, cluster)
         self._want = asyncio.Event()  # something to follow
-        self._lock = asyncio.Lock()
-        self._own: dict[str, str] = {}  # reply id -> session id, replies running here
         self._snap: dict[str, _Snapshot] = {}
         self._floor: dict[Outbox, int] = {}
         self._watch: dict[str, bytes] = {}  # session -> position in its replies index
         self._follows: dict[str, _Follow] = {}  # reply stream key -> follow, in reply order
         self._fresh: list[str] = []  # sessions with follows to catch up (XRANGE) before the next XREAD
-        self._wake_key = tagged("wake", instance)
         self._wake_pos = b"0-0"
-        self.on_end: Callable | None = None  # (pipe, cid, rid): commands after a reply's done (the lease's release)
+        self._xread = XRead(client)
+        self._pruned = False  # listeners left since the reader last dropped what nobody here follows
         self.on_remote_done: Callable[[str, list[dict]], Awaitable[None]] | None = None
-
-    # -------------------------------------------------------------- writing (this instance's replies)
-
-    def begin(self, cid: str, reply_id: str) -> None:
-        super().begin(cid, reply_id)
-        self._own[reply_id] = cid
-        self._queue(("begin", cid, reply_id))
-
-    def emit(self, conv, reply_id: str, event: dict) -> dict:
-        ev = super().emit(conv, reply_id, event)
-        if reply_id in self._own:
-            self._queue(("xadd", conv.id, reply_id, ev["seq"], encode(ev)))
-        return ev
-
-    def end(self, cid: str, reply_id: str, now: float | None = None) -> None:
-        super().end(cid, reply_id, now)
-        if self._own.pop(reply_id, None) is not None:
-            self._queue(("end", cid, reply_id))
-
-    def forget(self, cid: str) -> None:
-        super().forget(cid)
-        self._queue(("forget", cid))
-
-    def _queue(self, op: tuple) -> None:
-        self._ops.append(op)
-        self._kick.set()
-
-    def _build(self, pipe, ops: list[tuple]) -> None:
-        seqs: dict[str, int] = {}
-        for op in ops:
-            kind, cid = op[0], op[1]
-            if kind == "xadd":
-                _, _, rid, seq, data = op
-                pipe.xadd(reply_key(cid, rid), {"e": data}, id=f"0-{seq}", maxlen=MAXLEN, approximate=True)
-                seqs[cid] = seq
-                continue
-            if cid in seqs:  # the counter before anything that may let another instance number events
-                pipe.set(seq_key(cid), seqs.pop(cid), px=INDEX_TTL_MS)
-            if kind == "begin":
-                pipe.xadd(index_key(cid), {"r": op[2], "i": self.instance}, maxlen=4 * RECENT_REPLIES, approximate=True)
-                pipe.pexpire(index_key(cid), INDEX_TTL_MS)
-            elif kind in ("end", "release"):  # release: a lease whose reply never started
-                if kind == "end":
-                    pipe.pexpire(reply_key(cid, op[2]), self.keep_ms)
-                if self.on_end is not None:
-                    self.on_end(pipe, cid, op[2])
-            elif kind == "forget":
-                pipe.delete(index_key(cid))
-            elif kind == "wake":
-                pipe.xadd(self._wake_key, {"w": 1}, maxlen=16, approximate=True)
-        for cid, seq in seqs.items():
-            pipe.set(seq_key(cid), seq, px=INDEX_TTL_MS)
-
-    async def flush(self) -> None:
-        """Send what is buffered, in order (one pipeline)."""
-        async with self._lock:
-            ops, self._ops = self._ops, []
-            if not ops:
-                return
-            pipe = self.r.pipeline(transaction=False)
-            self._build(pipe, ops)
-            try:
-                await pipe.execute(raise_on_error=False)
-            except (rexc.RedisError, OSError) as exc:
-                log.warning("redis: %d reply events not shared: %s", len(ops), exc)
-
-    async def run_writer(self) -> None:
-        while True:
-            await self._kick.wait()
-            # Gather what the next few ms emit into the same pipeline: one round trip for many
-            # replies' events, where flushing every event alone cost a redis-py pipeline per
-            # token (bench STORES fan-out). Followers on other instances see it COALESCE later.
-            await asyncio.sleep(COALESCE)
-            self._kick.clear()
-            await self.flush()
+        self.on_remote_start: Callable[[str], None] = lambda cid: None  # a reply began elsewhere: reread the record
 
     # -------------------------------------------------------------- what other instances run
 
@@ -261,9 +161,7 @@ class RedisEventLog(EventLog):
     def subscribe(self, cid: str, outbox: Outbox, after: int | None = None, running: str | None = None) -> None:
         remote = self.running_elsewhere(cid) if running is None else None
         super().subscribe(cid, outbox, after, running or (remote.id if remote else None))
-        snap = self._snap.get(cid)
-        if snap is None:  # a session made here (never looked up): nothing ran anywhere yet
-            snap = self._snap[cid] = _Snapshot(None, [], b"0-0")
+        snap = self._snap.setdefault(cid, _Snapshot(None, [], b"0-0"))  # (never looked up: nothing ran yet)
         t = self._topics[cid]
         logs = {r.id: r for r in t.replies}
         local_top = max((r.events[-1]["seq"] for r in t.replies if r.events), default=0)
@@ -291,9 +189,11 @@ class RedisEventLog(EventLog):
 
     def unsubscribe(self, cid: str, outbox: Outbox) -> int:
         self._floor.pop(outbox, None)
+        self._pruned = True
         return super().unsubscribe(cid, outbox)
 
     def release_listeners(self, cid: str, listeners) -> None:
+        self._pruned = True
         for outbox in listeners:
             self._floor.pop(outbox, None)
 
@@ -343,7 +243,7 @@ class RedisEventLog(EventLog):
 
     async def _read_entries(self, f: _Follow, entries) -> None:
         for entry_id, fields in entries:
-            ev = orjson.loads(fields[b"e"])
+            ev = orjson.loads(fields[b"e"] if isinstance(fields, dict) else fields[1])
             f.pos = _id_seq(entry_id)
             self._deliver(f, ev)
             if ev["type"] == "done":
@@ -365,6 +265,7 @@ class RedisEventLog(EventLog):
         """New replies in a watched session: follow those running elsewhere from their start."""
         for entry_id, fields in entries:
             self._watch[cid] = entry_id
+            fields = as_dict(fields)
             rid, inst = fields[b"r"].decode(), fields[b"i"].decode()
             snap = self._snap.get(cid)
             if snap is not None:
@@ -373,8 +274,12 @@ class RedisEventLog(EventLog):
                 snap.running = (inst, rid)
             if inst != self.instance:
                 self._follow(cid, rid, 0)
+                self.on_remote_start(cid)
 
     def _prune(self) -> None:
+        if not self._pruned:
+            return
+        self._pruned = False
         for cid in [c for c in self._watch if not self.listeners(c)]:
             del self._watch[cid]
         for k in [k for k, f in self._follows.items() if f.cid not in self._watch]:
@@ -399,10 +304,11 @@ class RedisEventLog(EventLog):
             cid = self._fresh.pop(0)
             for f in [f for f in self._follows.values() if f.cid == cid]:
                 await self._read_entries(f, await self.r.xrange(f.key, min=f"(0-{f.pos}"))
-        streams = {self._wake_key: self._wake_pos}
-        streams.update({index_key(cid): pos for cid, pos in self._watch.items()})
-        streams.update({k: f"0-{f.pos}" for k, f in self._follows.items()})
-        for name, entries in await self.r.xread(streams, block=BLOCK_MS, count=1000) or ():
+        names = [self._wake_key, *(index_key(cid) for cid in self._watch), *self._follows]
+        positions = [self._wake_pos, *self._watch.values(), *(b"0-%d" % f.pos for f in self._follows.values())]
+        got = False
+        for name, entries in await self._xread.read(names, positions, self.cluster):
+            got = True
             name = name.decode()
             if name == self._wake_key:
                 self._wake_pos = entries[-1][0]
@@ -412,3 +318,5 @@ class RedisEventLog(EventLog):
                 cid = name[len("nexlm:{"):-len("}:replies")]
                 if cid in self._watch:
                     self._indexed(cid, entries)
+        if got:  # let the next read gather more: one read per writer batch of every instance was
+            await asyncio.sleep(GATHER)  # most of a following instance's CPU per token

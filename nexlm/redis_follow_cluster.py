@@ -34,11 +34,12 @@ COUNT = 1000  # entries per stream per read; a stream that filled it is read aga
 
 
 class ClusterEventLog(RedisEventLog):
-    """``RedisEventLog`` for a Redis Cluster: the writer announces, the reader reads per session."""
+    """``RedisEventLog`` for a Redis Cluster: the writer tells the readers (``tell_readers``, not the
+    writer's ``announce``, which lists a reply in its session's index), the reader reads per session."""
 
-    def __init__(self, client, instance: str, keep: float) -> None:
-        super().__init__(client, instance, keep)
-        self._due: set[str] = set()  # watched sessions announced since their last read
+    def __init__(self, client, instance: str, keep: float, cluster: bool = True) -> None:
+        super().__init__(client, instance, keep, True)  # (``cluster``: open_shared's one signature)
+        self._due: set[str] = set()  # watched sessions named on the channel since their last read
 
     # -------------------------------------------------------------- writing, watching
 
@@ -47,10 +48,10 @@ class ClusterEventLog(RedisEventLog):
         # in flight, then takes the buffer): announcing after it never runs ahead of the data.
         sessions = {op[1] for op in self._ops if op[1]}
         await super().flush()
-        await self.announce(sessions)
+        await self.tell_readers(sessions)
         honour_cancel()
 
-    async def announce(self, sessions) -> None:
+    async def tell_readers(self, sessions) -> None:
         """Tell the other instances' readers these sessions have new entries (best effort)."""
         if sessions:
             try:

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 LEASES = tagged("leases", "all")
 REAP_EVERY = 2.0
 STOP_WAIT = 5.0  # how long a stop through another instance waits for the reply's done
+END_WAIT = 0.05  # how long a chat waits for the done of a reply another instance is ending
+CLAIM_TRIES, CLAIM_PAUSE = 20, 0.005  # a lease whose reply ended: released one round trip after its done
 _CAS_DEL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _CAS_PEXPIRE = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
                 "end return 0")
@@ -114,11 +116,12 @@ class RedisLive:
         return f"{cid} {rid} {self.instance}"
 
     @guarded
-    async def claim(self, conv) -> str:
+    async def claim(self, conv, ended: str | None = None) -> str:
         """Take the session's running lease for a new reply (its id), or raise ``Busy``. The seq
-        counter comes with it: this instance numbers the session's events until it lets go."""
+        counter comes with it: this instance numbers the session's events until it lets go.
+        ``ended``: a reply whose ``done`` was seen; its lease, released just after, is waited for."""
         rid = secrets.token_urlsafe(9)
-        for attempt in (1, 2):
+        for attempt in range(CLAIM_TRIES):
             pipe = self.r.pipeline(transaction=False)
             pipe.set(running_key(conv.id), f"{self.instance}:{rid}", nx=True, px=self.lease_ms)
             pipe.get(seq_key(conv.id))
@@ -128,16 +131,32 @@ class RedisLive:
             if ok:
                 break
             await self.r.zrem(LEASES, self._member(conv.id, rid))
-            if attempt == 2 or (holder or b"").decode().rpartition(":")[0] != self.instance:
+            inst, _, held = (holder or b"").decode().rpartition(":")
+            if attempt == CLAIM_TRIES - 1 or not (inst == self.instance and attempt == 0 or held == ended):
                 raise Busy
-            # Held by this instance: a reply that just ended here (the facade saw none running), whose
-            # done and lease release may still wait in the writer's queue (a chat sent right after
-            # done). Send them, then try once more; a lease still held after that is a real busy.
-            await self.events.flush()
+            if inst == self.instance:
+                # A reply that just ended here (the facade saw none running), whose done and lease
+                # release may still wait in the writer's queue (a chat sent right after done).
+                await self.events.flush()
+            else:
+                await asyncio.sleep(CLAIM_PAUSE)  # the ended reply's instance releases it right after its done
         if seq:
             conv.seq = max(conv.seq, int(seq))
         self.held[conv.id] = rid
         return rid
+
+    @guarded
+    async def just_ended(self, cid: str, rid: str) -> bool:
+        """Is ``rid``'s ``done`` in its stream, or does it arrive within ``END_WAIT`` seconds?"""
+        k = reply_key(cid, rid)
+        last = await self.r.xrevrange(k, count=1)
+        if last and orjson.loads(last[0][1][b"e"])["type"] == "done":
+            return True
+        pos = last[0][0] if last else b"0-0"
+        for _, entries in await self.r.xread({k: pos}, block=int(END_WAIT * 1000), count=1000) or ():
+            if any(orjson.loads(f[b"e"])["type"] == "done" for _, f in entries):
+                return True
+        return False
 
     @guarded
     async def reply_running_elsewhere(self, conv) -> bool:
@@ -267,7 +286,7 @@ class RedisLive:
         pipe.zrem(LEASES, member)
         await pipe.execute()
         if isinstance(self.events, ClusterEventLog):
-            await self.events.announce({cid})  # the done, to the other instances' readers
+            await self.events.tell_readers({cid})  # the done, to the other instances' readers
 
 
 def instance_id() -> str:
@@ -278,5 +297,5 @@ def instance_id() -> str:
 async def open_shared(url: str, lease_seconds: float, keep: float) -> RedisLive:
     """Connect (``StoreError`` if Redis cannot be used) and build this instance's live layer."""
     conn = await connect(url)
-    events = (ClusterEventLog if conn.cluster else RedisEventLog)(conn.client, instance_id(), keep)
+    events = (ClusterEventLog if conn.cluster else RedisEventLog)(conn.client, instance_id(), keep, conn.cluster)
     return RedisLive(conn, events, lease_seconds)

@@ -84,7 +84,7 @@ class Runner:
                  on_commit: Callable[[Live], None], on_released: Callable[[Live], None],
                  background: bool = False, settle: Callable | None = None) -> None:
         self.events = events
-        # ``await settle(live, reply, finish)`` before ``done`` goes out (a store other instances
+        # ``await settle(live, history)`` before ``done`` goes out (a store other instances
         # read: the final turn is stored first, so one asked right after ``done`` has it).
         self._settle = settle
         self.background = background  # replies nobody listens to run to their end
@@ -139,7 +139,8 @@ class Runner:
             finish = "error"
         if self._settle is not None and reply.finish_reason is None:
             try:
-                await asyncio.wait_for(self._settle(live, reply, finish), SETTLE_SECONDS)
+                await asyncio.wait_for(self._settle(live, self._with_turn(live.conv.history, reply.entry(finish))),
+                                       SETTLE_SECONDS)
             except asyncio.CancelledError:
                 self._finish(live, reply, finish)
                 raise
@@ -147,18 +148,22 @@ class Runner:
                 log.error("reply %s: its final turn was not stored before done: %s", rid, exc)
         self._finish(live, reply, finish)
 
+    def _with_turn(self, history: list[dict], entry: dict) -> list[dict]:
+        """``history`` and the reply's turn, cut to ``max_history`` (the record as ``_finish`` leaves it)."""
+        history = [*history, entry]
+        if len(history) > self.max_history:
+            drop = len(history) - self.max_history
+            drop += drop % 2  # whole turns, so the history still starts with a user message
+            del history[:drop]
+        return history
+
     def _finish(self, live: Live, reply: Reply, finish: str) -> None:
         """Record the assistant turn and send ``done``: exactly once per reply."""
         if reply.finish_reason is not None:
             return
         reply.finish_reason = finish
         turn = reply.turn
-        history = live.conv.history
-        history.append(reply.entry(finish))
-        if len(history) > self.max_history:
-            drop = len(history) - self.max_history
-            drop += drop % 2  # whole turns, so the history still starts with a user message
-            del history[:drop]
+        live.conv.history[:] = self._with_turn(live.conv.history, reply.entry(finish))
         now = time.monotonic()
         live.conv.updated = time.time()
         self.events.emit(live.conv, reply.id, wire.done(reply.id, finish, turn.usage, turn.model,

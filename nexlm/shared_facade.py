@@ -3,12 +3,16 @@
 ``Conversations`` inherits it; with any other store ``shared`` stays None and none of this runs,
 so the memory store behaves exactly as before. With Redis: a new reply first takes the
 session's running lease (``redis_live``), a record that changes is written at once (another
-instance may read it next), a reply running elsewhere shows in the ``session`` frame and can
-be resumed and stopped here, and what another instance finishes or a reaper interrupts is put
-into the history this instance holds.
+instance may read it next), and the reply is listed for the others once its question is stored.
+A reply running elsewhere shows in the ``session`` frame, with its question (the record is read
+again when one starts), and can be resumed and stopped here (``reset`` and ``delete`` stop it
+first); what another instance finishes or a reaper interrupts is put into the history this
+instance holds.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from .redis_live import Busy, open_shared, settle, turn_of
 from .validation import ChatError
@@ -18,6 +22,7 @@ BUSY = "A reply is still streaming; stop it or wait for it to finish."
 
 class Shared:
     shared = None  # redis_live.RedisLive once started with [store] kind = "redis"
+    _reloads: dict[str, asyncio.Task]  # session -> its record being read again (a reply began elsewhere)
 
     async def _start_shared(self) -> None:
         """Open what the store needs; redis: the live layer shared with the other instances."""
@@ -29,15 +34,25 @@ class Shared:
             shared.on_stop = self._stop_here
             shared.on_reap = self._reaped
             shared.events.on_remote_done = self._remote_done
+            shared.events.on_remote_start = self._remote_started
+            self._reloads = {}
             shared.start()
+
+    async def _close_shared(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()  # (its reader first: it starts the reloads)
+            for task in self._reloads.values():
+                task.cancel()
+            await asyncio.gather(*self._reloads.values(), return_exceptions=True)
 
     async def _admit(self, live, model=None, params=None, claim: bool = True, who=None) -> tuple:
         """Check everything a new reply needs (``who``'s quota too); only when all pass, apply
         model/params and take a slot (shared: and the session's running lease, whose reply id is returned)."""
         self.admission.check_open()
-        if live.reply is not None or self._running(live) is not None:
+        remote = None if live.reply is not None else self._running(live)
+        if live.reply is not None or remote is not None and not await self._ended_elsewhere(live, remote):
             raise ChatError("busy", BUSY, 409)
-        rid = await self._claim(live) if claim else None
+        rid = await self._claim(live, remote.id if remote is not None else None) if claim else None
         try:
             if live.reply is not None:
                 raise ChatError("busy", BUSY, 409)
@@ -55,13 +70,45 @@ class Shared:
         live.conv.model, live.conv.params = new_model, new_params
         return resolved, rid
 
-    async def _claim(self, live) -> str | None:
+    async def _claim(self, live, ended: str | None = None) -> str | None:
         if self.shared is None:
             return None
         try:
-            return await self.shared.claim(live.conv)
+            return await self.shared.claim(live.conv, ended)
         except Busy:
             raise ChatError("busy", BUSY, 409) from None
+
+    async def _ended_elsewhere(self, live, remote) -> bool:
+        """Has the reply another instance runs just ended? That instance sends ``done`` to its own
+        clients before Redis has it (a reply never waits for Redis), so a client that acts on it
+        through this instance can arrive first: it gets a short wait, not ``busy``."""
+        return self.shared is not None and await self.shared.just_ended(live.id, remote.id)
+
+    def _announce(self, live) -> None:
+        """Shared: list the new reply where the other instances look for one (``RedisEventLog.announce``)
+        once the record with its question is stored, so an instance that hears of it and reads the
+        record has the question (a ``session`` frame drawn there shows it, with the reply running)."""
+        if self.shared is None:
+            return
+        rid, write = live.reply.id, self.persister.write_of(live.id)
+        if write is None:
+            self.events.announce(rid)
+        else:
+            write.add_done_callback(lambda _: self.events.announce(rid))
+
+    def _cached(self, live) -> bool:
+        """Is this instance's copy of a shared record only a cache, to be read again on a lookup:
+        nothing of it unwritten here, and nothing running here (idle, or its reply runs elsewhere)."""
+        return getattr(self.store, "shared", False) and not self.persister.pending(live.id) and (
+            not self._in_use(live.id) or live.reply is None and self._running(live) is not None)
+
+    async def _stop_elsewhere(self, live) -> bool:
+        """Stop the session's reply on the instance running it; once its ``done`` is written, this
+        instance's snapshot is taken again (a frame drawn next shows nothing running)."""
+        stopped = await self.shared.stop_elsewhere(live.id)
+        if stopped:
+            await self.events.refresh(live.id)
+        return stopped
 
     def _running(self, live):
         """The running reply: this instance's, or (shared) the one another instance runs."""
@@ -80,15 +127,36 @@ class Shared:
         if live is not None and live.reply is not None and live.reply.id == rid:
             self.runner.cancel(live.reply, reason)
 
+    def _remote_started(self, cid: str) -> None:
+        """The reader learnt of a reply begun elsewhere: the record (with its question, see ``_announce``)
+        is read again here, off the reader's task."""
+        if cid in self.live and cid not in self._reloads:
+            self._reloads[cid] = task = asyncio.create_task(self._reload(cid), name=f"reload {cid[:6]}")
+            task.add_done_callback(lambda t: self._reloads.get(cid) is t and self._reloads.pop(cid))
+
+    async def _reload(self, cid: str) -> None:
+        live = self.live.get(cid)
+        if live is None or not self._cached(live):
+            return
+        try:
+            conv = await self.store.get(cid)
+        except ChatError:  # (Redis failing: logged by the store; the reply's done reads it again)
+            return
+        if conv is not None and self.live.get(cid) is live and self._cached(live):
+            live.conv.refresh(conv)
+
     async def _remote_done(self, cid: str, events: list[dict]) -> None:
         """A reply that ran elsewhere ended: this instance's copy of the record is stale (it lacks at
-        least that turn and its question), so it is read again; the instance that ran the reply
-        stored its final turn before sending ``done``."""
+        least that turn), so it is read again; the instance that ran the reply stored its final turn
+        before sending ``done``. (Not over a change made here and not yet written: a reset.)"""
+        reload = self._reloads.pop(cid, None)
+        if reload is not None:  # (its read may be older than this one)
+            reload.cancel()
         live = self.live.get(cid)
-        if live is None or live.reply is not None:
+        if live is None or live.reply is not None or self.persister.pending(cid):
             return
         conv = await self.store.get(cid)
-        if self.live.get(cid) is not live or live.reply is not None:
+        if self.live.get(cid) is not live or live.reply is not None or self.persister.pending(cid):
             return
         if conv is not None:
             live.conv = conv

@@ -247,15 +247,20 @@ class RedisStore:
 
     @guarded
     async def put(self, conv: Conversation) -> None:
-        if not await self._do("writing", self.client.set(key(conv.id, "rec"), conv.dumps(), px=self._ttl_ms, xx=True)):
-            return  # deleted or expired meanwhile: stays missing
+        """One round trip: the record (only if it still exists) and its index entries. The indexes'
+        ZADD XX add nothing for a record deleted meanwhile; the owner's (which adds) is taken back."""
         now = self.clock()
         pipe = self.client.pipeline(transaction=False)
+        pipe.set(key(conv.id, "rec"), conv.dumps(), px=self._ttl_ms, xx=True)
         pipe.zadd(tagged("client", conv.client, "sessions"), {conv.id: now}, xx=True)
         pipe.zadd(ALL_KEY, {conv.id: now}, xx=True)
         if conv.owner is not None:
             pipe.zadd(tagged("owner", conv.owner, "sessions"), {conv.id: listed_at(conv)})
-        await self._do("writing", pipe.execute())
+        written = (await self._do("writing", pipe.execute()))[0]
+        if not written:  # deleted or expired meanwhile: stays missing
+            if conv.owner is not None:
+                await self._do("writing", self.client.zrem(tagged("owner", conv.owner, "sessions"), conv.id))
+            return
         self._know(conv)
 
     @guarded

@@ -282,3 +282,41 @@ def test_a_streaming_turn_is_the_running_reply_not_context_nor_history_to_draw()
     assert [t["content"] for t in wire.session(conv)["history"]] == ["q1", "a1", "q2"]
     conv.history.append({"role": "user", "content": "q3"})
     assert [m["content"] for m in context(conv, ChatConfig())] == ["q1", "a1", "q3"]
+
+
+class _Puts:
+    """A store that keeps what it was given to write (as other instances would read it)."""
+
+    durable, shared = True, True
+
+    def __init__(self) -> None:
+        self.puts: list[Conversation] = []
+
+    async def put(self, conv: Conversation) -> None:
+        self.puts.append(conv)
+
+
+async def test_a_settled_reply_writes_nothing_after_its_done_unless_something_changed_meanwhile():
+    """A shared store: ``settle`` stores the reply's final record before its ``done``; the commit after
+    ``done`` writes nothing more (another instance may reset the conversation on that ``done``), unless
+    a change was asked for meanwhile."""
+    from nexlm.persist import Persister
+    from nexlm.runner import Live
+
+    store = _Puts()
+    persister = Persister(store)  # type: ignore[arg-type]
+    live = Live(Conversation("u:a", "c", "fake/fake-model", seq=7, history=[{"role": "user", "content": "q"}]))
+    final = [*live.conv.history, {"role": "assistant", "content": "a", "finish_reason": "stop"}]
+    await persister.settle(live, final)
+    assert [(c.history, c.seq) for c in store.puts] == [(final, 8)]  # the record as done leaves it
+    live.conv.history[:] = final
+    persister.ended(live)  # the runner's commit after done
+    await persister.flush()
+    assert len(store.puts) == 1
+    await persister.settle(live, final)
+    persister.write_soon(live)  # a setting changed between the settle and the done
+    await persister.flush()
+    persister.ended(live)
+    await persister.flush()
+    assert len(store.puts) == 4
+    await persister.close()

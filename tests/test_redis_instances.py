@@ -11,6 +11,7 @@ from fake_upstream import DONE, Script, chunk
 from invariants import spawn_app
 from redis_servers import command, free_port
 
+from nexlm.redis_events import running_key
 from nexlm.store_redis import SCHEMA, SCHEMA_KEY
 
 
@@ -215,17 +216,18 @@ async def test_redis_going_away_is_a_503_not_a_crash_and_housekeeping_goes_on(ma
     await app.server.app[CONVERSATIONS].housekeeping_once()  # logs, raises nothing
 
 
-async def test_a_chat_sent_right_after_done_is_not_busy(make_client, redis_url, upstream):
-    """The lease of a reply that just ended here is released after its done, by the writer task:
-    a client that sends its next message on receiving done must not be told busy while that
-    release waits in the queue (bench STORES saw busy in 26 of ~250 operations). The writer is
-    held here, so the release is still queued when the next chat arrives."""
+async def test_done_waits_for_redis_and_a_chat_right_after_it_is_not_busy(make_client, redis_url, upstream):
+    """A reply's done reaches this instance's clients only once the writer has sent it to Redis,
+    with the lease's release after it: a client that acts on done (here, or through another
+    instance) finds the reply ended, never busy (bench STORES saw busy in 26 of ~250 operations
+    when done went out first). The writer is held here until the done is waiting for it."""
     from nexlm.appkeys import CONVERSATIONS
 
     app = await make_client(env={"NEXLM_STORE": redis_url})
-    events = app.app[CONVERSATIONS].shared.events
-    gate = asyncio.Event()
+    conversations = app.app[CONVERSATIONS]
+    events = conversations.shared.events
     flush = events.flush
+    gate = asyncio.Event()
 
     async def held_flush():
         if asyncio.current_task().get_name() == "redis writer":
@@ -234,12 +236,20 @@ async def test_a_chat_sent_right_after_done_is_not_busy(make_client, redis_url, 
 
     events.flush = held_flush
     w = await ws(app)
-    await w.recv()
+    sid = (await w.recv())["session"]
     for i in range(3):
+        gate.clear()
         await w.send({"type": "chat", "message": f"question {i}"})
+        async with asyncio.timeout(5):
+            while not events._later:  # the reply ended here; its done waits for the writer
+                await asyncio.sleep(0.01)
+        [(cid, listeners, done)] = events._later
+        assert cid == sid and done["type"] == "done" and len(listeners) == 1
+        assert await conversations.shared.r.exists(running_key(sid))  # not released: the writer is held
+        gate.set()
         ev = await w.recv()
         while ev["type"] not in ("done", "error"):
             ev = await w.recv()
-        assert ev["type"] == "done", ev
-    gate.set()
+        assert ev["type"] == "done" and ev["seq"] == done["seq"], ev
+        assert not await conversations.shared.r.exists(running_key(sid))  # released before done came
     await w.close()

@@ -2,7 +2,8 @@
 
 Real ``python app.py`` processes (tests/cluster.py) against the fake upstream in this process,
 whose gates (``asyncio.Event`` steps) pace each reply, so nothing here waits on a clock: a reply
-running on instance A is followed by a client of instance B, stopped through B, resumed on B
+running on instance A is followed by a client of instance B (whose view has its question),
+stopped, reset or deleted through B, resumed on B
 after a dropped connection, refused as ``busy`` through B, and ended ``interrupted`` by B when A
 is killed; each on one redis-server and on a three-node Redis Cluster. The same through a real
 nginx (round robin) at the end.
@@ -127,6 +128,112 @@ async def settled(check, what: str, timeout: float = 10.0) -> None:
 async def _last_turn_is(cs, base, sid, text, finish) -> bool:
     h = await history(cs, base, sid)
     return bool(h) and h[-1].get("content") == text and h[-1].get("finish_reason") == finish
+
+
+def turns(h: list[dict]) -> list[tuple[str, str]]:
+    return [(t["role"], t["content"]) for t in h]
+
+
+async def session_of(cs, base: str, sid: str) -> dict:
+    async with cs.get(f"{base}/api/sessions/{sid}") as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def test_the_question_of_a_reply_running_on_a_is_in_bs_view(two, upstream):
+    """B held the conversation (a listener) before A's turn began: during A's reply, B's session frame
+    and GET show the question with the reply running, and after its done the turn once."""
+    script, gates = gated("one ", "two ", "three")
+    upstream.push(script)
+    async with aiohttp.ClientSession() as cs:
+        a = await Sock.open(cs, f"{two.url(0)}/ws")
+        sid = (await a.next())["session"]
+        b0 = await Sock.open(cs, f"{two.url(1)}/ws?session={sid}")
+        assert (await b0.next())["history"] == []
+        sid, rid = await started(a)
+        await b0.until(is_delta("one "))  # B heard of the reply (its index) and follows it
+        b1 = await Sock.open(cs, f"{two.url(1)}/ws?session={sid}")
+        frame = await b1.next()
+        assert frame["type"] == "session" and turns(frame["history"]) == [("user", "question")], frame
+        assert frame["running"]["reply"] == rid, frame
+        await b1.until(is_delta("one "))  # the running reply replayed after the frame
+        got = await session_of(cs, two.url(1), sid)
+        assert turns(got["history"]) == [("user", "question")] and got["running"]["reply"] == rid, got
+        for gate in gates:
+            gate.set()
+        for s in (a, b0, b1):
+            done = await s.until(lambda f: f["type"] == "done")
+            assert done["reply"] == rid and s.text(rid) == "one two three"
+        whole = [("user", "question"), ("assistant", "one two three")]
+        await settled(lambda: _last_turn_is(cs, two.url(1), sid, "one two three", "stop"), "B's copy after done")
+        got = await session_of(cs, two.url(1), sid)
+        assert turns(got["history"]) == whole and "running" not in got, got
+        b2 = await Sock.open(cs, f"{two.url(1)}/ws?session={sid}")
+        assert turns((await b2.next())["history"]) == whole
+
+
+async def stopped_on_a(a: Sock, rid: str, upstream) -> None:
+    """A's reply ended ``stopped`` with the text streamed, its upstream request closed by A."""
+    done = await a.until(lambda f: f["type"] == "done")
+    assert done["reply"] == rid and done["finish_reason"] == "stopped" and a.text(rid) == "one "
+    await upstream.wait_closed(1)
+    assert upstream.cut_by_client == 1
+
+
+async def test_reset_through_b_stops_the_reply_on_a_first(two, upstream):
+    script, gates = gated("one ", "two ")
+    upstream.push(script)
+    async with aiohttp.ClientSession() as cs:
+        a = await Sock.open(cs, f"{two.url(0)}/ws")
+        await a.next()
+        sid, rid = await started(a)
+        b = await Sock.open(cs, f"{two.url(1)}/ws?session={sid}")
+        await b.next()
+        await b.until(is_delta("one "))
+        await b.send({"type": "reset"})
+        frame = await b.until(lambda f: f["type"] == "session")
+        assert frame["history"] == [] and "running" not in frame, frame
+        await stopped_on_a(a, rid, upstream)
+        gates[0].set()  # (its upstream is gone: nothing more comes)
+        await a.ws.close()
+        await b.ws.close()
+        # The stopped reply wrote nothing after its done: the reset record is what both serve.
+        for base in (two.url(0), two.url(1)):
+            await settled(lambda base=base: _history_is(cs, base, sid, []), f"the reset record through {base}")
+        upstream.push(Script([ROLE, chunk("fresh answer"), chunk(finish="stop"), usage_chunk(), DONE]))
+        c = await Sock.open(cs, f"{two.url(0)}/ws?session={sid}")
+        assert (await c.next())["history"] == []
+        await c.send({"type": "chat", "message": "fresh"})
+        assert (await c.until(lambda f: f["type"] == "done"))["finish_reason"] == "stop"
+        sent = upstream.requests[-1]["body"]["messages"]
+        assert [m["content"] for m in sent if m["role"] == "user"] == ["fresh"], sent
+
+
+async def test_delete_through_b_stops_the_reply_on_a_and_it_stays_deleted(two, upstream):
+    script, gates = gated("one ", "two ")
+    upstream.push(script)
+    async with aiohttp.ClientSession() as cs:
+        a = await Sock.open(cs, f"{two.url(0)}/ws")
+        await a.next()
+        sid, rid = await started(a)
+        async with cs.delete(f"{two.url(1)}/api/sessions/{sid}") as resp:
+            assert resp.status == 200 and (await resp.json()) == {"deleted": sid}
+        await stopped_on_a(a, rid, upstream)
+        gates[0].set()  # where the reply would have gone on and ended
+        await a.ws.close()
+        for base in (two.url(0), two.url(1)):
+            await settled(lambda base=base: _status_is(cs, base, sid, 404), f"the session gone through {base}")
+        c = await Sock.open(cs, f"{two.url(0)}/ws?session={sid}")  # a new session, not the deleted one
+        assert (await c.next())["session"] != sid
+
+
+async def _history_is(cs, base, sid, want) -> bool:
+    return turns(await history(cs, base, sid)) == want
+
+
+async def _status_is(cs, base, sid, status) -> bool:
+    async with cs.get(f"{base}/api/sessions/{sid}") as resp:
+        return resp.status == status
 
 
 async def test_dropped_on_a_resumes_on_b_with_after_and_last_event_id(two, upstream):
