@@ -123,10 +123,9 @@ class XRead:
         self._names: dict[str, bytes] = {}  # stream name -> its packed bulk string
         self._conn = None
 
-    async def read(self, names: list[str], positions: list[bytes], cluster: bool = False):
-        """(stream name bytes, entries) pairs; an entry is (id, [field, value, ...]) or (id, {field: value})."""
-        if cluster:  # redis-py routes it (several sessions' slots: CROSSSLOT until the cluster reader)
-            return (await self.r.xread(dict(zip(names, positions)), block=BLOCK_MS, count=1000) or {}).items()
+    async def read(self, names: list[str], positions: list[bytes]):
+        """(stream name bytes, entries) pairs; an entry is (id, [field, value, ...]). Single-node
+        Redis only (one XREAD over several sessions' slots; a cluster's reader is redis_follow_cluster)."""
         packed = self._names
         if len(packed) > 4 * len(names) + 64:  # names of streams no longer read
             packed.clear()

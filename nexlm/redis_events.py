@@ -307,7 +307,7 @@ class RedisEventLog(RedisWriter):
         names = [self._wake_key, *(index_key(cid) for cid in self._watch), *self._follows]
         positions = [self._wake_pos, *self._watch.values(), *(b"0-%d" % f.pos for f in self._follows.values())]
         got = False
-        for name, entries in await self._xread.read(names, positions, self.cluster):
+        for name, entries in await self._xread.read(names, positions):
             got = True
             name = name.decode()
             if name == self._wake_key:

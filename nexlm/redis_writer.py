@@ -21,7 +21,7 @@ from redis import exceptions as rexc
 from .eventlog import RECENT_REPLIES, EventLog
 from .events import encode
 from .redis_batch import INDEX_TTL_MS, append, command, split
-from .redis_conn import key, tagged
+from .redis_conn import honour_cancel, key, tagged
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ class RedisWriter(EventLog):
 
     async def run_writer(self) -> None:
         while True:
+            honour_cancel()
             await self._kick.wait()
             # Gather what the next few ms emit into the same pipeline: one round trip for many
             # replies' events, where flushing every event alone cost a redis-py pipeline per
