@@ -43,13 +43,12 @@ class ClusterEventLog(RedisEventLog):
 
     # -------------------------------------------------------------- writing, watching
 
-    async def flush(self) -> None:
-        # Every op buffered now is sent by the time super().flush() returns (it waits for a flush
-        # in flight, then takes the buffer): announcing after it never runs ahead of the data.
-        sessions = {op[1] for op in self._ops if op[1]}
-        await super().flush()
-        await self.tell_readers(sessions)
+    async def flush(self) -> list[tuple]:
+        # After the pipeline's answer: telling the readers never runs ahead of the data.
+        ops = await super().flush()
+        await self.tell_readers({op[1] for op in ops if op[1]})
         honour_cancel()
+        return ops
 
     async def tell_readers(self, sessions) -> None:
         """Tell the other instances' readers these sessions have new entries (best effort)."""

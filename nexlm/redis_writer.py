@@ -124,15 +124,15 @@ class RedisWriter(EventLog):
                 pipe.xadd(self._wake_key, {"w": 1}, maxlen=16, approximate=True)
         append(pipe, batch)
 
-    async def flush(self) -> None:
+    async def flush(self) -> list[tuple]:
         """Send what is buffered, in order: on a single Redis each run of events as one packed
         ``EVAL``, the other ops (a reply's begin and end, the lease's release) in a pipeline after
-        the events before them; on a cluster all in one pipeline."""
+        the events before them; on a cluster all in one pipeline. The ops it sent."""
         async with self._lock:
             ops, self._ops = self._ops, []
             later, self._later = self._later, []
             if not ops:
-                return
+                return ops
             try:
                 for part in [ops] if self.cluster else split(ops):
                     if isinstance(part, bytes):
@@ -152,6 +152,7 @@ class RedisWriter(EventLog):
                 for cid, listeners, ev in later:
                     for outbox in listeners & self.listeners(cid):
                         outbox.put(ev)
+        return ops
 
     async def run_writer(self) -> None:
         while True:
