@@ -5,7 +5,7 @@ whose gates (``asyncio.Event`` steps) pace each reply, so nothing here waits on 
 running on instance A is followed by a client of instance B (whose view has its question),
 stopped, reset or deleted through B, resumed on B
 after a dropped connection, refused as ``busy`` through B, and ended ``interrupted`` by B when A
-is killed; a page open on A is shown B's set and reset. The same through a real nginx (round robin) at the end.
+is killed. The same through a real nginx (round robin) at the end.
 """
 
 from __future__ import annotations
