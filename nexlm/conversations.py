@@ -61,7 +61,7 @@ class Conversations(Shared, Views):
                              on_commit=self._commit, on_released=self._release_listeners,
                              background=settings.background_replies, settle=self.persister.settler())
         self._dirty: set[str] = set()  # live records changed since they were last written (memory store)
-        self.history = History(self.store, self.live, self._commit)  # GET /api/sessions, PATCH (history.py)
+        self.history = History(self.store, self.live, partial(self._changed, what="title"))  # GET, PATCH /api/sessions
         self.cache: ResponseCache | None = None  # the response cache (server.py sets it once the store is open)
 
     async def start(self) -> None:
@@ -158,6 +158,7 @@ class Conversations(Shared, Views):
         await self.stop(live)  # (shared: also a reply running on another instance, its upstream request closed)
         await self.store.delete(live.id)
         self._dropped(live.id, "deleted")
+        self._tell(live.id, "deleted")
 
     def _dropped(self, cid: str, why: str) -> None:
         """The store no longer has ``cid``: end its reply, then tell its listeners and let them go."""
@@ -207,20 +208,20 @@ class Conversations(Shared, Views):
     def configure(self, live: Live, model=None, params=None) -> None:
         """Apply a ``set``: all of it or, on any error, none of it."""
         live.conv.model, live.conv.params = self._choice(live.conv, model, params)
-        self._commit(live)
+        self._changed(live, "set")
 
     def restore(self, live: Live, history) -> None:
         """Seed an empty conversation with a client's copy of it (after a restart)."""
         if live.reply is not None or live.conv.history:
             raise ChatError("bad_request", "restore works only on a new, empty session")
         live.conv.history = check_history(self.settings.limits, history)
-        self._commit(live)
+        self._changed(live, "restore")
 
     async def reset(self, live: Live) -> None:
         await self.stop(live)  # (as delete)
         live.conv.history.clear()
         self.events.forget(live.id)
-        self._commit(live)
+        self._changed(live, "reset")
 
     # ------------------------------------------------------------ turns
 
@@ -229,6 +230,7 @@ class Conversations(Shared, Views):
         ``door`` (here and below) names the front door, for the turn's logs and metrics; ``who``
         (``clients.Who``) who asks, for quotas and usage (None: nobody known, no quota)."""
         message = check_message(self.settings.limits, message)
+        await self._current(live)  # shared: the stored record, whatever another instance changed
         resolved, rid = await self._admit(live, model, params, who=who)
         live.conv.history.append({"role": "user", "content": message})
         return self._launch(live, resolved, door, rid, who)
@@ -252,6 +254,7 @@ class Conversations(Shared, Views):
 
     async def regenerate(self, live: Live, model=None, params=None, door: str = "ws", who=None) -> Reply:
         """Replace the last reply with a new one."""
+        await self._current(live)
         if live.reply is not None:
             raise ChatError("busy", BUSY, 409)
         h = live.conv.history
@@ -259,12 +262,13 @@ class Conversations(Shared, Views):
             raise ChatError("bad_request", "There is no reply to regenerate yet.")
         resolved, rid = await self._admit(live, model, params, who=who)
         h.pop()
-        return self._launch(live, resolved, door, rid, who)
+        return self._launch(live, resolved, door, rid, who, edited=True)
 
     async def edit(self, live: Live, index, message, model=None, params=None, door: str = "ws",
                    who=None) -> Reply:
         """Replace the user message at ``index`` (and everything after it) and answer it."""
         message = check_message(self.settings.limits, message)
+        await self._current(live)
         if live.reply is not None:
             raise ChatError("busy", BUSY, 409)
         h = live.conv.history
@@ -274,9 +278,10 @@ class Conversations(Shared, Views):
         resolved, rid = await self._admit(live, model, params, who=who)
         del h[index:]
         h.append({"role": "user", "content": message})
-        return self._launch(live, resolved, door, rid, who)
+        return self._launch(live, resolved, door, rid, who, edited=True)
 
-    def _launch(self, live: Live, resolved: Resolved, door: str = "ws", rid: str | None = None, who=None) -> Reply:
+    def _launch(self, live: Live, resolved: Resolved, door: str = "ws", rid: str | None = None, who=None,
+                edited: bool = False) -> Reply:
         conv = live.conv
         conv.updated = time.time()
         request = ChatRequest(resolved.model, context(conv, self.settings.chat), turn_params(conv))
@@ -290,7 +295,7 @@ class Conversations(Shared, Views):
                                               who=who, cache=slot), rid)
         if self.store.durable:
             self.persister.started(live)  # the question and the streaming turn, then checkpoints
-            self._announce(live)  # shared: other instances hear of the reply once that is stored
+            self._announce(live, edited)  # shared: other instances hear of the reply once that is stored
         else:
             self._dirty.add(live.id)
         self.store.touch(live.id)

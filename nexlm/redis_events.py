@@ -6,7 +6,9 @@ Layout (a session's keys share its hash tag, ``redis_conn.key``):
   never collides with an old one), entry id ``0-<seq>``, field ``e`` the event's JSON. Reading
   "after seq N" is reading after id ``0-N``. MAXLEN-bounded; expires ``keep`` seconds after its done.
 - ``nexlm:{sid}:replies``: a Stream of the session's replies (``r`` reply id, ``i`` instance),
-  newest last: what another instance follows to learn that a reply started.
+  newest last: what another instance follows to learn that a reply started. Its entries without
+  ``r`` are change notices (``c`` what changed: reset, set, title, edit, deleted), written after the
+  record: an instance holding the session reads it again (``on_remote_change``).
 - ``nexlm:{sid}:seq``: the last seq handed out. Only the instance holding the session's running
   lease (``redis_live``) emits events, so it numbers them itself and writes the counter with its
   events; the next holder starts from it, and a reaper INCRs it: positions rise across instances.
@@ -75,6 +77,7 @@ def _id_seq(entry_id: bytes) -> int:
 
 
 GATHER = 0.016  # seconds the reader lets pass after a read that got something
+INDEX_SCAN = 4 * RECENT_REPLIES  # index entries ``refresh`` reads: replies and change notices (its MAXLEN)
 
 
 class RedisEventLog(RedisWriter):
@@ -91,6 +94,7 @@ class RedisEventLog(RedisWriter):
         self._pruned = False  # listeners left since the reader last dropped what nobody here follows
         self.on_remote_done: Callable[[str, list[dict]], Awaitable[None]] | None = None
         self.on_remote_start: Callable[[str], None] = lambda cid: None  # a reply began elsewhere: reread the record
+        self.on_remote_change: Callable[[str, str], None] = lambda cid, what: None  # the record changed elsewhere
 
     # -------------------------------------------------------------- what other instances run
 
@@ -101,10 +105,10 @@ class RedisEventLog(RedisWriter):
             return
         pipe = self.r.pipeline(transaction=False)
         pipe.get(running_key(cid))
-        pipe.xrevrange(index_key(cid), count=RECENT_REPLIES)
+        pipe.xrevrange(index_key(cid), count=INDEX_SCAN)
         running_raw, entries = await pipe.execute()
-        entries = list(reversed(entries))
-        rids = [f[b"r"].decode() for _, f in entries]
+        index_pos = entries[0][0] if entries else b"0-0"
+        rids = [f[b"r"].decode() for _, f in reversed(entries) if b"r" in f][-RECENT_REPLIES:]  # (not change notices)
         pipe = self.r.pipeline(transaction=False)
         for rid in rids:
             pipe.xrange(reply_key(cid, rid), count=1)
@@ -122,7 +126,7 @@ class RedisEventLog(RedisWriter):
         if running_raw:
             inst, _, rid = running_raw.decode().rpartition(":")
             running = (inst, rid)
-        self._snap[cid] = _Snapshot(running, replies, entries[-1][0] if entries else b"0-0")
+        self._snap[cid] = _Snapshot(running, replies, index_pos)
 
     def running_elsewhere(self, cid: str) -> RemoteReply | None:
         snap = self._snap.get(cid)
@@ -182,6 +186,14 @@ class RedisEventLog(RedisWriter):
         if cid not in self._watch:
             self._watch[cid] = snap.index_pos
             self._wake()
+
+    def forget_here(self, cid: str) -> None:
+        """Drop the kept events of ``cid`` in this process only (a reset made through another
+        instance, which cleared the shared index itself: ``forget`` would delete what came since)."""
+        EventLog.forget(self, cid)
+        snap = self._snap.get(cid)
+        if snap is not None:
+            snap.replies.clear()
 
     def _top(self, cid: str, but: str | None) -> int:
         snap = self._snap.get(cid)
@@ -262,11 +274,17 @@ class RedisEventLog(RedisWriter):
                 return
 
     def _indexed(self, cid: str, entries) -> None:
-        """New replies in a watched session: follow those running elsewhere from their start."""
+        """New replies in a watched session: follow those running elsewhere from their start.
+        A change notice (no ``r``) made elsewhere goes to ``on_remote_change``."""
         for entry_id, fields in entries:
             self._watch[cid] = entry_id
             fields = as_dict(fields)
-            rid, inst = fields[b"r"].decode(), fields[b"i"].decode()
+            inst = fields[b"i"].decode()
+            if b"r" not in fields:
+                if inst != self.instance:
+                    self.on_remote_change(cid, fields.get(b"c", b"").decode())
+                continue
+            rid = fields[b"r"].decode()
             snap = self._snap.get(cid)
             if snap is not None:
                 snap.replies.append([rid, None, 0, False])

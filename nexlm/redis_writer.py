@@ -73,6 +73,11 @@ class RedisWriter(EventLog):
         if (cid := self._unlisted.pop(reply_id, None)) is not None:
             self._queue(("begin", cid, reply_id))
 
+    def change(self, cid: str, what: str) -> None:
+        """Tell the other instances that ``cid``'s record changed outside a reply (``what``: reset, set,
+        title, edit, deleted...): an entry without ``r`` in its replies index, once the record is written."""
+        self._queue(("change", cid, what))
+
     def emit(self, conv, reply_id: str, event: dict) -> dict:
         if reply_id not in self._own:
             return super().emit(conv, reply_id, event)
@@ -110,8 +115,9 @@ class RedisWriter(EventLog):
                 continue
             append(pipe, batch)  # events and counters before anything that may let another instance number events
             batch = []
-            if kind == "begin":
-                pipe.xadd(index_key(cid), {"r": op[2], "i": self.instance}, maxlen=4 * RECENT_REPLIES, approximate=True)
+            if kind in ("begin", "change"):  # (a change notice: no "r", never taken for a reply)
+                pipe.xadd(index_key(cid), {"r" if kind == "begin" else "c": op[2], "i": self.instance},
+                          maxlen=4 * RECENT_REPLIES, approximate=True)
                 pipe.pexpire(index_key(cid), INDEX_TTL_MS)
             elif kind in ("end", "release"):  # release: a lease whose reply never started
                 if kind == "end":

@@ -182,3 +182,35 @@ async def test_cluster_reader_in_order_no_gap_no_duplicate(redis_cluster, monkey
         await asyncio.gather(*tasks, return_exceptions=True)
         await wconn.close()
         await rconn.close()
+
+
+async def test_a_change_notice_in_the_replies_index_is_never_taken_for_a_reply(redis_server):
+    """``change`` writes an index entry without ``r``: ``refresh`` still finds the session's replies
+    (the newest, behind more notices than it keeps replies), and the reader hands the notice to
+    ``on_remote_change`` without following anything."""
+    conn = await connect(redis_server.url)
+    try:
+        here, there = RedisEventLog(conn.client, "here", keep=5.0), RedisEventLog(conn.client, "there", keep=5.0)
+        conv = Conversation(None, "client", "fake-model")
+        there.begin(conv.id, "r1")
+        there.emit(conv, "r1", wire.start("r1", "fake-model"))
+        there.emit(conv, "r1", wire.done("r1", "stop", None, "fake-model", {}, None))
+        there.end(conv.id, "r1")
+        for what in ("set", "title", "set", "set"):
+            there.change(conv.id, what)
+        await there.flush()
+        entries = await conn.client.xrange(index_key(conv.id))
+        assert [f for _, f in entries][-1] == {b"c": b"set", b"i": b"there"} and len(entries) == 5
+        await here.refresh(conv.id)
+        assert here.last_reply(conv.id) == "r1" and here.missed(conv.id, 0)
+        assert [r[0] for r in here._snap[conv.id].replies] == ["r1"]
+        heard = []
+        here.on_remote_change = lambda cid, what: heard.append((cid, what))
+        here._indexed(conv.id, [(entries[-1][0], entries[-1][1]), (b"99-0", [b"c", b"reset", b"i", b"there"])])
+        assert heard == [(conv.id, "set"), (conv.id, "reset")]
+        assert here._follows == {} and [r[0] for r in here._snap[conv.id].replies] == ["r1"]
+        assert here._watch[conv.id] == b"99-0"
+        here._indexed(conv.id, [(b"100-0", {b"c": b"set", b"i": b"here"})])  # its own: not told again
+        assert len(heard) == 2
+    finally:
+        await conn.close()

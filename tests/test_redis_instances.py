@@ -11,6 +11,7 @@ from fake_upstream import DONE, Script, chunk
 from invariants import spawn_app
 from redis_servers import command, free_port
 
+from nexlm.appkeys import CONVERSATIONS
 from nexlm.redis_events import running_key
 from nexlm.store_redis import SCHEMA, SCHEMA_KEY
 
@@ -253,3 +254,119 @@ async def test_done_waits_for_redis_and_a_chat_right_after_it_is_not_busy(make_c
         assert ev["type"] == "done" and ev["seq"] == done["seq"], ev
         assert not await conversations.shared.r.exists(running_key(sid))  # released before done came
     await w.close()
+
+
+# ------------------------------------------------------------ changes made through the other instance
+
+TOKEN = '[auth]\ntokens = ["tok-xchange-4e1a"]'
+AUTH = {"Authorization": "Bearer tok-xchange-4e1a"}
+
+
+async def asked(wa: WS, message: str) -> None:
+    await wa.send({"type": "chat", "message": message})
+    frames = await wa.until("done")
+    assert frames[-1]["finish_reason"] == "stop", frames
+
+
+def sent_turns(upstream) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in upstream.requests[-1]["body"]["messages"] if m["role"] != "system"]
+
+
+async def test_a_page_open_on_a_is_shown_bs_set_and_reset_and_chats_from_them(two, upstream):
+    """B's ``set`` and ``reset`` reach the page open on A as the ``session`` frame a local one sends,
+    and the next turn through A has B's params and none of the turns B reset."""
+    a, b = await two()
+    wa = await ws(a)
+    sid = (await wa.recv())["session"]
+    await asked(wa, "old question")
+    wb = await ws(b, f"/ws?session={sid}")
+    assert len((await wb.recv())["history"]) == 2
+    await wb.send({"type": "set", "params": {"temperature": 0.3}})
+    await wb.until("session")
+    frame = (await wa.until("session"))[-1]  # on A's socket
+    assert frame["session"] == sid and frame["params"].get("temperature") == 0.3, frame
+    assert len(frame["history"]) == 2
+    await wb.send({"type": "reset"})
+    await wb.until("session")
+    frame = (await wa.until("session"))[-1]
+    assert frame["history"] == [] and frame["params"].get("temperature") == 0.3, frame
+    await asked(wa, "new question")
+    assert sent_turns(upstream) == [("user", "new question")]
+    assert upstream.requests[-1]["body"].get("temperature") == 0.3
+    # B, following A's new turn, holds it too; nothing of the reset turns came back.
+    assert [h["content"] for h in (await (await b.get(f"/api/sessions/{sid}")).json())["history"]] == [
+        "new question", "Hello world"]
+    await wa.close()
+    await wb.close()
+
+
+async def test_a_turn_through_a_reads_the_record_even_if_the_change_notice_is_lost(two, upstream):
+    """A copy held by a page on A can be stale (a notice lost): a turn through A starts from the
+    stored record, with B's reset and B's params."""
+    a, b = await two()
+    mute = a.app[CONVERSATIONS].shared.events
+    mute.on_remote_change = lambda cid, what: None  # A hears of no change
+    wa = await ws(a)
+    sid = (await wa.recv())["session"]
+    await asked(wa, "old question")
+    wb = await ws(b, f"/ws?session={sid}")
+    await wb.recv()
+    await wb.send({"type": "set", "params": {"temperature": 0.7}})
+    await wb.until("session")
+    await wb.send({"type": "reset"})
+    await wb.until("session")
+    await b.app[CONVERSATIONS].persister.flush()  # B's record is in Redis
+    await asked(wa, "new question")
+    assert sent_turns(upstream) == [("user", "new question")]
+    assert upstream.requests[-1]["body"].get("temperature") == 0.7
+    await wa.close()
+    await wb.close()
+
+
+async def test_a_rename_through_b_shows_in_as_list_while_a_page_is_open_on_a(two):
+    a, b = await two(TOKEN)
+    wa = WS(await a.ws_connect("/ws", headers=AUTH))  # (the same owner through both instances)
+    sid = (await wa.recv())["session"]
+    await asked(wa, "what the title was")
+    r = await b.patch(f"/api/sessions/{sid}", json={"title": "named through B"}, headers=AUTH)
+    assert r.status == 200 and (await r.json())["title"] == "named through B", await r.text()
+
+    async def title_on_a() -> str:
+        r = await a.get("/api/sessions", headers=AUTH)
+        assert r.status == 200, await r.text()
+        return next(e["title"] for e in (await r.json())["sessions"] if e["session"] == sid)
+
+    async with asyncio.timeout(5):  # B writes the record, then A hears of it: in the background
+        while await title_on_a() != "named through B":
+            await asyncio.sleep(0.02)
+    await wa.close()
+
+
+async def test_a_delete_through_b_closes_the_page_open_on_a(two):
+    a, b = await two()
+    wa = await ws(a)
+    sid = (await wa.recv())["session"]
+    await asked(wa, "soon gone")
+    assert (await b.delete(f"/api/sessions/{sid}")).status == 200
+    async with asyncio.timeout(5):
+        msg = await wa.ws.receive()  # what a delete through A gives it: the socket closed, no error
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING), msg
+    assert (await a.get(f"/api/sessions/{sid}")).status == 404
+
+
+async def test_an_edit_through_b_is_shown_on_a_with_the_history_cut(two, upstream):
+    a, b = await two()
+    wa = await ws(a)
+    sid = (await wa.recv())["session"]
+    await asked(wa, "first")
+    await asked(wa, "second")
+    wb = await ws(b, f"/ws?session={sid}")
+    await wb.recv()
+    await wb.send({"type": "edit", "index": 0, "message": "first, edited"})
+    await wb.until("done")
+    frames = await wa.until("session")  # A follows B's reply and is shown the cut history
+    assert [h["content"] for h in frames[-1]["history"]][:1] == ["first, edited"], frames
+    assert "second" not in [h["content"] for h in frames[-1]["history"]], frames
+    assert sent_turns(upstream) == [("user", "first, edited")]
+    await wa.close()
+    await wb.close()

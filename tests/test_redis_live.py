@@ -227,6 +227,40 @@ async def test_delete_through_b_stops_the_reply_on_a_and_it_stays_deleted(two, u
         assert (await c.next())["session"] != sid
 
 
+def answer(text: str) -> Script:
+    return Script([ROLE, chunk(text), chunk(finish="stop"), usage_chunk(), DONE])
+
+
+async def test_a_page_open_on_a_is_shown_bs_set_and_reset_and_its_next_turn_uses_them(two, upstream):
+    """Nothing running: B's ``set`` and ``reset`` come to A's open page as the ``session`` frame a
+    local one sends, and A's next turn has B's params and none of the reset turns."""
+    async with aiohttp.ClientSession() as cs:
+        a = await Sock.open(cs, f"{two.url(0)}/ws")
+        sid = (await a.next())["session"]
+        upstream.push(answer("old answer"))
+        await a.send({"type": "chat", "message": "old question"})
+        await a.until(lambda f: f["type"] == "done")
+        b = await Sock.open(cs, f"{two.url(1)}/ws?session={sid}")
+        assert turns((await b.next())["history"]) == [("user", "old question"), ("assistant", "old answer")]
+        await b.send({"type": "set", "params": {"temperature": 0.2}})
+        await b.until(lambda f: f["type"] == "session")
+        frame = await a.until(lambda f: f["type"] == "session")
+        assert frame["params"].get("temperature") == 0.2 and len(frame["history"]) == 2, frame
+        await b.send({"type": "reset"})
+        await b.until(lambda f: f["type"] == "session")
+        frame = await a.until(lambda f: f["type"] == "session")
+        assert frame["history"] == [] and frame["params"].get("temperature") == 0.2, frame
+        upstream.push(answer("fresh answer"))
+        await a.send({"type": "chat", "message": "fresh"})
+        assert (await a.until(lambda f: f["type"] == "done"))["finish_reason"] == "stop"
+        body = upstream.requests[-1]["body"]
+        assert [(m["role"], m["content"]) for m in body["messages"] if m["role"] != "system"] == [("user", "fresh")]
+        assert body.get("temperature") == 0.2
+        await b.until(lambda f: f["type"] == "done")  # B follows A's turn; its copy is the new one
+        await settled(lambda: _history_is(cs, two.url(1), sid, [("user", "fresh"), ("assistant", "fresh answer")]),
+                      "B's copy after A's turn")
+
+
 async def _history_is(cs, base, sid, want) -> bool:
     return turns(await history(cs, base, sid)) == want
 
