@@ -7,7 +7,7 @@
 // are applied at most once (by `seq`); a user turn waits in `pending` until the server has
 // it, and is sent at most once per connection.
 
-import { SERVER_KEYS, bump, given, historyEntry, paramsForServer, replyStats, restorableHistory, sameTurn } from './history.js';
+import { PARAM_KEYS, SERVER_KEYS, bump, given, historyEntry, paramsForServer, replyStats, restorableHistory, sameTurn } from './history.js';
 
 const streamState = (msg, reply, t0, resumed) => ({ msg, reply, t0, firstAt: null, thinkStart: null, thinkEnd: null, resumed });
 
@@ -151,6 +151,15 @@ export class Chat {
     const handshake = this.handshake;
     this.handshake = false;
     if (typeof f.seq === 'number' && !f.running) conv.lastSeq = Math.max(conv.lastSeq || 0, f.seq);
+    // A frame within a connection tells of a change made elsewhere (another tab, another device
+    // or instance): take its settings, or `settingsCommand` would send ours back over them. Only
+    // a connection's first frame lets this page's choices win (they may be newer: made offline).
+    if (!handshake && f.params && typeof f.params === 'object') {
+      if (f.model) conv.model = f.model;
+      const params = {};
+      for (const k of PARAM_KEYS) if (f.params[k] !== undefined && f.params[k] !== null) params[k] = f.params[k];
+      conv.params = params;
+    }
 
     const pending = this.pending;
     const streamingBefore = this.streaming;

@@ -213,6 +213,21 @@ test('settings are sent only when they differ from the session', () => {
   assert.equal(chat.settingsCommand().model, 'p/m');
 });
 
+test('a session frame within a connection takes the server settings; a connection\'s first keeps the page\'s', () => {
+  const chat = chatWith([]);
+  chat.conv.params = { temperature: 0.9 };
+  chat.conv.model = 'p/mine';
+  handshake(chat, { session: 's1', model: 'p/theirs', params: { temperature: 0.3 } });
+  assert.equal(chat.conv.model, 'p/mine'); // (possibly changed offline: the page sends them)
+  assert.equal(chat.settingsCommand().params.temperature, 0.9);
+  // another tab or device set these (through any instance): the server broadcasts the session frame
+  chat.sessionFrame({ type: 'session', session: 's1', history: [], model: 'p/theirs', params: { temperature: 0.3, top_p: null } }, 's1');
+  chat.applySession({ type: 'session', session: 's1', history: [], model: 'p/theirs', params: { temperature: 0.3, top_p: null } });
+  assert.equal(chat.conv.model, 'p/theirs');
+  assert.deepEqual(chat.conv.params, { temperature: 0.3 });
+  assert.equal(chat.settingsCommand(), null); // nothing sent back over them
+});
+
 test('exports: JSON keeps what the server and we know, Markdown reads as a transcript', () => {
   const chat = chatWith([u('q1'), a('a1', { reasoning: 'think', model: 'p/m', stats: { tokens: 2 }, reasoning2: 'x' }),
     u('q2'), a('part', { finish_reason: 'stopped', error: { code: 'upstream_error', message: 'boom' } }), u('typed', { pending: true })]);
