@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from cluster import Instances, Nginx, Sock, is_delta
 from fake_upstream import DONE, Script, chunk, usage_chunk
+from redis_servers import command
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +63,8 @@ async def two(request, tmp_path, upstream):
     """Two instances on one redis-server, then on a three-node Redis Cluster (whose reader follows
     other instances' replies by announcements and per-session reads, not one XREAD)."""
     redis = request.getfixturevalue(request.param)
+    for node in getattr(redis, "nodes", [redis]):  # (the per-client limits are counted in Redis: start afresh)
+        assert command(node.port, "FLUSHALL").startswith("+OK")
     async with Instances(tmp_path, upstream.url, redis.url, n=2) as inst:
         yield inst
 
