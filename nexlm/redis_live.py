@@ -40,6 +40,7 @@ LEASES = tagged("leases", "all")
 REAP_EVERY = 2.0
 STOP_WAIT = 5.0  # how long a stop through another instance waits for the reply's done
 END_WAIT = 0.05  # how long a chat waits for the done of a reply another instance is ending
+RENEW_CHUNK = 20  # leases renewed per pipeline; the loop runs other tasks between them
 CLAIM_TRIES, CLAIM_PAUSE = 20, 0.005  # a lease whose reply ended: released one round trip after its done
 _CAS_DEL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _CAS_PEXPIRE = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
@@ -178,23 +179,25 @@ class RedisLive:
             honour_cancel()
             await asyncio.sleep(self.lease_ms / 3000)
             held = list(self.held.items())
-            if not held:
-                continue
-            pipe = self.r.pipeline(transaction=False)
-            for cid, rid in held:
-                pipe.eval(_CAS_PEXPIRE, 1, running_key(cid), f"{self.instance}:{rid}", self.lease_ms)
-                pipe.zadd(LEASES, {self._member(cid, rid): time.time() * 1000 + self.lease_ms})
-            try:
-                results = await pipe.execute(raise_on_error=False)
-            except (rexc.RedisError, OSError) as exc:
-                log.warning("redis: renewing %d leases failed: %s", len(held), exc)
-                continue
-            for (cid, rid), ok in zip(held, results[::2]):
-                if ok == 0 and self.held.get(cid) == rid:  # expired under us (a long stall): another instance reaps it
-                    log.warning("reply %s lost its lease; stopping it here", rid)
-                    del self.held[cid]
-                    if self.on_stop is not None:
-                        self.on_stop(cid, rid, "interrupted")
+            for i in range(0, len(held), RENEW_CHUNK):  # (one pipeline for 200 leases held the loop ~30 ms:
+                await self._renew_some(held[i:i + RENEW_CHUNK])  # bench STORES B4, a gap in every stream)
+
+    async def _renew_some(self, held: list[tuple[str, str]]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for cid, rid in held:
+            pipe.eval(_CAS_PEXPIRE, 1, running_key(cid), f"{self.instance}:{rid}", self.lease_ms)
+            pipe.zadd(LEASES, {self._member(cid, rid): time.time() * 1000 + self.lease_ms})
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except (rexc.RedisError, OSError) as exc:
+            log.warning("redis: renewing %d leases failed: %s", len(held), exc)
+            return
+        for (cid, rid), ok in zip(held, results[::2]):
+            if ok == 0 and self.held.get(cid) == rid:  # expired under us (a long stall): another instance reaps it
+                log.warning("reply %s lost its lease; stopping it here", rid)
+                del self.held[cid]
+                if self.on_stop is not None:
+                    self.on_stop(cid, rid, "interrupted")
 
     # -------------------------------------------------------------- stop from anywhere
 
