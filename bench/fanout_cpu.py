@@ -141,7 +141,7 @@ def main() -> None:
         load = os.getloadavg()[0]
         lines = [f"\n## Fan-out CPU, {time.strftime('%Y-%m-%d %H:%M')} (load average {load:.2f} at the end)\n",
                  f"`python bench/fanout_cpu.py --rounds {args.rounds} --pairs {args.pairs} --n {args.n} --iv {args.iv:g}`; "
-                 + "; ".join(machine_lines()) + "\n",
+                 + "; ".join(line.lstrip("- ") for line in machine_lines()) + "\n",
                  "| store | µs/token per round (instances) | median | redis-server µs/token |",
                  "|---|---|---|---|"]
         for k, v in out.items():
