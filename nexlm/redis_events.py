@@ -312,16 +312,20 @@ class RedisEventLog(RedisWriter):
                 log.warning("redis: reading other instances' replies failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
 
+    async def _catch_up(self) -> None:
+        """Read new follows from their start, in reply order, so a listener gets old replies before new ones."""
+        while self._fresh:
+            cid = self._fresh.pop(0)
+            for f in [f for f in self._follows.values() if f.cid == cid]:
+                await self._read_entries(f, await self.r.xrange(f.key, min=f"(0-{f.pos}"))
+
     async def _read_once(self) -> None:
         self._prune()
         if not self._watch:
             self._want.clear()
             await self._want.wait()
             return
-        while self._fresh:  # catch up in reply order, so a listener gets old replies before new ones
-            cid = self._fresh.pop(0)
-            for f in [f for f in self._follows.values() if f.cid == cid]:
-                await self._read_entries(f, await self.r.xrange(f.key, min=f"(0-{f.pos}"))
+        await self._catch_up()
         names = [self._wake_key, *(index_key(cid) for cid in self._watch), *self._follows]
         positions = [self._wake_pos, *self._watch.values(), *(b"0-%d" % f.pos for f in self._follows.values())]
         got = False

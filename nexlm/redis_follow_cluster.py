@@ -112,10 +112,7 @@ class ClusterEventLog(RedisEventLog):
             self._due.clear()
             await self._want.wait()
             return
-        while self._fresh:  # catch up in reply order, so a listener gets old replies before new ones
-            cid = self._fresh.pop(0)
-            for f in [f for f in self._follows.values() if f.cid == cid]:
-                await self._read_entries(f, await self.r.xrange(f.key, min=f"(0-{f.pos}"))
+        await self._catch_up()
         due = [cid for cid in self._watch if cid in self._due]
         if not due:
             try:
