@@ -175,6 +175,18 @@ async def test_the_question_of_a_reply_running_on_a_is_in_bs_view(two, upstream)
         assert turns((await b2.next())["history"]) == whole
 
 
+async def followed(cs, two) -> tuple[Sock, Sock, str, str]:
+    """A reply running on A (its first delta "one " streamed) and followed from B:
+    (A's socket, B's socket, session id, reply id)."""
+    a = await Sock.open(cs, f"{two.url(0)}/ws")
+    await a.next()
+    sid, rid = await started(a)
+    b = await Sock.open(cs, f"{two.url(1)}/ws?session={sid}")
+    await b.next()
+    await b.until(is_delta("one "))
+    return a, b, sid, rid
+
+
 async def stopped_on_a(a: Sock, rid: str, upstream) -> None:
     """A's reply ended ``stopped`` with the text streamed, its upstream request closed by A."""
     done = await a.until(lambda f: f["type"] == "done")
@@ -187,12 +199,7 @@ async def test_reset_through_b_stops_the_reply_on_a_first(two, upstream):
     script, gates = gated("one ", "two ")
     upstream.push(script)
     async with aiohttp.ClientSession() as cs:
-        a = await Sock.open(cs, f"{two.url(0)}/ws")
-        await a.next()
-        sid, rid = await started(a)
-        b = await Sock.open(cs, f"{two.url(1)}/ws?session={sid}")
-        await b.next()
-        await b.until(is_delta("one "))
+        a, b, sid, rid = await followed(cs, two)
         await b.send({"type": "reset"})
         frame = await b.until(lambda f: f["type"] == "session")
         assert frame["history"] == [] and "running" not in frame, frame
@@ -318,12 +325,7 @@ async def test_instance_killed_mid_reply_is_interrupted_by_another(two, upstream
     script, gates = gated("one ", "never")
     upstream.push(script)
     async with aiohttp.ClientSession() as cs:
-        a = await Sock.open(cs, f"{two.url(0)}/ws")
-        await a.next()
-        sid, rid = await started(a)
-        b = await Sock.open(cs, f"{two.url(1)}/ws?session={sid}")
-        await b.next()
-        await b.until(is_delta("one "))
+        a, b, sid, rid = await followed(cs, two)
         two.kill(0)  # kill -9: no done, no lease release, its lease just stops being renewed
         # Lease (10 s) plus the reaper's round: the guard only fails a test that never ends.
         done = await b.until(lambda f: f["type"] == "done", timeout=40)
