@@ -89,19 +89,40 @@ def split(ops: list[tuple]) -> list:
     return parts
 
 
-async def command(client, packed: bytes):
-    """Send one packed command on a connection of ``client``'s pool; its reply (an error reply raises)."""
+async def command(client, packed: bytes, replies: int = 1):
+    """Send packed commands on a connection of ``client``'s pool: the reply of one (an error reply
+    raises), or the list of ``replies`` replies (an error reply in its place, as a ``ResponseError``)."""
     pool = client.connection_pool
     conn = await pool.get_connection()
     try:
         await conn.send_packed_command(packed)
-        return await conn.read_response()
+        if replies == 1:
+            return await conn.read_response()
+        out = []
+        for _ in range(replies):
+            try:
+                out.append(await conn.read_response())
+            except ResponseError as exc:
+                out.append(exc)
+        return out
     except BaseException as exc:
         if not isinstance(exc, ResponseError):
             await conn.disconnect()  # an answer may still be on its way: never reuse the connection
         raise
     finally:
         await pool.release(conn)
+
+
+def pack(*commands: tuple) -> bytes:
+    """``commands`` (each a tuple of str, bytes, int or float arguments) in the wire format, for
+    ``command(client, pack(...), len(commands))``: a small pipeline for about half of redis-py's
+    CPU (a pipeline of three cost ~350 µs there, ~200 µs this way; bench/fanout_cpu.py)."""
+    out = []
+    for cmd in commands:
+        out.append(b"*%d\r\n" % len(cmd))
+        for a in cmd:
+            out.append(_bulk(a if isinstance(a, bytes) else (a if isinstance(a, str) else repr(a)).encode()))
+    return b"".join(out)
 
 
 def _bulk(b: bytes) -> bytes:

@@ -29,6 +29,7 @@ from typing import Callable
 from redis.exceptions import RedisError
 
 from .records import Conversation
+from .redis_batch import command, pack
 from .redis_conn import RedisConn, StoreError, connect, guarded, key, tagged, valid_sid
 from .store import StoreFull, listed_at
 
@@ -256,13 +257,21 @@ class RedisStore:
         """One round trip: the record (only if it still exists) and its index entries. The indexes'
         ZADD XX add nothing for a record deleted meanwhile; the owner's (which adds) is taken back."""
         now = self.clock()
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(key(conv.id, "rec"), conv.dumps(), px=self._ttl_ms, xx=True)
-        pipe.zadd(tagged("client", conv.client, "sessions"), {conv.id: now}, xx=True)
-        pipe.zadd(ALL_KEY, {conv.id: now}, xx=True)
+        cmds = [("SET", key(conv.id, "rec"), conv.dumps(), "PX", self._ttl_ms, "XX"),
+                ("ZADD", tagged("client", conv.client, "sessions"), "XX", now, conv.id),
+                ("ZADD", ALL_KEY, "XX", now, conv.id)]
         if conv.owner is not None:
-            pipe.zadd(tagged("owner", conv.owner, "sessions"), {conv.id: listed_at(conv)})
-        written = (await self._do("writing", pipe.execute()))[0]
+            cmds.append(("ZADD", tagged("owner", conv.owner, "sessions"), listed_at(conv), conv.id))
+        if self.conn.cluster:  # (the commands span several slots: redis-py's cluster pipeline splits them)
+            pipe = self.client.pipeline(transaction=False)
+            for cmd in cmds:
+                pipe.execute_command(*cmd)
+            answers = pipe.execute()
+        else:  # a reply's checkpoints put its record about once a second: the packed way costs half
+            answers = command(self.client, pack(*cmds), len(cmds))
+        written = (await self._do("writing", answers))[0]
+        if isinstance(written, Exception):
+            raise self.conn.error(written, "writing")
         if not written:  # deleted or expired meanwhile: stays missing
             if conv.owner is not None:
                 await self._do("writing", self.client.zrem(tagged("owner", conv.owner, "sessions"), conv.id))
