@@ -142,12 +142,15 @@ def main() -> None:
         lines = [f"\n## Fan-out CPU, {time.strftime('%Y-%m-%d %H:%M')} (load average {load:.2f} at the end)\n",
                  f"`python bench/fanout_cpu.py --rounds {args.rounds} --pairs {args.pairs} --n {args.n} --iv {args.iv:g}`; "
                  + "; ".join(line.lstrip("- ") for line in machine_lines()) + "\n",
-                 "| store | µs/token per round (instances) | median | redis-server µs/token |",
-                 "|---|---|---|---|"]
+                 "| store | µs/token per round (instances) | median | redis-server µs/token "
+                 "| listener behind the chat client, ms p50/p99 per round (from 1 s after attaching) |",
+                 "|---|---|---|---|---|"]
         for k, v in out.items():
             rounds = ", ".join(f"{r['us_per_token']} ({' + '.join(map(str, r['us_per_token_by_instance']))})" for r in v)
             rs = ", ".join(str(r.get("redis_server_us_per_token", "—")) for r in v)
-            lines.append(f"| {k} | {rounds} | {med[k]} | {rs} |")
+            lag = ", ".join(f"{r['listener_lag_ms'].get('p50')}/{r['listener_lag_ms'].get('p99')} "
+                            f"({r['listener_lag_after_1s_ms'].get('p50')}/{r['listener_lag_after_1s_ms'].get('p99')})" for r in v)
+            lines.append(f"| {k} | {rounds} | {med[k]} | {rs} | {lag} |")
         lines.append(f"\nredis / memory = **{ratio:.2f}×** (target ≤ 1.5×): **{verdict}**; errors {errors}.\n")
         with open(args.out, "a") as fh:
             fh.write("\n".join(lines) + "\n")
