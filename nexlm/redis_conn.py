@@ -36,6 +36,10 @@ _SID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # records.new_id: token_urlsafe
 # Every command waits at most this long for an answer, so a Redis that stops answering fails a
 # request instead of hanging it. Blocking reads (XREAD BLOCK) must block for less than this.
 SOCKET_TIMEOUT = 10.0
+# Connections a client may open (per node on a cluster). redis-py 8 lowered its default to 100 and
+# fails the command past it ("Too many connections"): 200 paced streams opening at once got
+# ``store_unavailable`` (bench STORES, B4). Bursts open what they need; idle ones stay pooled.
+MAX_CONNECTIONS = 2000
 
 
 def key(sid: str, *parts: object) -> str:
@@ -113,7 +117,7 @@ async def connect(url: str, cluster: bool | None = None, *, timeout: float = 5.0
     where = redact(url)
     try:
         url, cluster = _cluster_switch(url, cluster)
-        opts = {"socket_connect_timeout": timeout, "socket_timeout": socket_timeout}
+        opts = {"socket_connect_timeout": timeout, "socket_timeout": socket_timeout, "max_connections": MAX_CONNECTIONS}
         if cluster is not True:
             client = aioredis.Redis.from_url(url, **opts)
             try:

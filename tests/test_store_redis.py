@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from redis_servers import command
 
@@ -205,5 +207,20 @@ async def test_an_older_schema_is_migrated_at_open(redis_url, monkeypatch):
     await store.open()
     try:
         assert ran == [0] and int(await store.client.get(SCHEMA_KEY)) == SCHEMA
+    finally:
+        await store.close()
+
+
+async def test_a_burst_of_concurrent_requests_is_served_not_refused(open_store):
+    """More requests in flight at once than redis-py 8's default pool (100 connections, past which
+    a command fails "Too many connections"): every one is answered."""
+    store = await open_store()
+    try:
+        c = conv()
+        await store.add(c)
+        got = await asyncio.gather(*(store.get(c.id) for _ in range(300)), return_exceptions=True)
+        assert [x for x in got if not isinstance(x, Conversation)] == []
+        await asyncio.gather(*(store.put(c) for _ in range(300)))
+        assert (await store.get(c.id)).id == c.id
     finally:
         await store.close()
