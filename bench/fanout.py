@@ -68,7 +68,7 @@ async def pair(http, a: str, b: str, n: int, iv: float, i: int, delay: float) ->
     return {"chat": got, "listener": lis, "lags": lags(chat_marks, lis_marks, attached)}
 
 
-def lags(chat: list, lis: list, attached: float) -> list[float]:
+def lags(chat: list, lis: list, attached: float) -> list[tuple[float, float]]:
     """For each delta the listener got live (what the chat client got after the listener attached),
     how much later than the chat client it had the text up to there: (ms, seconds since it attached)."""
     out, j = [], 0
@@ -87,7 +87,7 @@ async def main_async(args) -> dict:
                                      for i in range(args.pairs)), return_exceptions=True)
     errors, samples = 0, []
     chat_tokens = lis_tokens = 0
-    lag: list[float] = []
+    lag: list[tuple[float, float]] = []
     for r in res:
         if isinstance(r, BaseException) or "error" in r:
             errors += 1
