@@ -10,7 +10,8 @@ from redis_servers import command
 
 from nexlm.records import Conversation
 from nexlm.store import StoreError, StoreFull
-from nexlm.store_redis import SCHEMA, SCHEMA_KEY, RedisStore
+from nexlm.store_redis import ALL_KEY, SCHEMA, SCHEMA_KEY, RedisStore
+from nexlm.validation import ChatError
 
 
 @pytest.fixture(params=["server", "cluster"])
@@ -222,5 +223,22 @@ async def test_a_burst_of_concurrent_requests_is_served_not_refused(open_store):
         assert [x for x in got if not isinstance(x, Conversation)] == []
         await asyncio.gather(*(store.put(c) for _ in range(300)))
         assert (await store.get(c.id)).id == c.id
+    finally:
+        await store.close()
+
+
+async def test_a_put_that_redis_refuses_in_part_fails_and_says_why(open_store, redis_url, caplog):
+    """An error reply to any of a put's commands (here the global index is not a sorted set) fails
+    the put with the store's refusal and one log line naming it, not a put that seems to succeed."""
+    store = await open_store()
+    try:
+        c = conv()
+        await store.add(c)
+        await store.client.delete(ALL_KEY)
+        await store.client.set(ALL_KEY, "not a sorted set")
+        with pytest.raises(ChatError) as err:
+            await store.put(c)
+        assert err.value.code == "store_unavailable"
+        assert "WRONGTYPE" in caplog.text
     finally:
         await store.close()
