@@ -72,7 +72,7 @@ def lags(chat: list, lis: list, attached: float) -> list[tuple[float, float]]:
     """For each delta the listener got live (what the chat client got after the listener attached),
     how much later than the chat client it had the text up to there: (ms, seconds since it attached)."""
     out, j = [], 0
-    for chars, t in lis:
+    for chars, t in lis if chat else ():
         while j < len(chat) - 1 and chat[j][0] < chars:
             j += 1
         if chat[j][1] > attached:
