@@ -99,8 +99,8 @@ async def command(client, packed: bytes):
 async def packed_pipeline(client, *commands: tuple) -> list:
     """``commands`` (tuples of str, bytes, int or float arguments), packed here and sent in one
     round trip on single-node Redis; their replies, an error reply in its place as a ``ResponseError``.
-    Less of redis-py's CPU than its pipeline (``RedisStore.put``, a loop of 20,000 against a local
-    redis-server: ~350 µs each through a redis-py pipeline, ~255 µs this way)."""
+    Less of redis-py's CPU than its pipeline (``RedisStore.put``, bench/put_cpu.py: ~325-355 µs each
+    through a redis-py pipeline, ~175-200 µs this way)."""
     out = []
     for cmd in commands:
         out.append(b"*%d\r\n" % len(cmd))
